@@ -1,0 +1,243 @@
+"""The `bucketml` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+import requests
+
+from . import config, events
+from .registry import Registry, RegistryError, check_model_name
+from .storage import StorageError, open_storage
+
+
+class Failure(click.ClickException):
+    """One clear line on stderr, exit code 1."""
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+def _storage(bucket: str):
+    return open_storage(bucket)
+
+
+def _broker_events(broker: str, **params) -> list[dict]:
+    try:
+        response = requests.get(broker.rstrip("/") + "/events", params=params, timeout=10)
+    except requests.RequestException:
+        raise Failure(f"the platform is not running at {broker}; start it with `bucketml dev`") from None
+    if response.status_code != 200:
+        raise Failure(f"broker answered HTTP {response.status_code}: {response.text[:200]}")
+    return response.json()["events"]
+
+
+bucket_option = click.option("--bucket", envvar="BUCKETML_BUCKET", default=config.DEFAULT_BUCKET, show_default=True,
+                             help="Local bucket folder, or gs://BUCKET.")
+broker_option = click.option("--broker", envvar="BUCKETML_BROKER_URL", default=config.broker_url(), show_default=True,
+                             help="Broker ingress URL.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="bucketml")
+def cli() -> None:
+    """bucketml: drop a CSV into a bucket, get a versioned ONNX model served over HTTP."""
+
+
+# --- dev -----------------------------------------------------------------------------------
+@cli.command()
+@click.option("--bucket", envvar="BUCKETML_BUCKET", default=config.DEFAULT_BUCKET, show_default=True,
+              type=click.Path(file_okay=False), help="Local bucket folder.")
+@click.option("--state-dir", envvar="BUCKETML_STATE_DIR", default=config.DEFAULT_STATE_DIR, show_default=True,
+              type=click.Path(file_okay=False), help="Broker and watcher state (SQLite).")
+@click.option("--host", envvar="BUCKETML_HOST", default="127.0.0.1", show_default=True)
+@click.option("--predict-port", envvar="BUCKETML_PREDICT_PORT", default=config.DEFAULT_PREDICT_PORT, show_default=True)
+@click.option("--broker-port", envvar="BUCKETML_BROKER_PORT", default=config.DEFAULT_BROKER_PORT, show_default=True)
+@click.option("--preprocess-port", envvar="BUCKETML_PREPROCESS_PORT", default=config.DEFAULT_PREPROCESS_PORT, show_default=True)
+@click.option("--train-port", envvar="BUCKETML_TRAIN_PORT", default=config.DEFAULT_TRAIN_PORT, show_default=True)
+@click.option("--demo", is_flag=True, help="Once ready, upload a demo dataset and print a prediction.")
+def dev(bucket, state_dir, host, predict_port, broker_port, preprocess_port, train_port, demo) -> None:
+    """Run the whole platform locally: broker, bucket watcher and the three functions."""
+    from . import dev as dev_runtime
+
+    settings = dev_runtime.Settings(
+        Path(bucket).resolve(), Path(state_dir).resolve(), host, predict_port, broker_port, preprocess_port, train_port
+    )
+    after_ready = None
+    if demo:
+        from .demo import run_demo
+
+        after_ready = run_demo
+    dev_runtime.run(settings, after_ready)
+
+
+# --- upload --------------------------------------------------------------------------------
+def wait_for_outcome(broker: str, name: str, generation: int, timeout: float, echo=click.echo) -> dict:
+    """Follow the events of one upload until it is published, trained, rejected or failed."""
+    deadline = time.monotonic() + timeout
+    after = 0
+    while time.monotonic() < deadline:
+        for event in _broker_events(broker, after=after, limit=1000):
+            after = max(after, event["seq"])
+            data = event.get("data") if isinstance(event.get("data"), dict) else {}
+            upload = data if event["type"] == events.OBJECT_FINALIZED else data.get("upload") or {}
+            if upload.get("name") != name or str(upload.get("generation")) != str(generation):
+                continue
+            echo(describe(event["type"], data))
+            if event["type"] in events.UPLOAD_OUTCOMES:
+                return event
+        time.sleep(0.3)
+    raise Failure(f"no outcome within {timeout:.0f}s; follow it with `bucketml events`")
+
+
+def describe(type_: str, data: dict) -> str:
+    if type_ == events.OBJECT_FINALIZED:
+        return f"  finalized  {data.get('name')} ({data.get('size')} bytes)"
+    if type_ == events.DATASET_PREPARED:
+        rows = data.get("rows", {})
+        return (f"  prepared   {data.get('task')} on target '{data.get('target')}': {rows.get('train')} train / "
+                f"{rows.get('test')} test rows, {data.get('columns')} feature columns")
+    if type_ in (events.MODEL_PUBLISHED, events.MODEL_TRAINED):
+        metric = data.get("metric")
+        score = data.get("metrics", {}).get(metric)
+        state = "published" if type_ == events.MODEL_PUBLISHED else "trained  "
+        suffix = "" if type_ == events.MODEL_PUBLISHED else f" (current stays {data.get('current_version')})"
+        return f"  {state}  {data.get('model')} version {data.get('version')}: {data.get('algorithm')} {metric}={score:.4f}{suffix}"
+    if type_ == events.DATASET_REJECTED:
+        return f"  rejected   {data.get('reason')}: {data.get('message')}  (report: {data.get('report')})"
+    if type_ == events.TRAINING_FAILED:
+        return f"  failed     {data.get('reason')}: {data.get('message')}"
+    return f"  {type_}"
+
+
+@cli.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--model", "-m", required=True, help="Model name (datasets/<model>/ in the bucket).")
+@click.option("--target", "-t", help="Target column, if not named target/label/class/y.")
+@click.option("--wait/--no-wait", default=True, show_default=True, help="Wait for the outcome.")
+@click.option("--timeout", default=900.0, show_default=True, help="Seconds to wait for the outcome.")
+@bucket_option
+@broker_option
+def upload(file: Path, model: str, target: str | None, wait: bool, timeout: float, bucket: str, broker: str) -> None:
+    """Upload FILE as a dataset for a model and wait until it is published or rejected."""
+    try:
+        check_model_name(model)
+    except RegistryError as exc:
+        raise Failure(str(exc)) from None
+    metadata = {"target": target} if target else {}
+    name = f"datasets/{model}/{file.name}"
+    info = _storage(bucket).write(name, file.read_bytes(), content_type="text/csv", metadata=metadata)
+    click.echo(f"uploaded   {name} (generation {info.generation}, {info.size} bytes)")
+    if not wait:
+        return
+    outcome = wait_for_outcome(broker, name, info.generation, timeout)
+    if outcome["type"] in (events.DATASET_REJECTED, events.TRAINING_FAILED):
+        sys.exit(1)
+
+
+# --- models --------------------------------------------------------------------------------
+@cli.command()
+@click.argument("name", required=False)
+@bucket_option
+def models(name: str | None, bucket: str) -> None:
+    """List models, or the versions of model NAME (* marks the current one)."""
+    registry = Registry(_storage(bucket))
+    if name is None:
+        names = registry.models()
+        if not names:
+            click.echo("no models yet; upload a dataset with `bucketml upload FILE --model NAME`")
+        for model in names:
+            pointer = registry.current(model)
+            versions = registry.versions(model)
+            if pointer.version is None:
+                click.echo(f"{model:<24} no current version ({len(versions)} versions)")
+                continue
+            card = registry.card(model, pointer.version)
+            click.echo(f"{model:<24} v{pointer.version:<4} {card['algorithm']:<20} "
+                       f"{card['metric']}={card['metrics'][card['metric']]:.4f}  ({len(versions)} versions)")
+        return
+    versions = registry.versions(name)
+    if not versions:
+        raise Failure(f"model '{name}' has no versions")
+    current = registry.current(name).version
+    click.echo(f"{'':2}{'version':<8}{'created':<22}{'algorithm':<22}{'metrics':<48}upload")
+    for version in versions:
+        card = registry.card(name, version)
+        metrics = " ".join(f"{k}={v:.4f}" for k, v in card["metrics"].items())
+        mark = "*" if version == current else " "
+        click.echo(f"{mark:2}{version:<8}{card['created']:<22}{card['algorithm']:<22}{metrics:<48}"
+                   f"{card['lineage']['upload']['name']}")
+
+
+# --- predict -------------------------------------------------------------------------------
+@cli.command()
+@click.argument("name")
+@click.argument("payload")
+@click.option("--version", type=int, help="A specific version instead of the current one.")
+@click.option("--url", envvar="BUCKETML_PREDICT_URL", default=config.predict_url(), show_default=True)
+def predict(name: str, payload: str, version: int | None, url: str) -> None:
+    """Predict with model NAME. PAYLOAD is JSON: a record, a list of records, {"records": [...]}
+    or {"features": [[...]]}; @FILE reads it from a file and - from stdin."""
+    if payload == "-":
+        payload = sys.stdin.read()
+    elif payload.startswith("@"):
+        payload = Path(payload[1:]).read_text()
+    try:
+        body = json.loads(payload)
+    except ValueError as exc:
+        raise Failure(f"PAYLOAD is not valid JSON: {exc}") from None
+    if isinstance(body, dict) and not ({"records", "features"} & body.keys()):
+        body = {"records": [body]}
+    elif isinstance(body, list):
+        body = {"records": body}
+    body["model"] = name
+    if version is not None:
+        body["version"] = version
+    try:
+        response = requests.post(url.rstrip("/") + "/predict", json=body, timeout=30)
+    except requests.RequestException:
+        raise Failure(f"the predict function is not running at {url}; start the platform with `bucketml dev`") from None
+    if response.status_code != 200:
+        try:
+            message = response.json()["error"]
+        except (ValueError, KeyError):
+            message = response.text[:200]
+        raise Failure(f"HTTP {response.status_code}: {message}")
+    click.echo(json.dumps(response.json(), indent=2))
+
+
+# --- events --------------------------------------------------------------------------------
+@cli.command("events")
+@click.option("--model", "-m", help="Only events of this model.")
+@click.option("--type", "type_", help="Only events of this type.")
+@click.option("--limit", default=50, show_default=True)
+@click.option("--dead", is_flag=True, help="List the dead-letter store instead.")
+@broker_option
+def events_command(model: str | None, type_: str | None, limit: int, dead: bool, broker: str) -> None:
+    """Show the events the broker accepted (or could not deliver)."""
+    if dead:
+        try:
+            response = requests.get(broker.rstrip("/") + "/deadletters", timeout=10)
+        except requests.RequestException:
+            raise Failure(f"the platform is not running at {broker}; start it with `bucketml dev`") from None
+        for item in response.json().get("deadletters", []):
+            click.echo(json.dumps(item))
+        return
+    params = {k: v for k, v in {"model": model, "type": type_, "limit": limit}.items() if v}
+    for event in _broker_events(broker, **params):
+        data = event.get("data") if isinstance(event.get("data"), dict) else {}
+        click.echo(f"{event['seq']:>6}  {event.get('time') or '':<28} {event['type']:<44} {event.get('subject') or ''}")
+        if event["type"] != events.OBJECT_FINALIZED:
+            click.echo(f"        {describe(event['type'], data).strip()}")
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=True)
+    except (StorageError, RegistryError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)

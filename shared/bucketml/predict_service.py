@@ -1,0 +1,210 @@
+"""The HTTP surface of the predict function (design.md §5), over `serving.ModelManager`.
+
+Routes are declared with werkzeug's router; every answer names the version that computed it;
+every client mistake is a 4xx JSON `{"error": ...}` naming what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from werkzeug.exceptions import HTTPException
+from werkzeug.routing import Map, Rule
+
+from . import __version__, config, events
+from .registry import Registry
+from .serving import InputError, LoadedModel, ModelManager, columns_from_features, columns_from_records
+from .storage import open_storage
+
+log = logging.getLogger("bucketml.predict")
+
+MAX_BODY_BYTES = 20 * 1024 * 1024
+V2_TYPES = {"number": "FP32", "string": "BYTES"}
+
+ROUTES = Map(
+    [
+        Rule("/predict", methods=["POST"], endpoint="predict"),
+        Rule("/reload", methods=["POST"], endpoint="reload"),
+        Rule("/v2", methods=["GET"], endpoint="v2_server"),
+        Rule("/v2/health/live", methods=["GET"], endpoint="v2_live"),
+        Rule("/v2/health/ready", methods=["GET"], endpoint="v2_ready"),
+        Rule("/v2/models/<model>", methods=["GET"], endpoint="v2_model"),
+        Rule("/v2/models/<model>/versions/<int:version>", methods=["GET"], endpoint="v2_model"),
+        Rule("/v2/models/<model>/ready", methods=["GET"], endpoint="v2_model_ready"),
+        Rule("/v2/models/<model>/versions/<int:version>/ready", methods=["GET"], endpoint="v2_model_ready"),
+        Rule("/v2/models/<model>/infer", methods=["POST"], endpoint="v2_infer"),
+        Rule("/v2/models/<model>/versions/<int:version>/infer", methods=["POST"], endpoint="v2_infer"),
+        Rule("/v1/models/<model>:predict", methods=["POST"], endpoint="v1_predict"),
+    ],
+    strict_slashes=False,
+)
+
+
+def _json(body: Any, status: int = 200, version: int | None = None):
+    headers = {"Content-Type": "application/json"}
+    if version is not None:
+        headers["Bucketml-Model-Version"] = str(version)
+    return json.dumps(body), status, headers
+
+
+class PredictService:
+    def __init__(self, manager: ModelManager):
+        self.manager = manager
+
+    @classmethod
+    def from_environment(cls) -> "PredictService":
+        registry = Registry(open_storage(config.bucket_url()))
+        return cls(ModelManager(registry, config.pointer_poll_seconds()))
+
+    def handle(self, request):
+        self.manager.ensure_watching()
+        try:
+            endpoint, args = ROUTES.bind_to_environ(request.environ).match()
+            if request.content_length and request.content_length > MAX_BODY_BYTES:
+                raise InputError(f"request body over {MAX_BODY_BYTES} bytes; send fewer rows per request", 413)
+            return getattr(self, endpoint)(request, **args)
+        except InputError as exc:
+            return _json({"error": str(exc)}, exc.status)
+        except HTTPException as exc:  # no such route / method
+            return _json({"error": f"{request.method} {request.path}: {exc.description}"}, exc.code or 400)
+
+    # --- helpers -----------------------------------------------------------------------
+    @staticmethod
+    def _body(request) -> dict[str, Any]:
+        try:
+            body = json.loads(request.get_data())
+        except ValueError as exc:
+            raise InputError(f"request body is not valid JSON: {exc}", 400) from None
+        if not isinstance(body, dict):
+            raise InputError("request body must be a JSON object", 400)
+        return body
+
+    def _model(self, model: str | None, version: Any) -> LoadedModel:
+        if model is not None and not isinstance(model, str):
+            raise InputError("'model' must be a string", 400)
+        if version is not None:
+            try:
+                version = int(version)
+            except (TypeError, ValueError):
+                raise InputError(f"'version' must be an integer, got {version!r}", 400) from None
+        return self.manager.get(model, version)
+
+    # --- simple protocol ---------------------------------------------------------------
+    def predict(self, request):
+        body = self._body(request)
+        loaded = self._model(body.get("model"), body.get("version"))
+        if "records" in body:
+            values = columns_from_records(loaded.columns, body["records"])
+        elif "features" in body:
+            values = columns_from_features(loaded.columns, body["features"])
+        else:
+            raise InputError("send {\"records\": [{column: value}]} or {\"features\": [[values in schema order]]}", 400)
+        rows = len(next(iter(values.values())))
+        return _json(loaded.predict(values, rows), version=loaded.version)
+
+    def reload(self, request):
+        """A model.published event (from a Trigger): load the new version now."""
+        try:
+            event = events.parse_request(request.headers, request.get_data())
+            model = events.event_data(event).get("model")
+        except events.MalformedEvent as exc:
+            raise InputError(str(exc), 400) from None
+        if not isinstance(model, str):
+            raise InputError("the event's data names no 'model'", 400)
+        self.manager.refresh(model)
+        return events.empty_response()
+
+    # --- Open Inference Protocol (KServe V2) ------------------------------------------
+    def v2_server(self, request):
+        return _json({"name": "bucketml", "version": __version__, "extensions": []})
+
+    def v2_live(self, request):
+        return _json({"live": True})
+
+    def v2_ready(self, request):
+        ready = self.manager.ready()
+        return _json({"ready": ready, "models": {m: x.version for m, x in self.manager.loaded().items()}}, 200 if ready else 503)
+
+    def v2_model(self, request, model: str, version: int | None = None):
+        loaded = self._model(model, version)
+        outputs = [{"name": "label", "datatype": "BYTES", "shape": [-1]}]
+        if loaded.task == "classification":
+            outputs.append({"name": "probabilities", "datatype": "FP32", "shape": [-1, len(loaded.classes)]})
+        else:
+            outputs = [{"name": "variable", "datatype": "FP32", "shape": [-1]}]
+        return _json(
+            {
+                "name": model,
+                "versions": [str(loaded.version)],
+                "platform": "onnxruntime_onnx",
+                "inputs": [{"name": c["name"], "datatype": V2_TYPES[c["type"]], "shape": [-1, 1]} for c in loaded.columns],
+                "outputs": outputs,
+                "parameters": {"task": loaded.task, "classes": loaded.classes},
+            },
+            version=loaded.version,
+        )
+
+    def v2_model_ready(self, request, model: str, version: int | None = None):
+        loaded = self._model(model, version)
+        return _json({"name": model, "version": str(loaded.version), "ready": True}, version=loaded.version)
+
+    def v2_infer(self, request, model: str, version: int | None = None):
+        body = self._body(request)
+        loaded = self._model(model, version)
+        inputs = body.get("inputs")
+        if not isinstance(inputs, list) or not inputs:
+            raise InputError("'inputs' must be a non-empty list of tensors, one per column", 400)
+        by_name = {}
+        for i, tensor in enumerate(inputs):
+            if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
+                raise InputError(f"inputs[{i}] must be an object with a 'name'")
+            data = tensor.get("data")
+            if not isinstance(data, list):
+                raise InputError(f"inputs[{i}] ('{tensor['name']}') needs 'data' as a list")
+            by_name[tensor["name"]] = [v[0] if isinstance(v, list) and len(v) == 1 else v for v in data]
+        names = [c["name"] for c in loaded.columns]
+        missing = [n for n in names if n not in by_name]
+        unknown = [n for n in by_name if n not in names]
+        if missing or unknown:
+            raise InputError(
+                f"inputs must be exactly the model's columns; missing: {', '.join(missing) or 'none'}; "
+                f"unknown: {', '.join(unknown) or 'none'}"
+            )
+        lengths = {len(by_name[n]) for n in names}
+        if len(lengths) != 1:
+            raise InputError("every input tensor must have the same number of rows")
+        rows = lengths.pop()
+        if rows == 0:
+            raise InputError("input tensors are empty")
+        answer = loaded.predict({n: by_name[n] for n in names}, rows)
+        if loaded.task == "classification":
+            outputs = [
+                {"name": "label", "datatype": "BYTES", "shape": [rows], "data": answer["predictions"]},
+                {
+                    "name": "probabilities",
+                    "datatype": "FP32",
+                    "shape": [rows, len(loaded.classes)],
+                    "data": [p for row in answer["probabilities"] for p in row],
+                },
+            ]
+        else:
+            outputs = [{"name": "variable", "datatype": "FP32", "shape": [rows], "data": answer["predictions"]}]
+        reply = {"model_name": model, "model_version": str(loaded.version), "outputs": outputs}
+        if "id" in body:
+            reply["id"] = body["id"]
+        return _json(reply, version=loaded.version)
+
+    # --- KServe V1 ---------------------------------------------------------------------
+    def v1_predict(self, request, model: str):
+        body = self._body(request)
+        loaded = self._model(model, None)
+        instances = body.get("instances")
+        if isinstance(instances, list) and instances and all(isinstance(i, list) for i in instances):
+            values = columns_from_features(loaded.columns, instances)
+        else:
+            values = columns_from_records(loaded.columns, instances)
+        rows = len(next(iter(values.values())))
+        answer = loaded.predict(values, rows)
+        return _json({"predictions": answer["predictions"], "model": model, "version": loaded.version}, version=loaded.version)

@@ -1,0 +1,166 @@
+"""Model versions in the bucket: create-only versions, a compare-and-swap current pointer.
+
+Layout (design.md §3):
+    models/<model>/versions/<n>/model.onnx   written first, create-only (claims number n)
+    models/<model>/versions/<n>/card.json    written last, create-only: the version is complete
+    models/<model>/current.json              {"version": n, ...}, moved only with if_generation_match
+
+A version without card.json is an unfinished write (a crash) and is invisible to readers, so
+no reader ever sees a half-written version. Used by train, predict and the CLI; imports no
+machine-learning library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import re
+from typing import Any, Callable
+
+from .storage import NotFound, PreconditionFailed, Storage
+
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+class RegistryError(Exception):
+    pass
+
+
+def check_model_name(name: str) -> str:
+    if not isinstance(name, str) or not MODEL_NAME.match(name):
+        raise RegistryError(
+            f"invalid model name {name!r}: use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class Pointer:
+    version: int | None
+    generation: int  # 0 when the model has no current version yet (for if_generation_match)
+    data: dict[str, Any]
+
+
+def _json(data: Any) -> bytes:
+    return json.dumps(data, indent=2, sort_keys=True).encode("utf-8")
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class Registry:
+    def __init__(self, storage: Storage):
+        self.storage = storage
+
+    # --- paths -------------------------------------------------------------------------
+    @staticmethod
+    def version_prefix(model: str, version: int) -> str:
+        return f"models/{model}/versions/{version}/"
+
+    @staticmethod
+    def pointer_name(model: str) -> str:
+        return f"models/{model}/current.json"
+
+    # --- reading -----------------------------------------------------------------------
+    def models(self) -> list[str]:
+        names = {info.name.split("/")[1] for info in self.storage.list("models/") if info.name.count("/") >= 2}
+        return sorted(names)
+
+    def versions(self, model: str) -> list[int]:
+        """Complete versions (with a card), oldest first."""
+        found = []
+        for info in self.storage.list(f"models/{model}/versions/"):
+            parts = info.name.split("/")
+            if len(parts) == 5 and parts[4] == "card.json" and parts[3].isdigit():
+                found.append(int(parts[3]))
+        return sorted(found)
+
+    def card(self, model: str, version: int) -> dict[str, Any]:
+        try:
+            return json.loads(self.storage.read(self.version_prefix(model, version) + "card.json"))
+        except NotFound:
+            raise NotFound(f"model '{model}' has no version {version}") from None
+
+    def model_bytes(self, model: str, version: int) -> bytes:
+        return self.storage.read(self.version_prefix(model, version) + "model.onnx")
+
+    def current(self, model: str) -> Pointer:
+        name = self.pointer_name(model)
+        try:
+            info = self.storage.stat(name)
+            data = json.loads(self.storage.read(name, generation=info.generation))
+        except NotFound:
+            return Pointer(None, 0, {})
+        return Pointer(int(data["version"]), info.generation, data)
+
+    def pointer_generation(self, model: str) -> int:
+        """Cheap check for 'did the pointer move?' (metadata only)."""
+        try:
+            return self.storage.stat(self.pointer_name(model)).generation
+        except NotFound:
+            return 0
+
+    def find_by_upload(self, model: str, upload: dict[str, Any]) -> int | None:
+        """The version already made from this upload (bucket, name, generation), if any."""
+        key = (upload["bucket"], upload["name"], str(upload["generation"]))
+        for version in reversed(self.versions(model)):
+            lineage = self.card(model, version).get("lineage", {}).get("upload", {})
+            if (lineage.get("bucket"), lineage.get("name"), str(lineage.get("generation"))) == key:
+                return version
+        return None
+
+    # --- writing -----------------------------------------------------------------------
+    def register(self, model: str, build_model: Callable[[int], bytes], card: dict[str, Any]) -> int:
+        """Store a new version create-only and return its number.
+
+        `build_model(n)` returns the ONNX bytes for version n (the number is inside the file's
+        metadata); if another writer took n first, the next number is tried.
+        """
+        check_model_name(model)
+        existing = self._claimed_numbers(model)
+        version = max(existing, default=0) + 1
+        while True:
+            prefix = self.version_prefix(model, version)
+            try:
+                info = self.storage.write(
+                    prefix + "model.onnx", build_model(version), if_generation_match=0, content_type="application/octet-stream"
+                )
+                break
+            except PreconditionFailed:
+                version += 1
+        card = dict(card, model=model, version=version, created=_now())
+        card.setdefault("artifact", {})["model_md5"] = info.md5_hash
+        self.storage.write(prefix + "card.json", _json(card), if_generation_match=0, content_type="application/json")
+        return version
+
+    def _claimed_numbers(self, model: str) -> list[int]:
+        numbers = set()
+        for info in self.storage.list(f"models/{model}/versions/"):
+            part = info.name.split("/")[3]
+            if part.isdigit():
+                numbers.add(int(part))
+        return sorted(numbers)
+
+    def move_pointer(self, model: str, version: int, *, reason: str, only_if_newer: bool = False) -> tuple[bool, int | None]:
+        """Point `current` at `version` with compare-and-swap; returns (moved, previous version).
+
+        With `only_if_newer`, a slower trainer never replaces a newer version someone else
+        already published.
+        """
+        self.card(model, version)  # refuse to point at a version that is not complete
+        while True:
+            pointer = self.current(model)
+            if pointer.version == version:
+                return False, pointer.version
+            if only_if_newer and pointer.version is not None and pointer.version > version:
+                return False, pointer.version
+            data = {"model": model, "version": version, "previous": pointer.version, "reason": reason, "updated": _now()}
+            try:
+                self.storage.write(
+                    self.pointer_name(model), _json(data), if_generation_match=pointer.generation, content_type="application/json"
+                )
+                return True, pointer.version
+            except PreconditionFailed:
+                continue  # someone moved it meanwhile: decide again on what is there now

@@ -1,0 +1,268 @@
+"""Serving ONNX versions: input validation, onnxruntime sessions, and hot reload.
+
+Imports numpy and onnxruntime only (never sklearn, never pickle): this is the predict
+function's whole model stack, and its start-up time is the cold start users wait for.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+
+from .registry import Registry
+from .storage import NotFound
+
+log = logging.getLogger("bucketml.serving")
+
+MAX_ROWS = 10_000
+VERSION_CACHE = 8  # explicitly requested (non-current) versions kept loaded per replica
+
+
+class InputError(ValueError):
+    """The request is wrong; `status` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 422):
+        super().__init__(message)
+        self.status = status
+
+
+class UnknownModel(InputError):
+    def __init__(self, message: str):
+        super().__init__(message, 404)
+
+
+def onnxruntime():
+    """Imported on first use, not at module import: functions-framework imports the function
+    in gunicorn's master before forking the worker, and an onnxruntime loaded before a fork
+    hangs or aborts when the worker exits."""
+    import onnxruntime
+
+    return onnxruntime
+
+
+def new_session(onnx_bytes: bytes):
+    ort = onnxruntime()
+    return ort.InferenceSession(onnx_bytes, sess_options=session_options(), providers=["CPUExecutionProvider"])
+
+
+def session_options():
+    # Single rows dominate: one thread, no spinning (idle spinning threads burn a core).
+    ort = onnxruntime()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return options
+
+
+def _number(column: str, value: Any) -> float:
+    if value is None:
+        return math.nan
+    if isinstance(value, bool):
+        raise InputError(f"column '{column}' expects a number, got a boolean")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        if not value.strip():
+            return math.nan
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise InputError(f"column '{column}' expects a number or null, got {json.dumps(value)[:40]}")
+
+
+def _string(column: str, value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))  # the same spelling training used for numeric-looking categories
+    if isinstance(value, (str, int, float, bool)):
+        return str(value).strip()
+    raise InputError(f"column '{column}' expects a string or null, got {type(value).__name__}")
+
+
+def feeds_from_columns(columns: list[dict], values: dict[str, list], rows: int) -> dict[str, np.ndarray]:
+    """ONNX feeds: one (rows, 1) tensor per column, float32 or string, keyed by input name."""
+    feeds = {}
+    for col in columns:
+        name = col["name"]
+        if col["type"] == "number":
+            tensor = np.array([_number(name, v) for v in values[name]], dtype=np.float32)
+        else:
+            tensor = np.array([_string(name, v) for v in values[name]], dtype=object)
+        feeds[col.get("input", name)] = tensor.reshape(rows, 1)
+    return feeds
+
+
+def columns_from_records(columns: list[dict], records: Any) -> dict[str, list]:
+    if not isinstance(records, list) or not records:
+        raise InputError("'records' must be a non-empty list of objects")
+    if len(records) > MAX_ROWS:
+        raise InputError(f"at most {MAX_ROWS} records per request, got {len(records)}", 413)
+    names = [c["name"] for c in columns]
+    known = set(names)
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise InputError(f"records[{i}] must be an object of column: value")
+        missing = [n for n in names if n not in record]
+        if missing:
+            raise InputError(f"records[{i}] lacks column(s) {', '.join(missing)}; send null for an unknown value")
+        unknown = [k for k in record if k not in known]
+        if unknown:
+            raise InputError(f"records[{i}] has unknown column(s) {', '.join(map(str, unknown))}; expected {', '.join(names)}")
+    return {n: [r[n] for r in records] for n in names}
+
+
+def columns_from_features(columns: list[dict], rows: Any) -> dict[str, list]:
+    if not isinstance(rows, list) or not rows:
+        raise InputError("'features' must be a non-empty list of rows")
+    if len(rows) > MAX_ROWS:
+        raise InputError(f"at most {MAX_ROWS} rows per request, got {len(rows)}", 413)
+    width = len(columns)
+    for i, row in enumerate(rows):
+        if not isinstance(row, list) or len(row) != width:
+            names = ", ".join(c["name"] for c in columns)
+            raise InputError(f"features[{i}] must be a list of {width} values in schema order: {names}")
+    return {c["name"]: [row[j] for row in rows] for j, c in enumerate(columns)}
+
+
+class LoadedModel:
+    """One version with its onnxruntime session, ready to answer."""
+
+    def __init__(self, model: str, version: int, card: dict, onnx_bytes: bytes):
+        self.model, self.version, self.card = model, version, card
+        self.columns = card["schema"]["columns"]
+        self.task = card["schema"]["task"]
+        self.classes = card["schema"].get("classes", [])
+        self.session = new_session(onnx_bytes)
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        # Prove it answers before anyone relies on it: one row with every value missing.
+        self.predict({c["name"]: [None] for c in self.columns}, 1)
+
+    def predict(self, values: dict[str, list], rows: int) -> dict[str, Any]:
+        outputs = self.session.run(self.output_names, feeds_from_columns(self.columns, values, rows))
+        answer: dict[str, Any] = {"model": self.model, "version": self.version}
+        if self.task == "classification":
+            answer["predictions"] = [str(v) for v in outputs[0].tolist()]
+            answer["probabilities"] = np.round(outputs[1].astype(np.float64), 6).tolist()
+            answer["classes"] = self.classes
+        else:
+            answer["predictions"] = outputs[0].reshape(-1).astype(np.float64).tolist()
+        return answer
+
+
+class ModelManager:
+    """Which versions this replica serves; follows each model's current pointer.
+
+    A poll of the pointers' generations (metadata only) every `poll_seconds` makes every
+    replica pick up a new version even though a published event reaches only one of them.
+    A new version is loaded and checked before it replaces the old one; until then, and if
+    loading fails, the old one keeps serving.
+    """
+
+    def __init__(self, registry: Registry, poll_seconds: float = 1.0):
+        self.registry = registry
+        self.poll_seconds = poll_seconds
+        self._current: dict[str, LoadedModel] = {}
+        self._generations: dict[str, int] = {}
+        self._pinned: OrderedDict[tuple[str, int], LoadedModel] = OrderedDict()
+        self._errors: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._refresh_lock = threading.Lock()
+        self._watcher_pid: int | None = None
+
+    # Threads do not survive fork (gunicorn forks its workers after importing the function),
+    # so the watcher starts lazily in the process that serves requests.
+    def ensure_watching(self) -> None:
+        if self._watcher_pid == os.getpid():
+            return
+        with self._lock:
+            if self._watcher_pid == os.getpid():
+                return
+            self._watcher_pid = os.getpid()
+        self.refresh()
+        threading.Thread(target=self._watch, name="bucketml-pointer-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(self.poll_seconds)
+            try:
+                self.refresh()
+            except Exception:  # a bucket hiccup must not kill the watcher; the old model serves on
+                log.exception("refreshing models failed")
+
+    def refresh(self, model: str | None = None) -> None:
+        with self._refresh_lock:
+            models = [model] if model else self.registry.models()
+            for name in models:
+                try:
+                    generation = self.registry.pointer_generation(name)
+                    if generation == 0 or generation == self._generations.get(name):
+                        continue
+                    pointer = self.registry.current(name)
+                    loaded = self._current.get(name)
+                    if pointer.version is not None and (loaded is None or loaded.version != pointer.version):
+                        fresh = self._load(name, pointer.version)
+                        with self._lock:
+                            self._current[name] = fresh
+                        log.info("serving %s version %s", name, pointer.version)
+                    self._generations[name] = pointer.generation
+                    self._errors.pop(name, None)
+                except Exception as exc:  # a bad version must never take down what is serving
+                    self._errors[name] = str(exc)
+                    log.error("could not load the current version of %s: %s", name, exc)
+
+    def _load(self, model: str, version: int) -> LoadedModel:
+        card = self.registry.card(model, version)
+        return LoadedModel(model, version, card, self.registry.model_bytes(model, version))
+
+    def ready(self) -> bool:
+        return bool(self._current)
+
+    def loaded(self) -> dict[str, LoadedModel]:
+        return dict(self._current)
+
+    def errors(self) -> dict[str, str]:
+        return dict(self._errors)
+
+    def get(self, model: str | None, version: int | None = None) -> LoadedModel:
+        current = self._current
+        if model is None:
+            if len(current) == 1:
+                return next(iter(current.values()))
+            if not current:
+                raise InputError("no model is being served yet; upload a dataset first", 503)
+            raise InputError(f"several models are served ({', '.join(sorted(current))}); name one with 'model'", 400)
+        served = current.get(model)
+        if version is None or (served is not None and served.version == version):
+            if served is None:
+                raise UnknownModel(f"model '{model}' is not served; served models: {', '.join(sorted(current)) or 'none'}")
+            return served
+        return self._pinned_version(model, version)
+
+    def _pinned_version(self, model: str, version: int) -> LoadedModel:
+        key = (model, version)
+        with self._lock:
+            if key in self._pinned:
+                self._pinned.move_to_end(key)
+                return self._pinned[key]
+        try:
+            loaded = self._load(model, version)
+        except NotFound:
+            raise UnknownModel(f"model '{model}' has no version {version}") from None
+        with self._lock:
+            self._pinned[key] = loaded
+            while len(self._pinned) > VERSION_CACHE:
+                self._pinned.popitem(last=False)
+        return loaded

@@ -1,0 +1,164 @@
+"""The whole platform as a user runs it: `bucketml dev` as a subprocess, files copied into the
+bucket folder, events through the real broker, predictions over real HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from cloudevents.conversion import to_binary
+from cloudevents.http import CloudEvent
+
+from helpers import churn_frame, for_upload, free_port, wait_for_event
+
+BUCKETML = str(Path(sys.executable).parent / "bucketml")
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory):
+    root = tmp_path_factory.mktemp("platform")
+    ports = {name: free_port() for name in ("predict", "broker", "preprocess", "train")}
+    log_path = root / "dev.log"
+    log = open(log_path, "w")
+    process = subprocess.Popen(
+        [BUCKETML, "dev", "--bucket", "bucket", "--state-dir", "state",
+         "--predict-port", str(ports["predict"]), "--broker-port", str(ports["broker"]),
+         "--preprocess-port", str(ports["preprocess"]), "--train-port", str(ports["train"])],
+        cwd=root, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, BUCKETML_POLL_SECONDS="0.5"),
+    )
+    info = {
+        "root": root,
+        "bucket": root / "bucket",
+        "broker": f"http://127.0.0.1:{ports['broker']}",
+        "predict": f"http://127.0.0.1:{ports['predict']}",
+        "process": process,
+        "log": log_path,
+    }
+    try:
+        deadline = time.monotonic() + 60
+        while "ready; press Ctrl-C" not in log_path.read_text():
+            assert process.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, "platform did not become ready:\n" + log_path.read_text()
+            time.sleep(0.2)
+        yield info
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            code = process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            code = "killed"
+        log.close()
+        print(log_path.read_text()[-5000:])
+        assert code == 0, f"bucketml dev did not stop cleanly ({code})"
+
+
+def drop(platform, model: str, filename: str, content: bytes) -> str:
+    """Copy a file into the bucket folder the way a user would (not through the API)."""
+    staging = platform["root"] / "staging" / filename
+    staging.parent.mkdir(exist_ok=True)
+    staging.write_bytes(content)
+    target = platform["bucket"] / "datasets" / model
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copy(staging, target / filename)
+    return f"datasets/{model}/{filename}"
+
+
+def predict(platform, body: dict) -> requests.Response:
+    return requests.post(platform["predict"] + "/predict", json=body, timeout=10)
+
+
+RECORDS = [
+    {"tenure": 3, "monthly": 99.5, "plan": "basic", "region": "north"},
+    {"tenure": None, "monthly": None, "plan": None, "region": "north"},  # missing values
+    {"tenure": 60, "monthly": 20.0, "plan": "enterprise", "region": "mars"},  # unseen categories
+]
+
+
+def test_upload_trains_serves_and_hot_swaps(platform):
+    name = drop(platform, "churn", "customers.csv", churn_frame(seed=1).to_csv(index=False).encode())
+    published = wait_for_event(platform["broker"], for_upload("bucketml.model.published.v1", name))
+    assert published["data"]["version"] == 1
+    assert published["source"] == "/bucketml/train" and published["subject"] == "churn"
+
+    ready = requests.get(platform["predict"] + "/v2/health/ready", timeout=5)
+    deadline = time.monotonic() + 10
+    while ready.status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        ready = requests.get(platform["predict"] + "/v2/health/ready", timeout=5)
+    assert ready.status_code == 200
+
+    response = predict(platform, {"model": "churn", "records": RECORDS})
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["model"] == "churn" and answer["version"] == 1
+    assert answer["classes"] == ["no", "yes"]
+    assert len(answer["predictions"]) == 3 and set(answer["predictions"]) <= {"no", "yes"}
+    assert all(abs(sum(p) - 1) < 1e-4 for p in answer["probabilities"])
+    # The obvious churner (new, expensive, basic plan) is predicted to churn.
+    assert answer["predictions"][0] == "yes"
+
+    # The seed-style payload: columns in schema order.
+    features = predict(platform, {"model": "churn", "features": [[3, 99.5, "basic", "north"]]})
+    assert features.status_code == 200 and features.json()["predictions"] == ["yes"]
+
+    # A second dataset under the same name: a new version is served without a restart.
+    pids_before = platform["process"].pid
+    second = drop(platform, "churn", "customers-2024.csv", churn_frame(seed=2).to_csv(index=False).encode())
+    published2 = wait_for_event(platform["broker"], for_upload("bucketml.model.published.v1", second))
+    assert published2["data"]["version"] == 2
+    deadline = time.monotonic() + 10
+    while predict(platform, {"model": "churn", "records": RECORDS}).json()["version"] != 2:
+        assert time.monotonic() < deadline, "predict kept serving version 1"
+        time.sleep(0.2)
+    assert platform["process"].pid == pids_before and platform["process"].poll() is None
+
+    listing = subprocess.run([BUCKETML, "models", "churn", "--bucket", str(platform["bucket"])],
+                             capture_output=True, text=True, check=True)
+    rows = listing.stdout.splitlines()[1:]
+    assert [row.split()[0] for row in rows] == ["1", "*"] and rows[1].split()[1] == "2", listing.stdout
+
+
+def test_duplicate_delivery_makes_one_version(platform):
+    name = drop(platform, "dupes", "data.csv", churn_frame(seed=3).to_csv(index=False).encode())
+    finalized = wait_for_event(platform["broker"], for_upload("google.cloud.storage.object.v1.finalized", name))
+    first = wait_for_event(platform["broker"], for_upload("bucketml.model.published.v1", name))
+
+    # Deliver the very same storage event again, as at-least-once delivery may.
+    attributes = {k: finalized[k] for k in ("type", "source", "subject")}
+    event = CloudEvent(dict(attributes, id="redelivery-1"), finalized["data"])
+    headers, body = to_binary(event)
+    assert requests.post(platform["broker"], data=body, headers=headers, timeout=5).status_code == 202
+    again = wait_for_event(
+        platform["broker"], lambda e: for_upload("bucketml.model.published.v1", name)(e) and e["seq"] > first["seq"]
+    )
+    assert again["data"]["version"] == first["data"]["version"] == 1
+    versions = sorted(p.name for p in (platform["bucket"] / "models" / "dupes" / "versions").iterdir())
+    assert versions == ["1"]
+
+
+def test_garbage_upload_is_rejected_and_platform_keeps_working(platform):
+    name = drop(platform, "junk", "photo.csv", bytes(range(256)) * 40)
+    rejected = wait_for_event(platform["broker"], for_upload("bucketml.dataset.rejected.v1", name))
+    assert rejected["data"]["reason"] == "not_csv"
+    report = platform["bucket"] / rejected["data"]["report"]
+    assert json.loads(report.read_text())["reason"] == "not_csv"
+
+    no_target = drop(platform, "junk", "no-target.csv", b"a,b\n1,2\n3,4\n")
+    rejected = wait_for_event(platform["broker"], for_upload("bucketml.dataset.rejected.v1", no_target))
+    assert rejected["data"]["reason"] == "no_target" and "--target" in rejected["data"]["message"]
+
+    # Nothing was served for the junk model, and the platform still answers.
+    assert requests.get(platform["predict"] + "/v2/health/live", timeout=5).status_code == 200
+    unknown = predict(platform, {"model": "junk", "records": [{"a": 1}]})
+    assert unknown.status_code == 404 and "junk" in unknown.json()["error"]
+    dead = requests.get(platform["broker"] + "/deadletters", timeout=5).json()
+    assert dead["deadletters"] == []

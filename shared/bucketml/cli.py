@@ -139,6 +139,10 @@ def upload(file: Path, model: str, target: str | None, wait: bool, timeout: floa
         sys.exit(1)
 
 
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
 # --- models --------------------------------------------------------------------------------
 @cli.command()
 @click.argument("name", required=False)
@@ -154,22 +158,23 @@ def models(name: str | None, bucket: str) -> None:
             pointer = registry.current(model)
             versions = registry.versions(model)
             if pointer.version is None:
-                click.echo(f"{model:<24} no current version ({len(versions)} versions)")
+                click.echo(f"{model:<24} no current version ({_plural(len(versions), 'version')})")
                 continue
             card = registry.card(model, pointer.version)
             click.echo(f"{model:<24} v{pointer.version:<4} {card['algorithm']:<20} "
-                       f"{card['metric']}={card['metrics'][card['metric']]:.4f}  ({len(versions)} versions)")
+                       f"{card['metric']}={card['metrics'][card['metric']]:.4f}  ({_plural(len(versions), 'version')})")
         return
     versions = registry.versions(name)
     if not versions:
         raise Failure(f"model '{name}' has no versions")
     current = registry.current(name).version
-    click.echo(f"{'':2}{'version':<8}{'created':<22}{'algorithm':<22}{'metrics':<48}upload")
+    click.echo(f"{'':2}{'version':<9}{'created':<22}{'algorithm':<22}{'score':<18}{'rows':<7}upload")
     for version in versions:
         card = registry.card(name, version)
-        metrics = " ".join(f"{k}={v:.4f}" for k, v in card["metrics"].items())
+        score = f"{card['metric']}={card['metrics'][card['metric']]:.4f}"
         mark = "*" if version == current else " "
-        click.echo(f"{mark:2}{version:<8}{card['created']:<22}{card['algorithm']:<22}{metrics:<48}"
+        rows = card.get("data", {}).get("rows", {}).get("train", "")
+        click.echo(f"{mark:2}{version:<9}{card['created']:<22}{card['algorithm']:<22}{score:<18}{rows!s:<7}"
                    f"{card['lineage']['upload']['name']}")
 
 
@@ -214,7 +219,7 @@ def predict(name: str, payload: str, version: int | None, url: str) -> None:
 @cli.command("events")
 @click.option("--model", "-m", help="Only events of this model.")
 @click.option("--type", "type_", help="Only events of this type.")
-@click.option("--limit", default=50, show_default=True)
+@click.option("--limit", default=50, show_default=True, help="Show the newest N.")
 @click.option("--dead", is_flag=True, help="List the dead-letter store instead.")
 @broker_option
 def events_command(model: str | None, type_: str | None, limit: int, dead: bool, broker: str) -> None:
@@ -227,8 +232,15 @@ def events_command(model: str | None, type_: str | None, limit: int, dead: bool,
         for item in response.json().get("deadletters", []):
             click.echo(json.dumps(item))
         return
-    params = {k: v for k, v in {"model": model, "type": type_, "limit": limit}.items() if v}
-    for event in _broker_events(broker, **params):
+    filters = {k: v for k, v in {"model": model, "type": type_}.items() if v}
+    found, after = [], 0
+    while True:  # the broker pages oldest first; show the newest `limit`
+        page = _broker_events(broker, after=after, limit=1000, **filters)
+        found.extend(page)
+        if len(page) < 1000:
+            break
+        after = page[-1]["seq"]
+    for event in found[-limit:]:
         data = event.get("data") if isinstance(event.get("data"), dict) else {}
         click.echo(f"{event['seq']:>6}  {event.get('time') or '':<28} {event['type']:<44} {event.get('subject') or ''}")
         if event["type"] != events.OBJECT_FINALIZED:

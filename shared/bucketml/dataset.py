@@ -107,10 +107,16 @@ def read_csv(raw: bytes, name: str) -> pd.DataFrame:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
         text = raw.decode("latin-1")  # every byte decodes; the usual non-UTF-8 export
+    header = text.lstrip("\r\n")[:65536].partition("\n")[0]
+    try:
+        # Only these delimiters: an unrestricted sniff splits a one-column file on a letter.
+        sep = csv.Sniffer().sniff(header, delimiters=",;\t|").delimiter
+    except csv.Error:
+        sep = ","
     try:
         frame = pd.read_csv(
             io.StringIO(text),
-            sep=None,  # sniff ',', ';', tab, '|'
+            sep=sep,  # sniffed from the header: ',', ';', tab or '|'
             engine="python",
             na_values=MISSING_TOKENS,
             keep_default_na=True,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import json
 import re
 from typing import Any, Callable
@@ -123,15 +124,22 @@ class Registry:
         version = max(existing, default=0) + 1
         while True:
             prefix = self.version_prefix(model, version)
+            onnx_bytes = build_model(version)
             try:
                 info = self.storage.write(
-                    prefix + "model.onnx", build_model(version), if_generation_match=0, content_type="application/octet-stream"
+                    prefix + "model.onnx", onnx_bytes, if_generation_match=0, content_type="application/octet-stream"
                 )
                 break
             except PreconditionFailed:
                 version += 1
         card = dict(card, model=model, version=version, created=_now())
-        card.setdefault("artifact", {})["model_md5"] = info.md5_hash
+        # The card describes the stored file (build_model stamps the version into it).
+        card["artifact"] = dict(
+            card.get("artifact") or {},
+            sha256=hashlib.sha256(onnx_bytes).hexdigest(),
+            bytes=len(onnx_bytes),
+            model_md5=info.md5_hash,
+        )
         self.storage.write(prefix + "card.json", _json(card), if_generation_match=0, content_type="application/json")
         return version
 

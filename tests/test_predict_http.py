@@ -1,0 +1,487 @@
+"""The predict function over real HTTP (design.md §5).
+
+functions-framework serves functions/predict/main.py in its own process (gunicorn, one worker,
+four threads) over a folder bucket. Models are trained in-process through the library
+(preprocess, then train, which registers the version and moves the pointer) while the server
+runs, so the server only ever learns of them by polling current.json or by a /reload event.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+from cloudevents.conversion import to_binary
+from cloudevents.http import CloudEvent
+from sklearn.datasets import load_diabetes
+
+from bucketml import preprocessing, trainer
+from bucketml.registry import Registry
+from bucketml.storage.local import LocalStorage
+
+ROOT = Path(__file__).resolve().parents[1]
+POLL_SECONDS = 0.3
+PUBLISHED = "bucketml.model.published.v1"
+
+# Churn records: likely churn, likely stay, everything missing, unseen categories.
+RECORDS = [
+    {"tenure": 3, "monthly": 99.5, "plan": "basic", "region": "north"},
+    {"tenure": 60, "monthly": 35.0, "plan": "pro", "region": "south"},
+    {"tenure": None, "monthly": None, "plan": None, "region": None},
+    {"tenure": 12, "monthly": 70, "plan": "enterprise", "region": "mars"},
+]
+GOOD_RECORD = RECORDS[0]
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def churn_frame(rows: int = 240, seed: int = 0) -> pd.DataFrame:
+    """Numeric and string columns with missing values; the label depends on both kinds."""
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame(
+        {
+            "tenure": rng.integers(1, 72, rows).astype(float),
+            "monthly": rng.normal(70, 20, rows).round(2),
+            "plan": rng.choice(["basic", "plus", "pro"], rows),
+            "region": rng.choice(["north", "south", "east", "west"], rows),
+        }
+    )
+    score = (frame["monthly"] - 70) / 20 - frame["tenure"] / 36 + (frame["plan"] == "basic") * 1.0
+    frame["label"] = np.where(score + rng.normal(0, 0.3, rows) > 0, "yes", "no")
+    frame.loc[rng.random(rows) < 0.08, "monthly"] = np.nan
+    frame.loc[rng.random(rows) < 0.08, "plan"] = np.nan
+    frame.loc[rng.random(rows) < 0.05, "tenure"] = np.nan
+    return frame
+
+
+def diabetes_frame() -> pd.DataFrame:
+    return load_diabetes(as_frame=True).frame  # ten numeric features and a numeric 'target'
+
+
+def publish(storage: LocalStorage, model: str, frame: pd.DataFrame, filename: str) -> int:
+    """Upload a CSV and run preprocess and train on it in-process; returns the new current version."""
+    info = storage.write(f"datasets/{model}/{filename}", frame.to_csv(index=False).encode(), content_type="text/csv")
+    prepared = preprocessing.handle_finalized(storage, info.event_data())
+    assert prepared is not None and prepared["type"] == "bucketml.dataset.prepared.v1", prepared and prepared.data
+    reply = trainer.handle_prepared(storage, prepared.data)
+    assert reply["type"] == PUBLISHED, reply.data
+    return reply.data["version"]
+
+
+def schema_names(storage: LocalStorage, model: str, version: int) -> list[str]:
+    return [c["name"] for c in Registry(storage).card(model, version)["schema"]["columns"]]
+
+
+def assert_json_error(response: requests.Response, status: int, *mentions: str) -> str:
+    assert response.status_code == status, (response.status_code, response.text)
+    assert response.headers["Content-Type"].startswith("application/json")
+    body = response.json()
+    assert isinstance(body, dict) and isinstance(body.get("error"), str) and body["error"], body
+    for mention in mentions:
+        assert mention in body["error"], (mention, body["error"])
+    return body["error"]
+
+
+class Server:
+    def __init__(self, url: str, process: subprocess.Popen, log: Path):
+        self.url, self.process, self.log = url, process, log
+
+    def get(self, path: str, **kwargs) -> requests.Response:
+        return requests.get(self.url + path, timeout=10, **kwargs)
+
+    def post(self, path: str, body: Any = None, **kwargs) -> requests.Response:
+        if body is not None:
+            kwargs["json"] = body
+        return requests.post(self.url + path, timeout=30, **kwargs)
+
+    def predict(self, body: dict) -> requests.Response:
+        return self.post("/predict", body)
+
+    def version_of(self, model: str) -> int | None:
+        """The version /predict answers with by default for `model`, or None."""
+        response = self.predict({"model": model, "records": [GOOD_RECORD]})
+        return response.json()["version"] if response.status_code == 200 else None
+
+
+# --- fixtures ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory) -> LocalStorage:
+    return LocalStorage(tmp_path_factory.mktemp("predict-http") / "bucket")
+
+
+def server_env(storage: LocalStorage) -> dict[str, str]:
+    return dict(
+        os.environ,
+        BUCKETML_BUCKET=str(storage.root),
+        BUCKETML_POLL_SECONDS=str(POLL_SECONDS),
+        WORKERS="1",
+        THREADS="4",
+    )
+
+
+@pytest.fixture(scope="module")
+def server(storage, tmp_path_factory):
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("predict-log") / "predict.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "functions_framework", "--source", "functions/predict/main.py",
+             "--target", "predict", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT, env=server_env(storage), stdout=log, stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+
+    def live() -> bool:
+        assert process.poll() is None, "predict exited early:\n" + log_path.read_text()
+        try:
+            return requests.get(url + "/v2/health/live", timeout=1).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    try:
+        wait_until(live, "/v2/health/live", timeout=30)
+        yield Server(url, process, log_path)
+    finally:
+        process.terminate()
+        try:
+            code = process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            code = "killed after 15 s"
+        log = log_path.read_text()
+        print(log[-5000:])
+    assert code == 0, f"predict did not exit cleanly on SIGTERM ({code})"
+    assert "Traceback" not in log, "the predict process logged an unhandled error:\n" + log
+
+
+@pytest.fixture(scope="module")
+def models(storage, server) -> dict[str, Any]:
+    """churn (classification) then diabetes (regression), published while predict runs."""
+    before = server.get("/v2/health/ready")
+    found: dict[str, Any] = {"ready_before": (before.status_code, before.json())}
+    found["churn"] = publish(storage, "churn", churn_frame(seed=0), "first.csv")
+    started = time.monotonic()
+    wait_until(lambda: server.get("/v2/health/ready").status_code == 200, "the first model to be served")
+    found["pickup_seconds"] = time.monotonic() - started
+    after = server.get("/v2/health/ready")
+    found["ready_after"] = (after.status_code, after.json())
+    found["diabetes"] = publish(storage, "diabetes", diabetes_frame(), "diabetes.csv")
+    wait_until(lambda: "diabetes" in server.get("/v2/health/ready").json()["models"], "diabetes to be served")
+    return found
+
+
+# --- health ------------------------------------------------------------------------------
+
+
+def test_ready_only_once_a_model_is_published_and_picked_up_without_restart(server, models):
+    status, body = models["ready_before"]
+    assert status == 503 and body["ready"] is False and body["models"] == {}
+    status, body = models["ready_after"]
+    assert status == 200 and body == {"ready": True, "models": {"churn": models["churn"]}}
+    assert models["pickup_seconds"] < 10
+    assert server.process.poll() is None  # the same process: picked up by polling, no restart
+    live = server.get("/v2/health/live")
+    assert live.status_code == 200 and live.json() == {"live": True}
+    ready = server.get("/v2/health/ready").json()
+    assert set(ready["models"]) == {"churn", "diabetes"}
+
+
+# --- /predict ----------------------------------------------------------------------------
+
+
+def test_predict_records_and_seed_style_features(server, storage, models):
+    response = server.predict({"model": "churn", "records": RECORDS})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert set(body) == {"model", "version", "predictions", "probabilities", "classes"}
+    assert body["model"] == "churn" and isinstance(body["version"], int)
+    assert response.headers["Bucketml-Model-Version"] == str(body["version"])
+    assert body["classes"] == ["no", "yes"]
+    assert len(body["predictions"]) == len(RECORDS) and set(body["predictions"]) <= {"no", "yes"}
+    assert len(body["probabilities"]) == len(RECORDS)
+    for row, label in zip(body["probabilities"], body["predictions"]):
+        assert len(row) == 2 and all(0 <= p <= 1 for p in row)
+        assert sum(row) == pytest.approx(1, abs=1e-4)
+        assert body["classes"][int(np.argmax(row))] == label
+    # The model learned something: short tenure, high bill and the basic plan churn; the opposite stays.
+    assert body["predictions"][:2] == ["yes", "no"]
+
+    names = schema_names(storage, "churn", body["version"])
+    assert names == ["tenure", "monthly", "plan", "region"]
+    features = [[record[n] for n in names] for record in RECORDS]
+    seed = server.predict({"model": "churn", "version": body["version"], "features": features})
+    assert seed.status_code == 200, seed.text
+    assert seed.headers["Bucketml-Model-Version"] == str(seed.json()["version"])
+    assert seed.json() == body
+
+
+def test_several_models_served_at_once(server, models):
+    anonymous = server.predict({"records": [GOOD_RECORD]})
+    assert_json_error(anonymous, 400, "churn", "diabetes", "model")
+
+    churn = server.predict({"model": "churn", "records": [GOOD_RECORD]})
+    assert churn.status_code == 200 and churn.json()["model"] == "churn" and "classes" in churn.json()
+
+    row = diabetes_frame().drop(columns="target").iloc[0].to_dict()
+    diabetes = server.predict({"model": "diabetes", "records": [row, dict(row, bmi=None)]})
+    assert diabetes.status_code == 200, diabetes.text
+    body = diabetes.json()
+    assert body["model"] == "diabetes" and body["version"] == models["diabetes"]
+    assert diabetes.headers["Bucketml-Model-Version"] == str(models["diabetes"])
+    assert set(body) == {"model", "version", "predictions"}  # regression: no probabilities or classes
+    assert len(body["predictions"]) == 2 and all(isinstance(p, float) and np.isfinite(p) for p in body["predictions"])
+
+    for path, request in (
+        ("/predict", {"model": "nope", "records": [GOOD_RECORD]}),
+        ("/predict", {"model": "nope", "version": 1, "records": [GOOD_RECORD]}),
+        ("/v1/models/nope:predict", {"instances": [GOOD_RECORD]}),
+        ("/v2/models/nope/infer", {"inputs": [{"name": "tenure", "shape": [1, 1], "datatype": "FP32", "data": [1]}]}),
+    ):
+        assert_json_error(server.post(path, request), 404, "nope")
+    assert_json_error(server.get("/v2/models/nope"), 404, "nope")
+    assert_json_error(server.get("/v2/models/nope/ready"), 404, "nope")
+
+
+# --- validation --------------------------------------------------------------------------
+
+
+def _record(**changes) -> dict:
+    return dict(GOOD_RECORD, **changes)
+
+
+VALIDATION = {
+    # name: (method, path, request kwargs, status, words the error must contain)
+    "invalid JSON": ("POST", "/predict", {"data": b'{"records": [', "headers": {"Content-Type": "application/json"}}, 400, ["JSON"]),
+    "body is a list": ("POST", "/predict", {"json": [GOOD_RECORD]}, 400, ["object"]),
+    "body is a string": ("POST", "/predict", {"json": "records"}, 400, ["object"]),
+    "neither records nor features": ("POST", "/predict", {"json": {"model": "churn"}}, 400, ["records", "features"]),
+    "model not a string": ("POST", "/predict", {"json": {"model": 7, "records": [GOOD_RECORD]}}, 400, ["'model'"]),
+    "version not an integer": ("POST", "/predict", {"json": {"model": "churn", "version": "latest", "records": [GOOD_RECORD]}}, 400, ["'version'"]),
+    "records not a list": ("POST", "/predict", {"json": {"model": "churn", "records": GOOD_RECORD}}, 422, ["records"]),
+    "records empty": ("POST", "/predict", {"json": {"model": "churn", "records": []}}, 422, ["records"]),
+    "record not an object": ("POST", "/predict", {"json": {"model": "churn", "records": [[3, 99.5, "basic", "north"]]}}, 422, ["records[0]"]),
+    "record missing a column": (
+        "POST", "/predict",
+        {"json": {"model": "churn", "records": [GOOD_RECORD, {k: v for k, v in GOOD_RECORD.items() if k != "region"}]}},
+        422, ["records[1]", "region"],
+    ),
+    "unknown column": ("POST", "/predict", {"json": {"model": "churn", "records": [_record(colour="red")]}}, 422, ["colour"]),
+    "string for a numeric column": ("POST", "/predict", {"json": {"model": "churn", "records": [_record(tenure="three")]}}, 422, ["tenure"]),
+    "boolean for a numeric column": ("POST", "/predict", {"json": {"model": "churn", "records": [_record(monthly=True)]}}, 422, ["monthly"]),
+    "object for a string column": ("POST", "/predict", {"json": {"model": "churn", "records": [_record(plan={"a": 1})]}}, 422, ["plan"]),
+    "integer too large for a number": ("POST", "/predict", {"json": {"model": "churn", "records": [_record(tenure=10**400)]}}, 422, ["tenure"]),
+    "features row too short": ("POST", "/predict", {"json": {"model": "churn", "features": [[3, 99.5, "basic"]]}}, 422, ["features[0]", "4"]),
+    "features row too long": ("POST", "/predict", {"json": {"model": "churn", "features": [[3, 99.5, "basic", "north"], [1, 2, "pro", "east", 5]]}}, 422, ["features[1]"]),
+    "features not rows": ("POST", "/predict", {"json": {"model": "churn", "features": [3, 99.5, "basic", "north"]}}, 422, ["features[0]"]),
+    "too many records": ("POST", "/predict", {"json": {"model": "churn", "records": [GOOD_RECORD] * 10_001}}, 413, ["10000"]),
+    "too many feature rows": ("POST", "/predict", {"json": {"model": "churn", "features": [[1, 2, "pro", "east"]] * 10_001}}, 413, ["10000"]),
+    "invalid model name": ("POST", "/predict", {"json": {"model": "../../etc", "version": 1, "records": [GOOD_RECORD]}}, 404, ["../../etc"]),
+    "unknown route": ("GET", "/nope", {}, 404, ["/nope"]),
+    "unknown route under v2": ("GET", "/v2/models/churn/explain", {}, 404, []),
+    "wrong method on /predict": ("GET", "/predict", {}, 405, ["GET"]),
+    "wrong method on infer": ("GET", "/v2/models/churn/infer", {}, 405, []),
+    "wrong method on live": ("POST", "/v2/health/live", {"json": {}}, 405, []),
+    "v1 without instances": ("POST", "/v1/models/churn:predict", {"json": {"records": [GOOD_RECORD]}}, 422, []),
+    "v1 instance with an unknown column": ("POST", "/v1/models/churn:predict", {"json": {"instances": [_record(region=None) | {"extra": 1}]}}, 422, ["extra"]),
+    "infer without inputs": ("POST", "/v2/models/churn/infer", {"json": {"outputs": []}}, 400, ["inputs"]),
+    "infer tensor without data": ("POST", "/v2/models/churn/infer", {"json": {"inputs": [{"name": "tenure"}]}}, 422, ["tenure", "data"]),
+}
+
+
+@pytest.mark.parametrize("case", list(VALIDATION), ids=list(VALIDATION))
+def test_bad_requests_are_json_4xx_naming_the_field(server, models, case):
+    method, path, kwargs, status, mentions = VALIDATION[case]
+    response = requests.request(method, server.url + path, timeout=30, **kwargs)
+    assert 400 <= response.status_code < 500, (response.status_code, response.text)
+    assert_json_error(response, status, *mentions)
+
+
+# --- Open Inference Protocol (KServe V2) -------------------------------------------------
+
+
+def tensors(records: list[dict], names: list[str], types: dict[str, str]) -> list[dict]:
+    return [
+        {"name": n, "shape": [len(records), 1], "datatype": types[n], "data": [r[n] for r in records]} for n in names
+    ]
+
+
+def test_open_inference_protocol(server, storage, models):
+    meta = server.get("/v2/models/churn")
+    assert meta.status_code == 200, meta.text
+    body = meta.json()
+    version = int(body["versions"][0])
+    assert meta.headers["Bucketml-Model-Version"] == str(version)
+    names = schema_names(storage, "churn", version)
+    assert [i["name"] for i in body["inputs"]] == names
+    types = {i["name"]: i["datatype"] for i in body["inputs"]}
+    assert types == {"tenure": "FP32", "monthly": "FP32", "plan": "BYTES", "region": "BYTES"}
+    assert all(i["shape"] == [-1, 1] for i in body["inputs"])
+    assert [o["name"] for o in body["outputs"]] == ["label", "probabilities"]
+
+    diabetes = server.get("/v2/models/diabetes").json()
+    assert [i["name"] for i in diabetes["inputs"]] == schema_names(storage, "diabetes", models["diabetes"])
+    assert {i["datatype"] for i in diabetes["inputs"]} == {"FP32"}
+
+    ready = server.get("/v2/models/churn/ready")
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+    assert server.get(f"/v2/models/churn/versions/{version}/ready").status_code == 200
+
+    expected = server.predict({"model": "churn", "version": version, "records": RECORDS}).json()
+    for path in ("/v2/models/churn/infer", f"/v2/models/churn/versions/{version}/infer"):
+        response = server.post(path, {"id": "req-1", "inputs": tensors(RECORDS, names, types)})
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        assert answer["model_name"] == "churn" and answer["model_version"] == str(version) and answer["id"] == "req-1"
+        assert response.headers["Bucketml-Model-Version"] == str(version)
+        outputs = {o["name"]: o for o in answer["outputs"]}
+        assert set(outputs) == {"label", "probabilities"}
+        assert outputs["label"]["data"] == expected["predictions"]
+        assert outputs["label"]["shape"] == [len(RECORDS)]
+        assert outputs["probabilities"]["shape"] == [len(RECORDS), 2]
+        assert outputs["probabilities"]["data"] == [p for row in expected["probabilities"] for p in row]
+
+    # Tensors in any order, data as [n, 1] nested lists, are the same request.
+    nested = [dict(t, data=[[v] for v in t["data"]]) for t in reversed(tensors(RECORDS, names, types))]
+    again = server.post("/v2/models/churn/infer", {"inputs": nested})
+    assert again.status_code == 200 and again.json()["outputs"][0]["data"] == expected["predictions"]
+
+    missing = [t for t in tensors(RECORDS, names, types) if t["name"] != "region"]
+    assert_json_error(server.post("/v2/models/churn/infer", {"inputs": missing}), 422, "region")
+    ragged = tensors(RECORDS, names, types)
+    ragged[0]["data"] = ragged[0]["data"][:2]
+    assert_json_error(server.post("/v2/models/churn/infer", {"inputs": ragged}), 422, "rows")
+
+    # Regression: one output, 'variable', equal to /predict's.
+    row = diabetes_frame().drop(columns="target").iloc[:3].to_dict("records")
+    d_names = [i["name"] for i in diabetes["inputs"]]
+    d_expected = server.predict({"model": "diabetes", "records": row}).json()["predictions"]
+    d_answer = server.post("/v2/models/diabetes/infer", {"inputs": tensors(row, d_names, dict.fromkeys(d_names, "FP32"))})
+    assert d_answer.status_code == 200, d_answer.text
+    assert [o["name"] for o in d_answer.json()["outputs"]] == ["variable"]
+    assert d_answer.json()["outputs"][0]["data"] == d_expected
+
+
+# --- KServe V1 ---------------------------------------------------------------------------
+
+
+def test_kserve_v1_predict(server, models):
+    expected = server.predict({"model": "churn", "records": RECORDS}).json()
+    response = server.post("/v1/models/churn:predict", {"instances": RECORDS})
+    assert response.status_code == 200, response.text
+    assert response.json()["predictions"] == expected["predictions"]
+    assert response.headers["Bucketml-Model-Version"] == str(response.json()["version"]) == str(expected["version"])
+
+    row = diabetes_frame().drop(columns="target").iloc[:2]
+    d_expected = server.predict({"model": "diabetes", "records": row.to_dict("records")}).json()["predictions"]
+    as_records = server.post("/v1/models/diabetes:predict", {"instances": row.to_dict("records")})
+    as_lists = server.post("/v1/models/diabetes:predict", {"instances": row.values.tolist()})
+    assert as_records.json()["predictions"] == as_lists.json()["predictions"] == d_expected
+
+
+# --- versions and reload -----------------------------------------------------------------
+
+
+def test_version_pinning(server, storage, models):
+    before = server.predict({"model": "churn", "records": RECORDS})
+    old = before.json()["version"]
+    new = publish(storage, "churn", churn_frame(rows=300, seed=1), "second.csv")
+    assert new > old
+    wait_until(lambda: server.version_of("churn") == new, f"churn version {new} to be picked up by polling")
+
+    pinned = server.predict({"model": "churn", "version": old, "records": RECORDS})
+    assert pinned.status_code == 200, pinned.text
+    assert pinned.json() == before.json()  # the very same model answers, not just the same number
+    assert pinned.headers["Bucketml-Model-Version"] == str(old)
+
+    default = server.predict({"model": "churn", "records": RECORDS})
+    assert default.json()["version"] == new and default.headers["Bucketml-Model-Version"] == str(new)
+    as_string = server.predict({"model": "churn", "version": str(old), "records": RECORDS})
+    assert as_string.json()["version"] == old
+
+    meta = server.get(f"/v2/models/churn/versions/{old}")
+    assert meta.status_code == 200 and meta.json()["versions"] == [str(old)]
+    infer = server.post(f"/v2/models/churn/versions/{old}/infer", {"inputs": tensors(RECORDS, schema_names(storage, "churn", old), {
+        "tenure": "FP32", "monthly": "FP32", "plan": "BYTES", "region": "BYTES"})})
+    assert infer.status_code == 200 and infer.json()["model_version"] == str(old)
+    assert infer.json()["outputs"][0]["data"] == before.json()["predictions"]
+
+    assert_json_error(server.predict({"model": "churn", "version": 99, "records": RECORDS}), 404, "churn", "99")
+    assert_json_error(server.get("/v2/models/churn/versions/99"), 404, "99")
+    assert_json_error(server.post("/v2/models/churn/versions/99/infer", {"inputs": []}), 404, "99")
+
+
+def published_event(model: str, version: int) -> tuple[dict, bytes]:
+    event = CloudEvent(
+        {"type": PUBLISHED, "source": "/bucketml/train", "subject": model, "datacontenttype": "application/json"},
+        {"model": model, "version": version},
+    )
+    return to_binary(event)
+
+
+def test_reload_event_serves_the_new_version_at_once(server, storage, models):
+    new = publish(storage, "churn", churn_frame(rows=260, seed=2), "third.csv")
+    headers, body = published_event("churn", new)
+    response = server.post("/reload", data=body, headers=headers)
+    assert response.status_code == 202, response.text
+    assert response.content == b""
+    # No waiting: the reload answered only once the version was loaded.
+    assert server.version_of("churn") == new
+    diabetes = server.post("/reload", data=published_event("diabetes", models["diabetes"])[1],
+                           headers=published_event("diabetes", models["diabetes"])[0])
+    assert diabetes.status_code == 202 and server.version_of("diabetes") == models["diabetes"]
+
+    assert_json_error(server.post("/reload", data=b"not an event", headers={"Content-Type": "text/plain"}), 400)
+    assert_json_error(server.post("/reload", {"model": "churn"}), 400)  # plain JSON, no CloudEvent attributes
+    no_model_headers, no_model_body = to_binary(
+        CloudEvent({"type": PUBLISHED, "source": "/bucketml/train"}, {"version": new})
+    )
+    assert_json_error(server.post("/reload", data=no_model_body, headers=no_model_headers), 400, "model")
+    bad_data_headers, _ = published_event("churn", new)
+    assert_json_error(server.post("/reload", data=b"[1, 2", headers=bad_data_headers), 400)
+    assert_json_error(server.get("/reload"), 405)
+    assert server.version_of("churn") == new  # still serving after the malformed events
+
+
+# --- the predict process's imports -------------------------------------------------------
+
+
+def test_predict_process_never_imports_sklearn_or_pandas(storage):
+    result = subprocess.run(
+        [sys.executable, "-c",
+         "import sys; sys.path.insert(0,'functions/predict'); import main; "
+         "print('sklearn' in sys.modules, 'pandas' in sys.modules)"],
+        cwd=ROOT, env=server_env(storage), capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False False", result.stdout + result.stderr

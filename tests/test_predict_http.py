@@ -126,9 +126,9 @@ class Server:
         return self.post("/predict", body)
 
     def version_of(self, model: str) -> int | None:
-        """The version /predict answers with by default for `model`, or None."""
-        response = self.predict({"model": model, "records": [GOOD_RECORD]})
-        return response.json()["version"] if response.status_code == 200 else None
+        """The version `model` is served with by default, or None."""
+        response = self.get(f"/v2/models/{model}/ready")
+        return int(response.json()["version"]) if response.status_code == 200 else None
 
 
 # --- fixtures ----------------------------------------------------------------------------
@@ -196,6 +196,10 @@ def models(storage, server) -> dict[str, Any]:
     found["pickup_seconds"] = time.monotonic() - started
     after = server.get("/v2/health/ready")
     found["ready_after"] = (after.status_code, after.json())
+    # While churn is the only model, a request may leave out "model" (but a version still counts).
+    found["only_model"] = {
+        str(version): server.predict({"version": version, "records": [GOOD_RECORD]}) for version in (None, 1, 99)
+    }
     found["diabetes"] = publish(storage, "diabetes", diabetes_frame(), "diabetes.csv")
     wait_until(lambda: "diabetes" in server.get("/v2/health/ready").json()["models"], "diabetes to be served")
     return found
@@ -246,6 +250,14 @@ def test_predict_records_and_seed_style_features(server, storage, models):
     assert seed.json() == body
 
 
+def test_a_single_served_model_needs_no_name_but_honours_a_version(models):
+    default, pinned, unknown = (models["only_model"][v] for v in ("None", "1", "99"))
+    assert default.status_code == 200 and default.json()["model"] == "churn"
+    assert default.headers["Bucketml-Model-Version"] == str(default.json()["version"])
+    assert pinned.status_code == 200 and pinned.json()["version"] == 1
+    assert_json_error(unknown, 404, "churn", "99")
+
+
 def test_several_models_served_at_once(server, models):
     anonymous = server.predict({"records": [GOOD_RECORD]})
     assert_json_error(anonymous, 400, "churn", "diabetes", "model")
@@ -283,6 +295,8 @@ def _record(**changes) -> dict:
 VALIDATION = {
     # name: (method, path, request kwargs, status, words the error must contain)
     "invalid JSON": ("POST", "/predict", {"data": b'{"records": [', "headers": {"Content-Type": "application/json"}}, 400, ["JSON"]),
+    "JSON nested too deeply": ("POST", "/predict", {"data": b"[" * 100_000, "headers": {"Content-Type": "application/json"}}, 400, ["JSON"]),
+    "body not UTF-8": ("POST", "/predict", {"data": b"\xff\xfe{", "headers": {"Content-Type": "application/json"}}, 400, ["JSON"]),
     "body is a list": ("POST", "/predict", {"json": [GOOD_RECORD]}, 400, ["object"]),
     "body is a string": ("POST", "/predict", {"json": "records"}, 400, ["object"]),
     "neither records nor features": ("POST", "/predict", {"json": {"model": "churn"}}, 400, ["records", "features"]),
@@ -314,6 +328,14 @@ VALIDATION = {
     "wrong method on live": ("POST", "/v2/health/live", {"json": {}}, 405, []),
     "v1 without instances": ("POST", "/v1/models/churn:predict", {"json": {"records": [GOOD_RECORD]}}, 422, []),
     "v1 instance with an unknown column": ("POST", "/v1/models/churn:predict", {"json": {"instances": [_record(region=None) | {"extra": 1}]}}, 422, ["extra"]),
+    "infer with too many rows": (
+        "POST", "/v2/models/churn/infer",
+        {"json": {"inputs": [{"name": n, "datatype": "FP32" if n in ("tenure", "monthly") else "BYTES",
+                              "shape": [10_001, 1], "data": [v] * 10_001} for n, v in GOOD_RECORD.items()]}},
+        413, ["10000"],
+    ),
+    "v1 with too many instances": ("POST", "/v1/models/churn:predict", {"json": {"instances": [GOOD_RECORD] * 10_001}}, 413, ["10000"]),
+    "invalid model name in a v2 route": ("GET", "/v2/models/a%20b/versions/1", {}, 404, ["a b"]),
     "infer without inputs": ("POST", "/v2/models/churn/infer", {"json": {"outputs": []}}, 400, ["inputs"]),
     "infer tensor without data": ("POST", "/v2/models/churn/infer", {"json": {"inputs": [{"name": "tenure"}]}}, 422, ["tenure", "data"]),
 }

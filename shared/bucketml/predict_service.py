@@ -15,7 +15,7 @@ from werkzeug.routing import Map, Rule
 
 from . import __version__, config, events
 from .registry import Registry
-from .serving import InputError, LoadedModel, ModelManager, columns_from_features, columns_from_records
+from .serving import MAX_ROWS, InputError, LoadedModel, ModelManager, columns_from_features, columns_from_records
 from .storage import open_storage
 
 log = logging.getLogger("bucketml.predict")
@@ -75,7 +75,7 @@ class PredictService:
     def _body(request) -> dict[str, Any]:
         try:
             body = json.loads(request.get_data())
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
             raise InputError(f"request body is not valid JSON: {exc}", 400) from None
         if not isinstance(body, dict):
             raise InputError("request body must be a JSON object", 400)
@@ -85,6 +85,8 @@ class PredictService:
         if model is not None and not isinstance(model, str):
             raise InputError("'model' must be a string", 400)
         if version is not None:
+            if isinstance(version, (bool, float)):
+                raise InputError(f"'version' must be an integer, got {json.dumps(version)}", 400)
             try:
                 version = int(version)
             except (TypeError, ValueError):
@@ -108,12 +110,17 @@ class PredictService:
         """A model.published event (from a Trigger): load the new version now."""
         try:
             event = events.parse_request(request.headers, request.get_data())
+            if event["type"] != events.MODEL_PUBLISHED:
+                raise events.MalformedEvent(f"/reload takes {events.MODEL_PUBLISHED} events, not {event['type']}")
             model = events.event_data(event).get("model")
         except events.MalformedEvent as exc:
             raise InputError(str(exc), 400) from None
         if not isinstance(model, str):
             raise InputError("the event's data names no 'model'", 400)
         self.manager.refresh(model)
+        error = self.manager.errors().get(model)
+        if error:  # 503: the broker retries; meanwhile the previous version keeps serving
+            return _json({"error": f"could not load the new version of {model}: {error}"}, 503)
         return events.empty_response()
 
     # --- Open Inference Protocol (KServe V2) ------------------------------------------
@@ -178,6 +185,8 @@ class PredictService:
         rows = lengths.pop()
         if rows == 0:
             raise InputError("input tensors are empty")
+        if rows > MAX_ROWS:
+            raise InputError(f"at most {MAX_ROWS} rows per request, got {rows}", 413)
         answer = loaded.predict({n: by_name[n] for n in names}, rows)
         if loaded.task == "classification":
             outputs = [

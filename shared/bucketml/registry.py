@@ -29,7 +29,7 @@ class RegistryError(Exception):
 
 
 def check_model_name(name: str) -> str:
-    if not isinstance(name, str) or not MODEL_NAME.match(name):
+    if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):  # match() lets "x\n" through
         raise RegistryError(
             f"invalid model name {name!r}: use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )

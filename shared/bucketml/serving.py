@@ -17,12 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from .registry import Registry
+from .registry import Registry, RegistryError, check_model_name
 from .storage import NotFound
 
 log = logging.getLogger("bucketml.serving")
 
 MAX_ROWS = 10_000
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # the models take float32
 VERSION_CACHE = 8  # explicitly requested (non-current) versions kept loaded per replica
 
 
@@ -66,20 +67,27 @@ def session_options():
 
 
 def _number(column: str, value: Any) -> float:
-    if value is None:
+    """A JSON value for a numeric column: a number, a numeric string, or null/'' for missing."""
+    if value is None or (isinstance(value, str) and not value.strip()):
         return math.nan
-    if isinstance(value, bool):
-        raise InputError(f"column '{column}' expects a number, got a boolean")
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        if not value.strip():
-            return math.nan
+    number = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
         try:
-            return float(value)
+            number = float(value)
+        except OverflowError:  # a JSON integer beyond float range
+            number = math.inf
+    elif isinstance(value, str):
+        try:
+            number = float(value)
         except ValueError:
             pass
-    raise InputError(f"column '{column}' expects a number or null, got {json.dumps(value)[:40]}")
+    if number is None:
+        raise InputError(f"column '{column}' expects a number or null, got {json.dumps(value)[:40]}")
+    if math.isnan(number):
+        return number  # NaN is how a missing number is spelled, too
+    if abs(number) > FLOAT32_MAX:
+        raise InputError(f"column '{column}' expects a number within float32 range, got {json.dumps(value)[:40]}")
+    return number
 
 
 def _string(column: str, value: Any) -> str:
@@ -191,8 +199,13 @@ class ModelManager:
             if self._watcher_pid == os.getpid():
                 return
             self._watcher_pid = os.getpid()
-        self.refresh()
+        # The watcher first: a failed first look (a bucket hiccup) must not leave this process
+        # without one, never ready.
         threading.Thread(target=self._watch, name="bucketml-pointer-watch", daemon=True).start()
+        try:
+            self.refresh()
+        except Exception:
+            log.exception("refreshing models failed")
 
     def _watch(self) -> None:
         while True:
@@ -239,11 +252,11 @@ class ModelManager:
     def get(self, model: str | None, version: int | None = None) -> LoadedModel:
         current = self._current
         if model is None:
-            if len(current) == 1:
-                return next(iter(current.values()))
             if not current:
                 raise InputError("no model is being served yet; upload a dataset first", 503)
-            raise InputError(f"several models are served ({', '.join(sorted(current))}); name one with 'model'", 400)
+            if len(current) > 1:
+                raise InputError(f"several models are served ({', '.join(sorted(current))}); name one with 'model'", 400)
+            model = next(iter(current))  # the only one; a requested version still applies
         served = current.get(model)
         if version is None or (served is not None and served.version == version):
             if served is None:
@@ -258,8 +271,9 @@ class ModelManager:
                 self._pinned.move_to_end(key)
                 return self._pinned[key]
         try:
+            check_model_name(model)  # never a storage path from an arbitrary string
             loaded = self._load(model, version)
-        except NotFound:
+        except (NotFound, RegistryError):
             raise UnknownModel(f"model '{model}' has no version {version}") from None
         with self._lock:
             self._pinned[key] = loaded

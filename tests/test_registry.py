@@ -1,0 +1,277 @@
+"""The model registry on a folder bucket: create-only versions and a compare-and-swap pointer."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from bucketml.registry import Registry, RegistryError, check_model_name
+from bucketml.storage import LocalStorage, NotFound, PreconditionFailed
+
+
+@pytest.fixture
+def storage(tmp_path) -> LocalStorage:
+    return LocalStorage(tmp_path / "bucket")
+
+
+@pytest.fixture
+def registry(storage) -> Registry:
+    return Registry(storage)
+
+
+def model_bytes(version: int) -> bytes:
+    """Stands in for build_model: the version number is part of the file, as in real models."""
+    return f"onnx-bytes-of-version-{version}".encode()
+
+
+def card_for(generation: int = 1, name: str = "datasets/m/data.csv", **extra) -> dict:
+    return {
+        "task": "classification",
+        "metrics": {"accuracy": 0.9},
+        "lineage": {"upload": {"bucket": "bucket", "name": name, "generation": str(generation), "md5Hash": "x"}},
+        **extra,
+    }
+
+
+def register(registry: Registry, model: str = "m", generation: int = 1) -> int:
+    return registry.register(model, model_bytes, card_for(generation))
+
+
+# --- versions --------------------------------------------------------------------------------
+
+
+def test_versions_are_numbered_1_2_3_and_complete(registry, storage):
+    assert registry.versions("m") == []
+    assert [register(registry, generation=g) for g in (10, 20, 30)] == [1, 2, 3]
+    assert registry.versions("m") == [1, 2, 3]
+    assert registry.models() == ["m"]
+    for version in (1, 2, 3):
+        assert registry.model_bytes("m", version) == model_bytes(version)
+        card = registry.card("m", version)
+        assert card["version"] == version and card["model"] == "m"
+        assert card["metrics"] == {"accuracy": 0.9}
+        stored = storage.stat(f"models/m/versions/{version}/model.onnx")
+        assert card["artifact"]["model_md5"] == stored.md5_hash
+    # Registering does not make a version current; that is the pointer's job.
+    assert registry.current("m").version is None
+
+
+def test_version_files_are_create_only(registry, storage):
+    register(registry)
+    before = storage.stat("models/m/versions/1/model.onnx")
+    with pytest.raises(PreconditionFailed):
+        storage.write("models/m/versions/1/model.onnx", b"tampered", if_generation_match=0)
+    with pytest.raises(PreconditionFailed):
+        storage.write("models/m/versions/1/card.json", b"{}", if_generation_match=0)
+    assert storage.stat("models/m/versions/1/model.onnx").generation == before.generation
+    assert registry.model_bytes("m", 1) == model_bytes(1)
+    # A new registration never reuses a number.
+    assert register(registry) == 2
+    assert registry.model_bytes("m", 1) == model_bytes(1)
+
+
+def test_unfinished_version_is_invisible_and_its_number_is_not_reused(registry, storage):
+    assert [register(registry), register(registry)] == [1, 2]
+    # A trainer crashed after claiming version 3: model.onnx is there, card.json never came.
+    storage.write("models/m/versions/3/model.onnx", b"half of a model", if_generation_match=0)
+
+    assert registry.versions("m") == [1, 2]
+    with pytest.raises(NotFound):
+        registry.card("m", 3)
+    with pytest.raises(NotFound):
+        registry.move_pointer("m", 3, reason="must not point at a half-written version")
+    assert registry.current("m").version is None
+
+    assert register(registry) == 4
+    assert registry.versions("m") == [1, 2, 4]
+    assert registry.model_bytes("m", 4) == model_bytes(4)
+    assert storage.read("models/m/versions/3/model.onnx") == b"half of a model"
+
+
+def test_card_of_a_missing_version_says_which(registry):
+    register(registry)
+    with pytest.raises(NotFound, match="version 7"):
+        registry.card("m", 7)
+
+
+# --- the current pointer ---------------------------------------------------------------------
+
+
+def test_move_pointer_promotes_and_reports_the_previous_version(registry, storage):
+    register(registry), register(registry)
+    assert registry.move_pointer("m", 1, reason="first") == (True, None)
+    assert registry.current("m").version == 1
+
+    assert registry.move_pointer("m", 2, reason="better") == (True, 1)
+    pointer = registry.current("m")
+    assert pointer.version == 2
+    assert pointer.data["previous"] == 1 and pointer.data["reason"] == "better"
+    assert pointer.generation == storage.stat("models/m/current.json").generation
+    assert json.loads(storage.read("models/m/current.json"))["version"] == 2
+
+    # Pointing at the version that is already current changes nothing.
+    assert registry.move_pointer("m", 2, reason="again") == (False, 2)
+    assert registry.current("m").generation == pointer.generation
+
+
+def test_only_if_newer_never_moves_the_pointer_back(registry):
+    for _ in range(3):
+        register(registry)
+    registry.move_pointer("m", 3, reason="newest")
+    # A slow trainer that finished version 2 after version 3 went live must not replace it.
+    assert registry.move_pointer("m", 2, reason="late", only_if_newer=True) == (False, 3)
+    assert registry.current("m").version == 3
+    # A rollback (without only_if_newer) is allowed to go back.
+    assert registry.move_pointer("m", 1, reason="rollback") == (True, 3)
+    assert registry.current("m").version == 1
+    assert registry.move_pointer("m", 2, reason="newer than 1", only_if_newer=True) == (True, 1)
+    assert registry.current("m").version == 2
+
+
+def test_pointing_at_a_missing_version_raises_and_leaves_the_pointer(registry, storage):
+    register(registry)
+    registry.move_pointer("m", 1, reason="first")
+    generation = storage.stat("models/m/current.json").generation
+    with pytest.raises(NotFound):
+        registry.move_pointer("m", 5, reason="no such version")
+    with pytest.raises(NotFound):
+        registry.move_pointer("other", 1, reason="no such model")
+    assert registry.current("m").version == 1
+    assert storage.stat("models/m/current.json").generation == generation
+    assert not storage.exists("models/other/current.json")
+
+
+def test_pointer_moves_only_by_compare_and_swap(registry, storage):
+    register(registry), register(registry)
+    registry.move_pointer("m", 1, reason="first")
+    seen = registry.current("m")
+    registry.move_pointer("m", 2, reason="someone else")
+    # A writer still holding the old generation loses, and the pointer keeps the winner.
+    with pytest.raises(PreconditionFailed):
+        storage.write(Registry.pointer_name("m"), b'{"version": 1}', if_generation_match=seen.generation)
+    assert registry.current("m").version == 2
+    assert registry.pointer_generation("m") == registry.current("m").generation != seen.generation
+    assert registry.pointer_generation("never-trained") == 0
+
+
+def test_racing_promotions_with_only_if_newer_end_on_the_newest(registry):
+    versions = [register(registry) for _ in range(6)]
+    start = threading.Barrier(len(versions))
+    results, errors = {}, []
+
+    def promote(version):
+        try:
+            start.wait(timeout=10)
+            results[version] = registry.move_pointer("m", version, reason=f"trainer {version}", only_if_newer=True)
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=promote, args=(v,)) for v in versions]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    assert registry.current("m").version == max(versions)
+    assert results[max(versions)][1] != max(versions)  # the newest was promoted, not skipped
+    assert results[max(versions)][0] is True
+
+
+# --- concurrent registration -----------------------------------------------------------------
+
+
+def test_two_racing_registrations_get_distinct_numbers(registry):
+    # Both writers are held inside build_model(1) until both have chosen number 1, so they
+    # really collide on the create-only write of models/m/versions/1/model.onnx.
+    collide = threading.Barrier(2)
+    built: dict[str, list[int]] = {"a": [], "b": []}
+    results, errors = {}, []
+
+    def writer(key: str):
+        def build(version: int) -> bytes:
+            built[key].append(version)
+            if version == 1:
+                try:
+                    collide.wait(timeout=5)
+                except threading.BrokenBarrierError:
+                    pass
+            return f"{key}:{version}".encode()
+
+        try:
+            results[key] = registry.register("m", build, card_for(generation=ord(key), name=f"datasets/m/{key}.csv"))
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+
+    assert errors == []
+    assert sorted(results.values()) == [1, 2]
+    assert registry.versions("m") == [1, 2]
+    assert built["a"][0] == built["b"][0] == 1  # both tried 1; the loser moved on to 2
+    for key, version in results.items():
+        # Each version holds the bytes built for its own number, by its own writer.
+        assert registry.model_bytes("m", version) == f"{key}:{version}".encode()
+        assert registry.card("m", version)["lineage"]["upload"]["name"] == f"datasets/m/{key}.csv"
+        assert registry.find_by_upload("m", registry.card("m", version)["lineage"]["upload"]) == version
+
+
+def test_many_racing_registrations_get_distinct_consecutive_numbers(registry):
+    start = threading.Barrier(8)
+    results, errors = [], []
+
+    def writer(i):
+        try:
+            start.wait(timeout=10)
+            results.append(registry.register("m", model_bytes, card_for(generation=i)))
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    assert sorted(results) == list(range(1, 9))
+    assert registry.versions("m") == list(range(1, 9))
+    for version in results:
+        assert registry.model_bytes("m", version) == model_bytes(version)
+
+
+# --- lookups and names -----------------------------------------------------------------------
+
+
+def test_find_by_upload_finds_the_version_made_from_an_upload(registry):
+    registry.register("m", model_bytes, card_for(generation=111, name="datasets/m/a.csv"))
+    registry.register("m", model_bytes, card_for(generation=222, name="datasets/m/a.csv"))
+    registry.register("m", model_bytes, card_for(generation=111, name="datasets/m/b.csv"))
+
+    def upload(name, generation, bucket="bucket"):
+        return {"bucket": bucket, "name": name, "generation": generation}
+
+    assert registry.find_by_upload("m", upload("datasets/m/a.csv", "111")) == 1
+    assert registry.find_by_upload("m", upload("datasets/m/a.csv", 222)) == 2  # int or str generation
+    assert registry.find_by_upload("m", upload("datasets/m/b.csv", "111")) == 3
+    assert registry.find_by_upload("m", upload("datasets/m/a.csv", "333")) is None
+    assert registry.find_by_upload("m", upload("datasets/m/a.csv", "111", bucket="other")) is None
+    assert registry.find_by_upload("unknown", upload("datasets/m/a.csv", "111")) is None
+
+
+@pytest.mark.parametrize("name", ["../x", "a b", "", "a" * 64, "a/b", ".hidden", "-x", "x\n", None])
+def test_invalid_model_names_are_rejected(registry, storage, name):
+    with pytest.raises(RegistryError, match="invalid model name"):
+        check_model_name(name)
+    with pytest.raises(RegistryError):
+        registry.register(name, model_bytes, card_for())
+    assert list(storage.list("")) == []
+
+
+@pytest.mark.parametrize("name", ["iris", "a", "a" * 63, "churn-v2.1_eu", "9lives"])
+def test_valid_model_names_are_accepted(name):
+    assert check_model_name(name) == name

@@ -3,6 +3,7 @@ bucket folder, events through the real broker, predictions over real HTTP."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -22,11 +23,10 @@ from helpers import churn_frame, for_upload, free_port, wait_for_event
 BUCKETML = str(Path(sys.executable).parent / "bucketml")
 
 
-@pytest.fixture(scope="module")
-def platform(tmp_path_factory):
-    root = tmp_path_factory.mktemp("platform")
-    ports = {name: free_port() for name in ("predict", "broker", "preprocess", "train")}
-    log_path = root / "dev.log"
+@contextlib.contextmanager
+def running_platform(root: Path, ports: dict[str, int]):
+    """`bucketml dev` in `root`, as a user starts it; stopped with Ctrl-C (SIGINT) after."""
+    log_path = root / f"dev-{time.monotonic_ns()}.log"
     log = open(log_path, "w")
     process = subprocess.Popen(
         [BUCKETML, "dev", "--bucket", "bucket", "--state-dir", "state",
@@ -59,6 +59,16 @@ def platform(tmp_path_factory):
         log.close()
         print(log_path.read_text()[-5000:])
         assert code == 0, f"bucketml dev did not stop cleanly ({code})"
+
+
+def free_ports() -> dict[str, int]:
+    return {name: free_port() for name in ("predict", "broker", "preprocess", "train")}
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory):
+    with running_platform(tmp_path_factory.mktemp("platform"), free_ports()) as info:
+        yield info
 
 
 def drop(platform, model: str, filename: str, content: bytes) -> str:
@@ -162,3 +172,26 @@ def test_garbage_upload_is_rejected_and_platform_keeps_working(platform):
     assert unknown.status_code == 404 and "junk" in unknown.json()["error"]
     dead = requests.get(platform["broker"] + "/deadletters", timeout=5).json()
     assert dead["deadletters"] == []
+
+
+def test_upload_made_while_the_platform_is_down_is_trained_after_restart(tmp_path):
+    ports = free_ports()
+    with running_platform(tmp_path, ports) as first:
+        assert requests.get(first["predict"] + "/v2/health/ready", timeout=5).status_code == 503
+    # Nothing is running now; the user copies a file in anyway.
+    name = drop(first, "late", "data.csv", churn_frame(seed=4).to_csv(index=False).encode())
+    with running_platform(tmp_path, ports) as second:
+        published = wait_for_event(second["broker"], for_upload("bucketml.model.published.v1", name))
+        assert published["data"]["version"] == 1
+        answer = predict(second, {"model": "late", "records": RECORDS[:1]})
+        deadline = time.monotonic() + 10
+        while answer.status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            answer = predict(second, {"model": "late", "records": RECORDS[:1]})
+        assert answer.status_code == 200 and answer.json()["version"] == 1
+    # A third start finds nothing new to announce: the upload is not trained twice.
+    with running_platform(tmp_path, ports) as third:
+        time.sleep(3)  # longer than the watcher's rescan period
+        finalized = requests.get(third["broker"] + "/events",
+                                 params={"type": "google.cloud.storage.object.v1.finalized"}, timeout=5).json()
+        assert [e["data"]["name"] for e in finalized["events"]] == [name]

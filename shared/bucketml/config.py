@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# One log line shape for every part, so `bucketml dev`'s merged log reads as one.
+LOG_FORMAT = "%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s"
+LOG_DATE_FORMAT = "%H:%M:%S"
+
 DEFAULT_BUCKET = "./bucket"
 DEFAULT_STATE_DIR = "./.bucketml"
 DEFAULT_PREDICT_PORT = 8080

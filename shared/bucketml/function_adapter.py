@@ -24,7 +24,7 @@ log = logging.getLogger("bucketml.function")
 
 def configure_logging() -> None:
     logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s", force=True
+        level=logging.INFO, stream=sys.stderr, format=config.LOG_FORMAT, datefmt=config.LOG_DATE_FORMAT, force=True
     )
 
 

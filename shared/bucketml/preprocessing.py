@@ -118,7 +118,8 @@ def write_prepared(storage: Storage, upload: Upload, result: dict[str, Any]) -> 
         storage.write(prefix + "prepared.json", json.dumps(summary, indent=2).encode(), if_generation_match=0, content_type="application/json")
     except PreconditionFailed:
         summary = json.loads(storage.read(prefix + "prepared.json"))
-    log.info("prepared %s: %s rows, task %s, target %s", upload.name, schema["rows"], schema["task"], schema["target"])
+    rows = schema["rows"]
+    log.info("prepared %s: %s on '%s', %s train / %s test rows", upload.name, schema["task"], schema["target"], rows["train"], rows["test"])
     return prepared_event(summary)
 
 

@@ -22,7 +22,7 @@ from cloudevents.conversion import to_binary
 from watchdog.events import FileSystemEventHandler
 from watchdog.observers import Observer
 
-from . import events
+from . import config, events
 from .storage import ObjectInfo, StorageError
 from .storage.local import LocalStorage
 
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--broker", required=True, help="broker ingress URL")
     parser.add_argument("--db", required=True, help="SQLite file recording announced uploads")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=config.LOG_FORMAT, datefmt=config.LOG_DATE_FORMAT)
     watcher = BucketWatcher(LocalStorage(args.bucket), args.broker, Announced(Path(args.db)))
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: watcher.stop())

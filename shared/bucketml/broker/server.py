@@ -24,6 +24,7 @@ from werkzeug.routing import Map, Rule
 from werkzeug.serving import WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
 
+from bucketml import config
 from bucketml.broker.store import DeliveryRecord, NewEvent, Store, StoreClosed, StoredEvent
 from bucketml.broker.triggers import ManifestError, Topology, Trigger, load_topology
 from bucketml.events import MODEL_ATTRIBUTE, MalformedEvent, parse_request
@@ -443,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="base URL of a Knative Service a Trigger names (repeatable)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format=config.LOG_FORMAT, datefmt=config.LOG_DATE_FORMAT)
 
     try:
         broker = Broker(args.manifests, dict(args.subscriber), args.db, args.host, args.port)

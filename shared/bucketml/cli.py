@@ -36,6 +36,13 @@ def _broker_events(broker: str, **params) -> list[dict]:
     return response.json()["events"]
 
 
+def _running(broker: str) -> bool:
+    try:
+        return requests.get(broker.rstrip("/") + "/healthz", timeout=3).status_code == 200
+    except requests.RequestException:
+        return False
+
+
 bucket_option = click.option("--bucket", envvar="BUCKETML_BUCKET", default=config.DEFAULT_BUCKET, show_default=True,
                              help="Local bucket folder, or gs://BUCKET.")
 broker_option = click.option("--broker", envvar="BUCKETML_BROKER_URL", default=config.broker_url(), show_default=True,
@@ -133,6 +140,9 @@ def upload(file: Path, model: str, target: str | None, wait: bool, timeout: floa
     info = _storage(bucket).write(name, file.read_bytes(), content_type="text/csv", metadata=metadata)
     click.echo(f"uploaded   {name} (generation {info.generation}, {info.size} bytes)")
     if not wait:
+        return
+    if not _running(broker):
+        click.echo(f"the platform is not running at {broker}; `bucketml dev` will process the upload when it starts")
         return
     outcome = wait_for_outcome(broker, name, info.generation, timeout)
     if outcome["type"] in (events.DATASET_REJECTED, events.TRAINING_FAILED):

@@ -6,14 +6,17 @@ quarter of a second to import, which the predict function must not pay when serv
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Iterator
 
+import requests
 from google.api_core import exceptions as gexc
+from google.auth import exceptions as auth_exceptions
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
-from .base import NotFound, ObjectInfo, Storage, check_object_name, precondition_failed, rfc3339
+from .base import NotFound, ObjectInfo, Storage, StorageError, check_object_name, precondition_failed, rfc3339
 
 EMULATOR_PROJECT = "bucketml-local"  # the emulator needs some project name; any will do
 
@@ -39,12 +42,14 @@ class GCSStorage(Storage):
                     client_options={"api_endpoint": endpoint},
                 )
             else:
-                client = storage.Client(project=project)
+                with self._translated("connecting"):
+                    client = storage.Client(project=project)
         self.client = client
         self._bucket = client.bucket(bucket_name)
 
     def stat(self, name: str) -> ObjectInfo:
-        blob = self._bucket.get_blob(check_object_name(name))
+        with self._translated(name):
+            blob = self._bucket.get_blob(check_object_name(name))
         if blob is None:
             raise self._not_found(name)
         return self._info(blob)
@@ -52,7 +57,8 @@ class GCSStorage(Storage):
     def read(self, name: str, *, generation: int | None = None) -> bytes:
         blob = self._bucket.blob(check_object_name(name), generation=generation)
         try:
-            return blob.download_as_bytes()
+            with self._translated(name):
+                return blob.download_as_bytes()
         except gexc.NotFound:
             if generation is None:
                 raise self._not_found(name) from None
@@ -70,7 +76,8 @@ class GCSStorage(Storage):
         blob = self._bucket.blob(check_object_name(name))
         blob.metadata = dict(metadata or {})
         try:
-            blob.upload_from_string(data, content_type=content_type, if_generation_match=if_generation_match)
+            with self._translated(name):
+                blob.upload_from_string(data, content_type=content_type, if_generation_match=if_generation_match)
         except gexc.PreconditionFailed:
             raise precondition_failed(name, self._live_generation(name), if_generation_match) from None
         return self._info(blob)
@@ -84,19 +91,40 @@ class GCSStorage(Storage):
             if current != if_generation_match:
                 raise precondition_failed(name, current, if_generation_match)
         try:
-            blob.delete(if_generation_match=if_generation_match)
+            with self._translated(name):
+                blob.delete(if_generation_match=if_generation_match)
         except gexc.NotFound:
             raise self._not_found(name) from None
         except gexc.PreconditionFailed:
             raise precondition_failed(name, self._live_generation(name), if_generation_match) from None
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        for blob in self.client.list_blobs(self._bucket, prefix=prefix or None):
+        with self._translated(f"listing {prefix or '/'}"):
+            blobs = list(self.client.list_blobs(self._bucket, prefix=prefix or None))
+        for blob in blobs:
             yield self._info(blob)
 
     def _live_generation(self, name: str) -> int | None:
-        blob = self._bucket.get_blob(name)
+        with self._translated(name):
+            blob = self._bucket.get_blob(name)
         return None if blob is None else blob.generation
+
+    @contextlib.contextmanager
+    def _translated(self, what: str) -> Iterator[None]:
+        """Faults of the service, the network or credentials become StorageError (a retryable
+        503 in the functions; one line in the CLI). NotFound and PreconditionFailed pass through
+        to the callers, which turn them into their own errors."""
+        try:
+            yield
+        except (gexc.NotFound, gexc.PreconditionFailed):
+            raise
+        except auth_exceptions.DefaultCredentialsError:
+            raise StorageError(
+                f"no Google Cloud credentials for bucket '{self.bucket_name}': run "
+                "`gcloud auth application-default login` or set GOOGLE_APPLICATION_CREDENTIALS"
+            ) from None
+        except (gexc.GoogleAPICallError, auth_exceptions.GoogleAuthError, requests.RequestException) as exc:
+            raise StorageError(f"Google Cloud Storage failed on {what} in bucket '{self.bucket_name}': {exc}") from None
 
     def _info(self, blob: storage.Blob) -> ObjectInfo:
         return ObjectInfo(

@@ -28,10 +28,11 @@ def churn_frame(rows: int = 240, seed: int = 0) -> pd.DataFrame:
         }
     )
     score = (frame["monthly"] - 70) / 20 - frame["tenure"] / 36 + (frame["plan"] == "basic") * 1.0
-    frame["churned"] = np.where(score + rng.normal(0, 0.3, rows) > 0, "yes", "no")
+    frame["label"] = np.where(score + rng.normal(0, 0.3, rows) > 0, "yes", "no")
     frame.loc[rng.random(rows) < 0.08, "monthly"] = np.nan
     frame.loc[rng.random(rows) < 0.08, "plan"] = np.nan
-    return frame.rename(columns={"churned": "label"})
+    frame.loc[rng.random(rows) < 0.05, "tenure"] = np.nan
+    return frame
 
 
 def wait_for_event(broker_url: str, predicate, timeout: float = 120.0, after: int = 0) -> dict:

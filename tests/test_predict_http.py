@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,8 @@ import requests
 from cloudevents.conversion import to_binary
 from cloudevents.http import CloudEvent
 from sklearn.datasets import load_diabetes
+
+from helpers import churn_frame, free_port
 
 from bucketml import preprocessing, trainer
 from bucketml.registry import Registry
@@ -46,12 +47,6 @@ GOOD_RECORD = RECORDS[0]
 # --- helpers -----------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def wait_until(condition: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
     deadline = time.monotonic() + timeout
     while True:
@@ -61,25 +56,6 @@ def wait_until(condition: Callable[[], Any], what: str, timeout: float = 15.0) -
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.05)
-
-
-def churn_frame(rows: int = 240, seed: int = 0) -> pd.DataFrame:
-    """Numeric and string columns with missing values; the label depends on both kinds."""
-    rng = np.random.default_rng(seed)
-    frame = pd.DataFrame(
-        {
-            "tenure": rng.integers(1, 72, rows).astype(float),
-            "monthly": rng.normal(70, 20, rows).round(2),
-            "plan": rng.choice(["basic", "plus", "pro"], rows),
-            "region": rng.choice(["north", "south", "east", "west"], rows),
-        }
-    )
-    score = (frame["monthly"] - 70) / 20 - frame["tenure"] / 36 + (frame["plan"] == "basic") * 1.0
-    frame["label"] = np.where(score + rng.normal(0, 0.3, rows) > 0, "yes", "no")
-    frame.loc[rng.random(rows) < 0.08, "monthly"] = np.nan
-    frame.loc[rng.random(rows) < 0.08, "plan"] = np.nan
-    frame.loc[rng.random(rows) < 0.05, "tenure"] = np.nan
-    return frame
 
 
 def diabetes_frame() -> pd.DataFrame:

@@ -6,6 +6,7 @@ Type names are a public contract (docs/architecture.md lists them with their dat
 from __future__ import annotations
 
 import datetime
+import json
 import uuid
 from typing import Any, Mapping
 
@@ -76,8 +77,6 @@ def parse_request(headers: Mapping[str, str], body: bytes) -> CloudEvent:
 def event_data(event: CloudEvent) -> dict:
     data = event.data
     if isinstance(data, (bytes, str)):
-        import json
-
         try:
             data = json.loads(data)
         except ValueError as exc:

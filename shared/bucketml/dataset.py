@@ -17,6 +17,7 @@ import pandas as pd
 import yaml
 from sklearn.model_selection import train_test_split
 
+from .rejections import Rejection
 from .storage import NotFound, Storage
 
 TARGET_CONVENTIONS = ("target", "label", "class", "y")
@@ -28,13 +29,6 @@ TEST_SIZE = 0.2
 SEED = 42
 SPEC_FILE = "bucketml.yaml"
 DATASET_SUFFIXES = (".csv",)
-
-
-class Rejection(Exception):
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,6 @@ from cloudevents.http import CloudEvent
 
 from . import events
 from .dataset import (
-    Rejection,
     Upload,
     dataset_object,
     prepare,
@@ -26,6 +25,7 @@ from .dataset import (
     to_csv,
 )
 from .registry import RegistryError, check_model_name
+from .rejections import Rejection
 from .storage import NotFound, PreconditionFailed, Storage
 
 log = logging.getLogger("bucketml.preprocess")

@@ -8,7 +8,6 @@ runs, so the server only ever learns of them by polling current.json or by a /re
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

@@ -19,11 +19,11 @@ from .dataset import (
     dataset_object,
     prepare,
     prepared_prefix,
-    read_csv,
     read_spec,
     rejection_object,
     to_csv,
 )
+from .csv_reading import read_csv
 from .registry import RegistryError, check_model_name
 from .rejections import Rejection
 from .storage import NotFound, PreconditionFailed, Storage

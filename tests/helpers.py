@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import requests
+
+BUCKETML = str(Path(sys.executable).parent / "bucketml")
 
 
 def free_port() -> int:
@@ -55,3 +63,45 @@ def for_upload(type_: str, name: str):
         return event["type"] == type_ and upload.get("name") == name
 
     return predicate
+
+
+@contextlib.contextmanager
+def running_platform(root: Path, ports: dict[str, int], env: dict[str, str] | None = None):
+    """`bucketml dev` in `root`, as a user starts it; stopped with Ctrl-C (SIGINT) after."""
+    log_path = root / f"dev-{time.monotonic_ns()}.log"
+    log = open(log_path, "w")
+    process = subprocess.Popen(
+        [BUCKETML, "dev", "--bucket", "bucket", "--state-dir", "state",
+         "--predict-port", str(ports["predict"]), "--broker-port", str(ports["broker"]),
+         "--preprocess-port", str(ports["preprocess"]), "--train-port", str(ports["train"])],
+        cwd=root, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, BUCKETML_POLL_SECONDS="0.5", **(env or {})),
+    )
+    info = {
+        "root": root,
+        "bucket": root / "bucket",
+        "broker": f"http://127.0.0.1:{ports['broker']}",
+        "predict": f"http://127.0.0.1:{ports['predict']}",
+        "process": process,
+        "log": log_path,
+    }
+    try:
+        deadline = time.monotonic() + 60
+        while "ready; press Ctrl-C" not in log_path.read_text():
+            assert process.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, "platform did not become ready:\n" + log_path.read_text()
+            time.sleep(0.2)
+        yield info
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            code = process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            code = "killed"
+        log.close()
+        print(log_path.read_text()[-5000:])
+        assert code == 0, f"bucketml dev did not stop cleanly ({code})"
+
+
+def free_ports() -> dict[str, int]:
+    return {name: free_port() for name in ("predict", "broker", "preprocess", "train")}

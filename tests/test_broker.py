@@ -17,14 +17,13 @@ from typing import Callable
 
 import pytest
 import requests
+from bucketml import events
+from bucketml.broker import Broker, ManifestError, load_topology, parse_duration
+from bucketml.broker.triggers import Delivery
 from cloudevents.conversion import to_binary, to_structured
 from cloudevents.http import CloudEvent
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
-
-from bucketml import events
-from bucketml.broker import Broker, ManifestError, load_topology, parse_duration
-from bucketml.broker.triggers import Delivery
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,9 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import free_port
-
 from bucketml.storage import LocalStorage
+from helpers import free_port
 
 BUCKETML = str(Path(sys.executable).parent / "bucketml")
 

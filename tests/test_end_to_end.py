@@ -3,66 +3,23 @@ bucket folder, events through the real broker, predictions over real HTTP."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import requests
 from cloudevents.conversion import to_binary
 from cloudevents.http import CloudEvent
-
-from helpers import churn_frame, for_upload, free_port, wait_for_event
-
-BUCKETML = str(Path(sys.executable).parent / "bucketml")
-
-
-@contextlib.contextmanager
-def running_platform(root: Path, ports: dict[str, int]):
-    """`bucketml dev` in `root`, as a user starts it; stopped with Ctrl-C (SIGINT) after."""
-    log_path = root / f"dev-{time.monotonic_ns()}.log"
-    log = open(log_path, "w")
-    process = subprocess.Popen(
-        [BUCKETML, "dev", "--bucket", "bucket", "--state-dir", "state",
-         "--predict-port", str(ports["predict"]), "--broker-port", str(ports["broker"]),
-         "--preprocess-port", str(ports["preprocess"]), "--train-port", str(ports["train"])],
-        cwd=root, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, BUCKETML_POLL_SECONDS="0.5"),
-    )
-    info = {
-        "root": root,
-        "bucket": root / "bucket",
-        "broker": f"http://127.0.0.1:{ports['broker']}",
-        "predict": f"http://127.0.0.1:{ports['predict']}",
-        "process": process,
-        "log": log_path,
-    }
-    try:
-        deadline = time.monotonic() + 60
-        while "ready; press Ctrl-C" not in log_path.read_text():
-            assert process.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, "platform did not become ready:\n" + log_path.read_text()
-            time.sleep(0.2)
-        yield info
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            code = process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            code = "killed"
-        log.close()
-        print(log_path.read_text()[-5000:])
-        assert code == 0, f"bucketml dev did not stop cleanly ({code})"
-
-
-def free_ports() -> dict[str, int]:
-    return {name: free_port() for name in ("predict", "broker", "preprocess", "train")}
+from helpers import (
+    BUCKETML,
+    churn_frame,
+    for_upload,
+    free_ports,
+    running_platform,
+    wait_for_event,
+)
 
 
 @pytest.fixture(scope="module")

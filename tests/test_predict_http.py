@@ -19,15 +19,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
-from cloudevents.conversion import to_binary
-from cloudevents.http import CloudEvent
-from sklearn.datasets import load_diabetes
-
-from helpers import churn_frame, free_port
-
 from bucketml import preprocessing, trainer
 from bucketml.registry import Registry
 from bucketml.storage.local import LocalStorage
+from cloudevents.conversion import to_binary
+from cloudevents.http import CloudEvent
+from helpers import churn_frame, free_port
+from sklearn.datasets import load_diabetes
 
 ROOT = Path(__file__).resolve().parents[1]
 POLL_SECONDS = 0.3

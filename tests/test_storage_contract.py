@@ -13,7 +13,6 @@ import threading
 import uuid
 
 import pytest
-
 from bucketml.storage import (
     InvalidObjectName,
     LocalStorage,
@@ -142,6 +141,18 @@ def test_read_a_specific_generation(store):
     assert store.read("models/m/current.json", generation=new.generation) == b"new"
     with pytest.raises(NotFound):
         store.read("models/m/current.json", generation=old.generation)
+
+
+def test_open_streams_a_large_object_at_its_generation(store):
+    data = bytes(range(256)) * 40_000  # 10 MiB: more than one chunk of any stream
+    info = store.write("big/blob.bin", data)
+    with store.open("big/blob.bin", generation=info.generation) as f:
+        parts = iter(lambda: f.read(1 << 20), b"")
+        assert b"".join(parts) == data
+    with pytest.raises(NotFound):
+        store.open("big/blob.bin", generation=info.generation + 1)
+    with pytest.raises(NotFound):
+        store.open("big/missing.bin")
 
 
 def test_md5_hash_is_base64_of_the_md5_digest(store):

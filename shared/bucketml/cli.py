@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import sys
 import time
@@ -12,6 +13,8 @@ import requests
 
 from . import config, events
 from .registry import Registry, RegistryError, check_model_name
+from .rejections import Rejection
+from .spec import FIELDS, spec_from_metadata
 from .storage import StorageError, open_storage
 
 
@@ -125,17 +128,26 @@ def describe(type_: str, data: dict) -> str:
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--model", "-m", required=True, help="Model name (datasets/<model>/ in the bucket).")
 @click.option("--target", "-t", help="Target column, if not named target/label/class/y.")
+@click.option("--task", type=click.Choice(["auto", "classification", "regression"]),
+              help="Learning task (default: auto, detected from the target).")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="A dataset spec field for this upload (repeatable), e.g. --set drop=id,notes --set metric=f1_macro; "
+                   "overrides datasets/<model>/bucketml.yaml.")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Wait for the outcome.")
 @click.option("--timeout", default=900.0, show_default=True, help="Seconds to wait for the outcome.")
 @bucket_option
 @broker_option
-def upload(file: Path, model: str, target: str | None, wait: bool, timeout: float, bucket: str, broker: str) -> None:
-    """Upload FILE as a dataset for a model and wait until it is published or rejected."""
+def upload(file: Path, model: str, target: str | None, task: str | None, settings: tuple[str, ...], wait: bool,
+           timeout: float, bucket: str, broker: str) -> None:
+    """Upload FILE as a dataset for a model and wait until it is published or rejected.
+
+    --target, --task and --set are stored as the object's custom metadata, where they take
+    precedence over the model's bucketml.yaml."""
     try:
         check_model_name(model)
     except RegistryError as exc:
         raise Failure(str(exc)) from None
-    metadata = {"target": target} if target else {}
+    metadata = upload_metadata(target, task, settings)
     name = f"datasets/{model}/{file.name}"
     info = _storage(bucket).write(name, file.read_bytes(), content_type="text/csv", metadata=metadata)
     click.echo(f"uploaded   {name} (generation {info.generation}, {info.size} bytes)")
@@ -147,6 +159,38 @@ def upload(file: Path, model: str, target: str | None, wait: bool, timeout: floa
     outcome = wait_for_outcome(broker, name, info.generation, timeout)
     if outcome["type"] in (events.DATASET_REJECTED, events.TRAINING_FAILED):
         sys.exit(1)
+
+
+def upload_metadata(target: str | None, task: str | None, settings: tuple[str, ...]) -> dict[str, str]:
+    """Object metadata from --target, --task and --set KEY=VALUE, validated with the dataset
+    spec's schema so a mistake fails here, before anything is uploaded."""
+    metadata: dict[str, str] = {}
+
+    def put(key: str, value: str, option: str) -> None:
+        if key in metadata and metadata[key] != value:
+            raise Failure(f"{option} contradicts an earlier value for '{key}' ({metadata[key]!r})")
+        metadata[key] = value
+
+    if target:
+        put("target", target, "--target")
+    if task:
+        put("task", task, "--task")
+    for item in settings:
+        key, sep, value = item.partition("=")
+        field = key.strip().lower().replace("-", "_")
+        if not sep or not field:
+            raise Failure(f"--set expects KEY=VALUE, got {item!r}")
+        if field not in FIELDS:
+            close = difflib.get_close_matches(field, FIELDS, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise Failure(f"--set {key.strip()}: not a dataset spec field; {hint}the fields are {', '.join(FIELDS)}")
+        if value.strip():  # an empty value means "not set"
+            put(field, value.strip(), f"--set {item}")
+    try:
+        spec_from_metadata(metadata)
+    except Rejection as exc:
+        raise Failure(exc.message) from None
+    return metadata
 
 
 def _plural(count: int, noun: str) -> str:
@@ -186,6 +230,104 @@ def models(name: str | None, bucket: str) -> None:
         rows = card.get("data", {}).get("rows", {}).get("train", "")
         click.echo(f"{mark:2}{version:<9}{card['created']:<22}{card['algorithm']:<22}{score:<18}{rows!s:<7}"
                    f"{card['lineage']['upload']['name']}")
+
+
+# --- profile -------------------------------------------------------------------------------
+def _share(value) -> str:
+    return "" if value is None else f"{100 * value:.1f}%"
+
+
+def _figure(value) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def _column_summary(col: dict) -> str:
+    if col.get("type") == "datetime":
+        text = f"{col.get('min')} .. {col.get('max')}; parts {', '.join(col.get('parts', []))}"
+        return text + (f"; {col['unparsed']} not dates" if col.get("unparsed") else "")
+    if "mean" in col:
+        return (f"min {_figure(col.get('min'))}, max {_figure(col.get('max'))}, mean {_figure(col.get('mean'))}, "
+                f"std {_figure(col.get('std'))}, p25/p50/p75 {_figure(col.get('p25'))}/{_figure(col.get('p50'))}/"
+                f"{_figure(col.get('p75'))}")
+    if col.get("top"):
+        shown = ", ".join(f"{t['value'][:20]} ({t['count']})" for t in col["top"][:4])
+        return shown + (", ..." if len(col["top"]) > 4 else "")
+    if col.get("examples"):
+        return "e.g. " + ", ".join(e[:20] for e in col["examples"])
+    return ""
+
+
+def render_profile(model: str, version: int, card: dict, profile: dict) -> list[str]:
+    """The profile of a version as readable text lines (`bucketml profile`)."""
+    rows = profile.get("rows", {})
+    target = profile.get("target", {})
+    upload = card.get("lineage", {}).get("upload", {}).get("name", "?")
+    lines = [
+        f"{model} version {version}: {target.get('task', card.get('task'))} on '{target.get('name', card.get('target'))}', from {upload}",
+        (f"rows: {rows.get('uploaded', '?')} uploaded, {rows.get('used', '?')} used, "
+         f"{rows.get('train', '?')} train / {rows.get('test', '?')} test"),
+        "",
+    ]
+    columns = profile.get("columns", [])
+    width = min(32, max([len("column")] + [len(c["name"]) for c in columns]))
+    lines.append(f"{'column':<{width}}  {'type':<9} {'missing':>8} {'distinct':>9}  summary")
+    for col in columns:
+        name = col["name"] if len(col["name"]) <= width else col["name"][: width - 1] + "~"
+        lines.append(f"{name:<{width}}  {col['type']:<9} {_share(col.get('missing_share')):>8} "
+                     f"{col.get('distinct', ''):>9}  {_column_summary(col)}")
+    dropped = profile.get("dropped", [])
+    if dropped:
+        lines += ["", "dropped columns:"]
+        lines += [f"  {d['column']:<{width}}  {d['reason']}" for d in dropped]
+    if profile.get("warnings"):
+        lines += ["", "warnings:"] + [f"  ! {w}" for w in profile["warnings"]]
+    if profile.get("notes"):
+        lines += ["", "notes:"] + [f"  - {n}" for n in profile["notes"]]
+    lines += ["", f"target '{target.get('name')}' ({target.get('task')}):"]
+    if "classes" in target:
+        counts = target["classes"]
+        total = sum(counts.values()) or 1
+        label_width = max([5] + [len(k) for k in counts])
+        lines.append(f"  {'class':<{label_width}}  {'rows':>7}  {'share':>6}")
+        for label, count in sorted(counts.items(), key=lambda item: -item[1]):  # the card's keys are sorted
+            lines.append(f"  {label:<{label_width}}  {count:>7}  {_share(count / total):>6}")
+        if target.get("imbalance_ratio") is not None:
+            lines.append(f"  largest/smallest class ratio: {target['imbalance_ratio']:.2f}")
+        if target.get("training_only_classes"):
+            lines.append(f"  used for training only (too few rows to test): {', '.join(target['training_only_classes'])}")
+    else:
+        lines.append("  " + _column_summary(target) + f", distinct {target.get('distinct', '?')}")
+    return lines
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--version", type=int, help="A specific version instead of the current one.")
+@bucket_option
+def profile(name: str, version: int | None, bucket: str) -> None:
+    """Show the data profile of model NAME's current version: columns, types, missing values,
+    dropped columns with why, warnings and the target's distribution."""
+    from .storage import NotFound
+
+    try:
+        check_model_name(name)
+    except RegistryError as exc:
+        raise Failure(str(exc)) from None
+    registry = Registry(_storage(bucket))
+    if version is None:
+        version = registry.current(name).version
+        if version is None:
+            if registry.versions(name):
+                raise Failure(f"model '{name}' has no current version; name one with --version")
+            raise Failure(f"model '{name}' has no versions")
+    try:
+        card = registry.card(name, version)
+    except NotFound:
+        raise Failure(f"model '{name}' has no version {version}") from None
+    if not card.get("profile"):
+        raise Failure(f"version {version} of '{name}' has no profile (it was trained before profiles existed)")
+    for line in render_profile(name, version, card, card["profile"]):
+        click.echo(line)
 
 
 # --- predict -------------------------------------------------------------------------------

@@ -13,20 +13,22 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 from sklearn.model_selection import train_test_split
 
+from .columns import build_profile, normalise, type_columns, with_datetime_parts
 from .rejections import Rejection
-from .storage import NotFound, Storage
+from .storage import Storage
 
 TARGET_CONVENTIONS = ("target", "label", "class", "y")
 MIN_ROWS = 10
-MIN_ROWS_PER_CLASS = 2  # stratified splitting needs two rows of every class
+RARE_CLASS_ROWS = 5  # classes with fewer rows are used for training only (none held out)
+IMBALANCE_WARNING = 10  # largest/smallest class ratio from which the profile warns
 MAX_CLASSES_FOR_INTEGER_TARGET = 20
 TEST_SIZE = 0.2
 SEED = 42
 SPEC_FILE = "bucketml.yaml"
-DATASET_SUFFIXES = (".csv",)
+# Longest first: the run id strips the whole suffix.
+DATASET_SUFFIXES = (".csv.gz", ".tsv.gz", ".csv", ".tsv")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +56,7 @@ class Upload:
         for suffix in DATASET_SUFFIXES:
             if stem.lower().endswith(suffix):
                 stem = stem[: -len(suffix)]
+                break
         return f"{stem}-{self.generation}"
 
     def as_dict(self) -> dict[str, Any]:
@@ -74,40 +77,28 @@ def rejection_object(upload: Upload) -> str:
     return f"rejected/{upload.model}/{upload.filename}.{upload.generation}.json"
 
 
-def read_spec(storage: Storage, model: str) -> dict[str, Any]:
-    """The optional dataset spec `datasets/<model>/bucketml.yaml`."""
-    name = f"datasets/{model}/{SPEC_FILE}"
-    try:
-        raw = storage.read(name)
-    except NotFound:
-        return {}
-    try:
-        spec = yaml.safe_load(raw) or {}
-    except yaml.YAMLError as exc:
-        raise Rejection("spec_invalid", f"{name} is not valid YAML: {exc}") from exc
-    if not isinstance(spec, dict):
-        raise Rejection("spec_invalid", f"{name} must be a mapping of settings, e.g. 'target: price'")
-    return spec
-
-
 def find_target(frame: pd.DataFrame, upload: Upload, spec: dict[str, Any]) -> tuple[str, str]:
-    """(column, where it came from): object metadata, then the spec, then the conventions."""
-    for origin, value in (("object metadata", upload.metadata.get("target")), ("spec", spec.get("target"))):
-        if value:
-            if value not in frame.columns:
-                raise Rejection(
-                    "no_target",
-                    f"target column '{value}' (from the {origin}) is not in the file; columns are: {', '.join(frame.columns)}",
-                )
-            return value, origin
+    """(column, where it came from): object metadata, then the spec, then the conventions.
+
+    `spec` is the effective spec (bucketml.spec.effective_spec): it already chose between the
+    object metadata and the spec file and says which in `target_origin`."""
+    value, origin = spec.get("target"), spec.get("target_origin") or "spec"
+    if value:
+        if value not in frame.columns:
+            raise Rejection(
+                "no_target",
+                f"target column '{value}' (from the {origin}) is not in the file; columns are: {', '.join(frame.columns)}",
+            )
+        return value, origin
     lowered = {c.lower(): c for c in frame.columns}
     for name in TARGET_CONVENTIONS:
         if name in lowered:
             return lowered[name], "convention"
+    columns = ", ".join(frame.columns[:20]) + (", ..." if len(frame.columns) > 20 else "")
     raise Rejection(
         "no_target",
-        "no target column found: name it with `bucketml upload --target COLUMN`, with 'target:' in "
-        f"datasets/{upload.model}/{SPEC_FILE}, or call the column one of {', '.join(TARGET_CONVENTIONS)}",
+        f"no target column found among {columns}: name it with `bucketml upload --target COLUMN`, with "
+        f"'target:' in datasets/{upload.model}/{SPEC_FILE}, or call the column one of {', '.join(TARGET_CONVENTIONS)}",
     )
 
 
@@ -130,45 +121,51 @@ def class_label(value: Any) -> str:
     return str(value).strip()
 
 
-def type_columns(frame: pd.DataFrame, target: str) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """Feature columns with their type ('number' or 'string'), and the dropped ones with why."""
-    columns, dropped = [], []
-    rows = len(frame)
-    for name in frame.columns:
-        if name == target:
-            continue
-        col = frame[name]
-        if col.isna().all():
-            dropped.append({"column": name, "reason": "all values missing"})
-        elif col.nunique(dropna=True) <= 1 and not col.isna().any():
-            dropped.append({"column": name, "reason": "constant"})
-        elif pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
-            columns.append({"name": name, "type": "number"})
-        elif rows >= 20 and col.nunique(dropna=True) == rows:
-            dropped.append({"column": name, "reason": "identifier-like (a different value on every row)"})
-        else:
-            columns.append({"name": name, "type": "string"})
-    if not columns:
-        raise Rejection("no_features", "no usable feature columns remain after dropping empty, constant and identifier columns")
-    return columns, dropped
+def target_values(target: pd.Series, task: str) -> pd.Series:
+    """Class labels (strings) or floats; a regression target that is not numeric is refused."""
+    if task == "classification":
+        return target.map(class_label)
+    numbers = pd.to_numeric(target, errors="coerce")
+    bad = target[numbers.isna() & target.notna()]
+    if len(bad):
+        raise Rejection(
+            "spec_invalid",
+            f"the task is regression but target '{target.name}' has values that are not numbers, e.g. "
+            f"{str(bad.iloc[0])[:40]!r}; set task: classification, or fix the values",
+        )
+    return numbers.astype("float64")
 
 
-def normalise(frame: pd.DataFrame, columns: list[dict[str, str]]) -> pd.DataFrame:
-    """Numbers as float32 (what the ONNX model takes), strings stripped with '' for missing."""
-    out = {}
-    for col in columns:
-        values = frame[col["name"]]
-        if col["type"] == "number":
-            out[col["name"]] = values.astype("float32")
-        else:
-            out[col["name"]] = values.map(lambda v: "" if pd.isna(v) else class_label(v)).astype(object)
-    return pd.DataFrame(out, index=frame.index)
+def split(features: pd.DataFrame, y: pd.Series, classes: list[str], rare: list[str], test_size: float) -> tuple[tuple, tuple]:
+    """(x_train, y_train), (x_test, y_test). Classification is stratified; the rows of rare
+    classes (fewer than RARE_CLASS_ROWS) all go to training, so every class is learned."""
+    if not classes:
+        x_train, x_test, y_train, y_test = train_test_split(features, y, test_size=test_size, random_state=SEED)
+        return (x_train, y_train), (x_test, y_test)
+    common = ~y.isin(rare)
+    y_common = y[common]
+    if y_common.empty:
+        raise Rejection(
+            "too_few_rows",
+            f"every class has fewer than {RARE_CLASS_ROWS} rows; at least one class needs {RARE_CLASS_ROWS} "
+            "rows so the model can be tested",
+        )
+    size = max(test_size, y_common.nunique() / len(y_common))  # at least one test row per class
+    x_train, x_test, y_train, y_test = train_test_split(
+        features[common], y_common, test_size=size, random_state=SEED, stratify=y_common
+    )
+    if rare:
+        x_train = pd.concat([x_train, features[~common]])
+        y_train = pd.concat([y_train, y[~common]])
+    return (x_train, y_train), (x_test, y_test)
 
 
 def prepare(frame: pd.DataFrame, upload: Upload, spec: dict[str, Any]) -> dict[str, Any]:
-    """Decide target, task and columns; split. Returns the schema and the two frames."""
+    """Decide target, task and columns; split; profile. Returns the schema, the two frames and
+    the profile (bucketml.columns.build_profile)."""
     target, target_origin = find_target(frame, upload, spec)
-    notes: list[str] = []
+    notes: list[str] = list(frame.attrs.get("notes", []))  # what reading the file decided
+    uploaded = int(frame.attrs.get("rows_read", len(frame)))
     missing_target = int(frame[target].isna().sum())
     if missing_target == len(frame):
         raise Rejection(
@@ -178,41 +175,49 @@ def prepare(frame: pd.DataFrame, upload: Upload, spec: dict[str, Any]) -> dict[s
     if missing_target:
         frame = frame[frame[target].notna()]
         notes.append(f"dropped {missing_target} rows with no '{target}' value")
-    task = detect_task(frame[target], upload.metadata.get("task") or spec.get("task"))
-    columns, dropped = type_columns(frame, target)
-    features = normalise(frame, columns)
-    y = frame[target]
+    task = detect_task(frame[target], spec.get("task", "auto"))
+    y = target_values(frame[target], task)
+    typing = type_columns(frame, target, y, task, spec)
+    notes.extend(typing.notes)
+    warnings = list(typing.warnings)
+    features = normalise(frame, typing.columns)
     classes: list[str] = []
+    rare: list[str] = []
     if task == "classification":
-        y = y.map(class_label)
         counts = y.value_counts()
-        rare = sorted(counts[counts < MIN_ROWS_PER_CLASS].index)
-        if rare:
-            keep = ~y.isin(rare)
-            features, y = features[keep], y[keep]
-            notes.append(f"dropped rows of classes with fewer than {MIN_ROWS_PER_CLASS} rows: {', '.join(rare)}")
-        classes = sorted(y.unique())
+        classes = sorted(counts.index)
         if len(classes) < 2:
             raise Rejection("one_class", f"target '{target}' has a single class; a classifier needs at least two")
-    else:
-        y = y.astype("float64")
+        rare = sorted(counts[counts < RARE_CLASS_ROWS].index)
+        if rare:
+            notes.append(
+                f"classes with fewer than {RARE_CLASS_ROWS} rows are used for training only (none held out for "
+                "testing): " + ", ".join(f"{c} ({counts[c]} rows)" for c in rare)
+            )
+        ratio = counts.max() / counts.min()
+        if ratio >= IMBALANCE_WARNING:
+            warnings.append(
+                f"target '{target}' is imbalanced: the largest class has {ratio:.1f} times the rows of the smallest; "
+                "accuracy flatters a model that ignores the small classes (see balanced_accuracy)"
+            )
     if len(features) < MIN_ROWS:
         raise Rejection("too_few_rows", f"{len(features)} usable rows; at least {MIN_ROWS} are needed to train and test")
-    test_size = max(TEST_SIZE, len(classes) / len(features)) if classes else TEST_SIZE
-    x_train, x_test, y_train, y_test = train_test_split(
-        features, y, test_size=test_size, random_state=SEED, stratify=y if classes else None
-    )
+    (x_train, y_train), (x_test, y_test) = split(features, y, classes, rare, float(spec.get("test_size", TEST_SIZE)))
     schema = {
         "target": target,
         "target_origin": target_origin,
         "task": task,
-        "columns": columns,
+        "columns": typing.columns,
         "classes": classes,
-        "dropped": dropped,
+        "training_only_classes": rare,
+        "dropped": typing.dropped,
         "notes": notes,
-        "rows": {"uploaded": int(len(frame) + missing_target), "train": len(x_train), "test": len(x_test)},
+        "warnings": warnings,
+        "rows": {"uploaded": uploaded, "used": len(features), "train": len(x_train), "test": len(x_test)},
+        "spec": json.loads(json.dumps(spec, default=str)),
     }
-    return {"schema": schema, "train": (x_train, y_train), "test": (x_test, y_test)}
+    profile = build_profile(frame, y, schema)
+    return {"schema": schema, "train": (x_train, y_train), "test": (x_test, y_test), "profile": profile}
 
 
 def to_csv(x: pd.DataFrame, y: pd.Series, target: str) -> bytes:
@@ -222,7 +227,9 @@ def to_csv(x: pd.DataFrame, y: pd.Series, target: str) -> bytes:
 
 
 def from_csv(raw: bytes, schema: dict[str, Any]) -> tuple[pd.DataFrame, pd.Series]:
-    """Read prepared data back with the types the schema fixed (strings stay strings)."""
+    """Read prepared data back with the types the schema fixed (strings stay strings). A
+    datetime column keeps its text and gains one float32 column per part (`signup__year`),
+    computed by the numpy code the predict function runs on requests."""
     dtypes = {c["name"]: ("float32" if c["type"] == "number" else str) for c in schema["columns"]}
     target = schema["target"]
     dtypes[target] = str if schema["task"] == "classification" else "float64"
@@ -230,7 +237,7 @@ def from_csv(raw: bytes, schema: dict[str, Any]) -> tuple[pd.DataFrame, pd.Serie
         c["name"]: [""] for c in schema["columns"] if c["type"] == "number"
     })
     names = [c["name"] for c in schema["columns"]]
-    return frame[names], frame[target]
+    return with_datetime_parts(frame[names], schema["columns"]), frame[target]
 
 
 def load_prepared(storage: Storage, prefix: str) -> tuple[dict[str, Any], tuple, tuple]:

@@ -12,7 +12,8 @@ import pandas as pd
 from skl2onnx import convert_sklearn
 from skl2onnx.common.data_types import FloatTensorType, StringTensorType
 
-from .serving import feeds_from_columns, new_session
+from .columns import with_datetime_parts
+from .serving import datetime_input, feeds_from_columns, new_session
 
 PROBABILITY_TOLERANCE = 1e-3  # absolute, per class probability
 VALUE_TOLERANCE = 1e-3  # relative to max(1, |value|), for regression
@@ -23,22 +24,47 @@ class ParityError(Exception):
     """The ONNX model does not compute what the sklearn pipeline computes."""
 
 
-def to_onnx(pipeline, schema: dict[str, Any]) -> tuple[bytes, list[str]]:
-    """One ONNX input per original column (float32 for numbers, string for the rest).
+def onnx_inputs(columns: list[dict[str, Any]]) -> list[tuple[str, Any]]:
+    """One input per original column (float32 for numbers, string for strings and booleans),
+    and one float32 input per part of a datetime column (`signup__year`, ...)."""
+    inputs = []
+    for c in columns:
+        if c["type"] == "datetime":
+            inputs.extend((datetime_input(c["name"], part), FloatTensorType([None, 1])) for part in c["parts"])
+        else:
+            inputs.append((c["name"], FloatTensorType([None, 1]) if c["type"] == "number" else StringTensorType([None, 1])))
+    return inputs
 
-    Returns the model and its input names in column order: the converter renames columns
-    that are not valid identifiers ('petal width (cm)' becomes 'petal_width__cm_').
+
+def served_columns(columns: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
+    """The schema's columns with the ONNX input names that take them (`names` in the order of
+    `onnx_inputs`): "input" for a column, "inputs" {part: name} for a datetime column."""
+    names = iter(names)
+    served = []
+    for c in columns:
+        if c["type"] == "datetime":
+            served.append(dict(c, inputs={part: next(names) for part in c["parts"]}))
+        else:
+            served.append(dict(c, input=next(names)))
+    return served
+
+
+def to_onnx(pipeline, schema: dict[str, Any]) -> tuple[bytes, list[str]]:
+    """One ONNX input per original column, or per datetime part (see `onnx_inputs`).
+
+    Returns the model and its input names in that order: the converter renames columns
+    that are not valid identifiers ('petal width (cm)' becomes 'petal_width__cm_');
+    `served_columns` records them per column.
     """
-    inputs = [
-        (c["name"], FloatTensorType([None, 1]) if c["type"] == "number" else StringTensorType([None, 1]))
-        for c in schema["columns"]
-    ]
+    inputs = onnx_inputs(schema["columns"])
     options = {}
     if schema["task"] == "classification":
         options[id(pipeline.steps[-1][1])] = {"zipmap": False}  # plain probability matrix, not dicts
     with warnings.catch_warnings():
-        # The converter reads SVC attributes that sklearn 1.9 flags as deprecated.
+        # The converter reads SVC attributes that sklearn 1.9 flags as deprecated, and hands
+        # onnx booleans for integer attributes (tree ensembles), which onnx<1.34 only warns about.
         warnings.simplefilter("ignore", category=FutureWarning)
+        warnings.simplefilter("ignore", category=DeprecationWarning)
         model = convert_sklearn(pipeline, initial_types=inputs, options=options)
     names = [i.name for i in model.graph.input]
     if len(names) != len(inputs):
@@ -59,7 +85,9 @@ def with_metadata(onnx_bytes: bytes, metadata: dict[str, str]) -> bytes:
 
 
 def edge_rows(schema: dict[str, Any], x: pd.DataFrame) -> pd.DataFrame:
-    """Rows users will send: every value missing, and categories never seen in training."""
+    """Rows users will send: every value missing, and categories (and dates) never seen in
+    training. Datetime parts are computed from the raw text, as for every other row."""
+    unseen_values = {"string": "__never_seen__", "boolean": "true", "datetime": "2100-01-01T23:59:00"}
     rows = []
     for unseen in (False, True):
         row = {}
@@ -67,12 +95,12 @@ def edge_rows(schema: dict[str, Any], x: pd.DataFrame) -> pd.DataFrame:
             if c["type"] == "number":
                 row[c["name"]] = np.nan
             else:
-                row[c["name"]] = "__never_seen__" if unseen else ""
+                row[c["name"]] = unseen_values.get(c["type"], "__never_seen__") if unseen else ""
         rows.append(row)
     edge = pd.DataFrame(rows, columns=x.columns)
     for c in schema["columns"]:
         edge[c["name"]] = edge[c["name"]].astype("float32" if c["type"] == "number" else object)
-    return edge
+    return with_datetime_parts(edge, schema["columns"])
 
 
 def check_parity(onnx_bytes: bytes, pipeline, schema: dict[str, Any], x: pd.DataFrame) -> dict[str, Any]:

@@ -17,7 +17,14 @@ from typing import Any, Callable
 from cloudevents.http import CloudEvent
 
 from . import config, events
-from .storage import InvalidObjectName, NotFound, PreconditionFailed, Storage, StorageError, open_storage
+from .storage import (
+    InvalidObjectName,
+    NotFound,
+    PreconditionFailed,
+    Storage,
+    StorageError,
+    open_storage,
+)
 
 log = logging.getLogger("bucketml.function")
 

@@ -15,13 +15,21 @@ from werkzeug.routing import Map, Rule
 
 from . import __version__, config, events
 from .registry import Registry
-from .serving import MAX_ROWS, InputError, LoadedModel, ModelManager, columns_from_features, columns_from_records
+from .serving import (
+    MAX_ROWS,
+    InputError,
+    LoadedModel,
+    ModelManager,
+    columns_from_features,
+    columns_from_records,
+)
 from .storage import open_storage
 
 log = logging.getLogger("bucketml.predict")
 
 MAX_BODY_BYTES = 20 * 1024 * 1024
-V2_TYPES = {"number": "FP32", "string": "BYTES"}
+# A datetime column is one client-facing input of ISO 8601 text; the model's part inputs are internal.
+V2_TYPES = {"number": "FP32", "string": "BYTES", "boolean": "BYTES", "datetime": "BYTES"}
 
 ROUTES = Map(
     [

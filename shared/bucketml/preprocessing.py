@@ -8,30 +8,28 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from typing import Any
 
 from cloudevents.http import CloudEvent
 
 from . import events
+from .csv_reading import Limits, read_csv
 from .dataset import (
     Upload,
     dataset_object,
     prepare,
     prepared_prefix,
-    read_spec,
     rejection_object,
     to_csv,
 )
-from .csv_reading import read_csv
 from .registry import RegistryError, check_model_name
 from .rejections import Rejection
+from .spec import check_for_task, effective_spec
 from .storage import NotFound, PreconditionFailed, Storage
 
 log = logging.getLogger("bucketml.preprocess")
 
 FUNCTION = "preprocess"
-MAX_UPLOAD_BYTES = int(os.environ.get("BUCKETML_MAX_UPLOAD_BYTES", 512 * 1024 * 1024))
 
 
 def upload_from_event(data: dict[str, Any]) -> tuple[str, str, int]:
@@ -70,11 +68,17 @@ def handle_finalized(storage: Storage, data: dict[str, Any]) -> CloudEvent | Non
         return done
     try:
         check_model_name(upload.model)
-        if info.size > MAX_UPLOAD_BYTES:
-            raise Rejection("file_too_large", f"{name} is {info.size} bytes; the limit is {MAX_UPLOAD_BYTES} (BUCKETML_MAX_UPLOAD_BYTES)")
-        spec = read_spec(storage, upload.model)
-        frame = read_csv(storage.read(name, generation=generation), name)
+        limits = Limits.from_environment()
+        if info.size > limits.max_upload_bytes:
+            raise Rejection(
+                "file_too_large",
+                f"{name} is {info.size} bytes; the limit is {limits.max_upload_bytes} (BUCKETML_MAX_UPLOAD_BYTES)",
+            )
+        spec = effective_spec(storage, upload.model, upload.metadata)
+        frame = read_csv(lambda: storage.open(name, generation=generation), name, spec, limits)
         result = prepare(frame, upload, spec)
+        check_for_task(spec, result["schema"]["task"])  # metric and algorithms must fit the detected task
+        result["schema"].setdefault("spec", spec)  # train reads the knobs from schema.json
     except RegistryError as exc:
         return reject(storage, upload, Rejection("invalid_model_name", str(exc)))
     except Rejection as rejection:
@@ -102,6 +106,8 @@ def write_prepared(storage: Storage, upload: Upload, result: dict[str, Any]) -> 
     storage.write(prefix + "train.csv", to_csv(*result["train"], schema["target"]), content_type="text/csv")
     storage.write(prefix + "test.csv", to_csv(*result["test"], schema["target"]), content_type="text/csv")
     storage.write(prefix + "schema.json", json.dumps(schema, indent=2).encode(), content_type="application/json")
+    if "profile" in result:
+        storage.write(prefix + "profile.json", json.dumps(result["profile"], indent=2).encode(), content_type="application/json")
     summary = {
         "model": upload.model,
         "run": upload.run_id,
@@ -112,6 +118,8 @@ def write_prepared(storage: Storage, upload: Upload, result: dict[str, Any]) -> 
         "rows": schema["rows"],
         "columns": len(schema["columns"]),
         "dropped": schema["dropped"],
+        "warnings": schema.get("warnings", []),
+        "profile": prefix + "profile.json",
     }
     # prepared.json is written last and create-only: it marks the run complete.
     try:
@@ -119,6 +127,8 @@ def write_prepared(storage: Storage, upload: Upload, result: dict[str, Any]) -> 
     except PreconditionFailed:
         summary = json.loads(storage.read(prefix + "prepared.json"))
     rows = schema["rows"]
+    for warning in schema.get("warnings", []):
+        log.warning("%s: %s", upload.name, warning)
     log.info("prepared %s: %s on '%s', %s train / %s test rows", upload.name, schema["task"], schema["target"], rows["train"], rows["test"])
     return prepared_event(summary)
 

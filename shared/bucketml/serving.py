@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -100,13 +101,145 @@ def _string(column: str, value: Any) -> str:
     raise InputError(f"column '{column}' expects a string or null, got {type(value).__name__}")
 
 
+# --- booleans and datetimes: the SAME code types training data (bucketml.columns) and requests ---
+
+BOOLEAN_TRUE = frozenset({"true", "yes", "t", "y"})
+BOOLEAN_FALSE = frozenset({"false", "no", "f", "n"})
+DATETIME_PARTS = ("year", "month", "day", "dayofweek", "hour")
+# ISO 8601 as numpy parses it: a date, optionally a time ('T' or a space), optionally a zone.
+ISO_DATETIME = re.compile(
+    r"^(?P<date>\d{4}-\d{2}-\d{2})(?P<time>[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?)?"
+    r"(?P<zone>Z|[+-]\d{2}:?\d{2})?$"
+)
+
+
+def boolean_label(value: Any) -> str | None:
+    """'true' / 'false' for a boolean-like value, '' for missing, None if it is not boolean-like.
+
+    true/false, yes/no, t/f, y/n in any case, JSON booleans, and 1/0.
+    """
+    if value is None:
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return "true" if value else "false"
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        if isinstance(value, (float, np.floating)) and math.isnan(value):
+            return ""
+        return {1: "true", 0: "false"}.get(value) if value in (0, 1) else None
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if not text:
+            return ""
+        if text in BOOLEAN_TRUE:
+            return "true"
+        if text in BOOLEAN_FALSE:
+            return "false"
+    return None
+
+
+def datetime_input(column: str, part: str) -> str:
+    """The model column (and, unless the converter renames it, ONNX input) of one date part."""
+    return f"{column}__{part}"
+
+
+def parse_datetimes(values: list) -> np.ndarray:
+    """datetime64[s] per value; NaT for missing and for anything that is not ISO 8601 that numpy
+    parses. A zone (Z, +02:00) is converted to UTC; naive values are taken as they are."""
+    stamps = np.full(len(values), np.datetime64("NaT"), dtype="datetime64[s]")
+    where, texts, offsets = [], [], []
+    for i, value in enumerate(values):
+        if not isinstance(value, str):
+            continue
+        match = ISO_DATETIME.match(value.strip())
+        if not match:
+            continue
+        zone = match["zone"]
+        where.append(i)
+        texts.append(match["date"] + (match["time"] or ""))
+        if zone and zone != "Z":
+            sign = -1 if zone[0] == "-" else 1
+            digits = zone[1:].replace(":", "")
+            offsets.append(sign * (int(digits[:2]) * 60 + int(digits[2:])))
+        else:
+            offsets.append(0)
+    if not where:
+        return stamps
+    try:
+        parsed = np.array(texts, dtype="datetime64[s]")
+    except ValueError:  # one bad value (a 13th month) fails the whole array: parse one by one
+        parsed = np.full(len(texts), np.datetime64("NaT"), dtype="datetime64[s]")
+        for j, text in enumerate(texts):
+            try:
+                parsed[j] = np.datetime64(text, "s")
+            except ValueError:
+                pass
+    stamps[np.array(where)] = parsed - np.array(offsets, dtype="timedelta64[m]")
+    return stamps
+
+
+def datetime_parts_of(stamps: np.ndarray, parts=DATETIME_PARTS) -> dict[str, np.ndarray]:
+    """float32 parts of datetime64 values, NaN where the value is missing (NaT)."""
+    missing = np.isnat(stamps)
+    safe = np.where(missing, np.datetime64(0, "s"), stamps).astype("datetime64[s]")
+    days = safe.astype("datetime64[D]")
+    months = safe.astype("datetime64[M]")
+    compute = {
+        "year": lambda: safe.astype("datetime64[Y]").astype(np.int64) + 1970,
+        "month": lambda: months.astype(np.int64) % 12 + 1,
+        "day": lambda: (days - months.astype("datetime64[D]")).astype(np.int64) + 1,
+        "dayofweek": lambda: (days.astype(np.int64) + 3) % 7,  # Monday 0 (1970-01-01 was a Thursday)
+        "hour": lambda: (safe - days).astype("timedelta64[h]").astype(np.int64),
+    }
+    out = {}
+    for part in parts:
+        values = compute[part]().astype(np.float32)
+        values[missing] = np.nan
+        out[part] = values
+    return out
+
+
+def datetime_parts(values: list, parts=DATETIME_PARTS) -> dict[str, np.ndarray]:
+    """Raw date strings -> {part: float32 array}, NaN for missing or unparseable values."""
+    return datetime_parts_of(parse_datetimes(values), parts)
+
+
+def _boolean(column: str, value: Any) -> str:
+    label = boolean_label(value)
+    if label is None:
+        raise InputError(f"column '{column}' expects true or false (or yes/no), or null, got {json.dumps(value, default=str)[:40]}")
+    return label
+
+
+def _datetimes(column: str, values: list) -> np.ndarray:
+    stamps = parse_datetimes(values)
+    for value, stamp in zip(values, stamps):
+        if np.isnat(stamp) and not (value is None or (isinstance(value, str) and not value.strip())):
+            raise InputError(
+                f"column '{column}' expects an ISO 8601 date or time such as 2024-05-01 or 2024-05-01T10:30:00, "
+                f"or null, got {json.dumps(value, default=str)[:40]}"
+            )
+    return stamps
+
+
 def feeds_from_columns(columns: list[dict], values: dict[str, list], rows: int) -> dict[str, np.ndarray]:
-    """ONNX feeds: one (rows, 1) tensor per column, float32 or string, keyed by input name."""
+    """ONNX feeds: one (rows, 1) tensor per column, float32 or string, keyed by input name.
+
+    A datetime column is one client-facing column and several model inputs: one float32 tensor
+    per part (year, month, ...), named in the column's "inputs".
+    """
     feeds = {}
     for col in columns:
-        name = col["name"]
-        if col["type"] == "number":
+        name, kind = col["name"], col["type"]
+        if kind == "datetime":
+            parts = datetime_parts_of(_datetimes(name, values[name]), col["parts"])
+            inputs = col.get("inputs", {})
+            for part, tensor in parts.items():
+                feeds[inputs.get(part, datetime_input(name, part))] = tensor.reshape(rows, 1)
+            continue
+        if kind == "number":
             tensor = np.array([_number(name, v) for v in values[name]], dtype=np.float32)
+        elif kind == "boolean":
+            tensor = np.array([_boolean(name, v) for v in values[name]], dtype=object)
         else:
             tensor = np.array([_string(name, v) for v in values[name]], dtype=object)
         feeds[col.get("input", name)] = tensor.reshape(rows, 1)

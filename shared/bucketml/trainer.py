@@ -7,6 +7,7 @@ the same event instead of training again.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import platform
 import time
@@ -17,10 +18,12 @@ from cloudevents.http import CloudEvent
 
 from . import events
 from .dataset import load_prepared
-from .export import ParityError, check_parity, to_onnx, with_metadata
+from .export import ParityError, check_parity, served_columns, to_onnx, with_metadata
 from .registry import Registry, RegistryError, check_model_name
+from .serving import feeds_from_columns, new_session
+from .spec import better, metric_for, with_defaults
 from .storage import NotFound, Storage
-from .training import PRIMARY_METRIC, TrainingError, fit_candidates
+from .training import TrainingError, fit_candidates, score
 
 log = logging.getLogger("bucketml.train")
 
@@ -44,22 +47,30 @@ def handle_prepared(storage: Storage, data: dict[str, Any]) -> CloudEvent:
     started = time.perf_counter()
     try:
         schema, train, test = load_prepared(storage, prefix)
-        candidates, failures = fit_candidates(schema, train, test)
+        spec = with_defaults(schema.get("spec"))  # data prepared before specs existed: defaults
+        candidates, failures, skipped = fit_candidates(schema, train, test, spec)
         chosen, onnx_bytes, schema, parity, rejected = export_first_that_agrees(candidates, schema, test[0])
     except NotFound as exc:
         return failed(model, upload, "prepared_data_missing", f"the prepared data is gone: {exc}")
     except (TrainingError, ParityError) as exc:
         return failed(model, upload, "no_model", str(exc))
+    metric = metric_for(spec, schema["task"])
+    # Decided before the version is registered, so the card can say what happened.
+    promotion = decide_promotion(registry, model, spec, schema, chosen.metrics[metric], test, metric)
     card = {
         "task": schema["task"],
         "target": schema["target"],
         "algorithm": chosen.name,
-        "metric": PRIMARY_METRIC[schema["task"]],
+        "metric": metric,
         "metrics": chosen.metrics,
         "candidates": [c.summary() for c in candidates],
         "candidate_failures": failures + rejected,
+        "skipped": skipped,
+        "spec": spec,
+        "promotion": promotion,
         "schema": {k: schema[k] for k in ("task", "target", "columns", "classes")},
-        "data": {k: schema[k] for k in ("rows", "dropped", "notes", "target_origin")},
+        "data": {k: schema[k] for k in ("rows", "dropped", "notes", "target_origin")} | {"warnings": schema.get("warnings", [])},
+        "profile": read_profile(storage, prefix),
         "parity": parity,
         "lineage": {"upload": upload, "run": data.get("run"), "prepared": prefix},
         "libraries": {name: importlib_metadata.version(name) for name in LIBRARIES} | {"python": platform.python_version()},
@@ -71,13 +82,92 @@ def handle_prepared(storage: Storage, data: dict[str, Any]) -> CloudEvent:
         return with_metadata(onnx_bytes, onnx_metadata(model, version, card))
 
     version = registry.register(model, stamped, card)
-    moved, previous = registry.move_pointer(model, version, reason=f"trained from {upload.get('name')}", only_if_newer=True)
-    log.info(
-        "%s version %s: %s %s=%.4f%s",
-        model, version, chosen.name, card["metric"], chosen.metrics[card["metric"]],
-        f", now current (was {previous})" if moved else f", not current (version {previous} is newer)",
-    )
+    if promotion["promoted"]:
+        moved, previous = registry.move_pointer(
+            model, version, reason=f"trained from {upload.get('name')}", only_if_newer=True
+        )
+        state = f", now current (was {previous})" if moved else f", not current (version {previous} is newer)"
+    else:
+        state = f", not current: {promotion['reason']}"
+    log.info("%s version %s: %s %s=%.4f%s", model, version, chosen.name, metric, chosen.metrics[metric], state)
     return version_event(registry, model, version)
+
+
+def decide_promotion(
+    registry: Registry, model: str, spec: dict[str, Any], schema: dict[str, Any], new_score: float, test: tuple, metric: str
+) -> dict[str, Any]:
+    """Whether the new version should become current, and why (recorded in the card).
+
+    `promotion: always` promotes. `if_better` runs the CURRENT version's ONNX model on the
+    NEW held-out rows and promotes only if the new score is strictly better by `metric`. A
+    current version with a different schema (task, columns and their types, classes) cannot
+    be compared, nor one that fails to run: then the new version is promoted.
+    """
+    policy = spec.get("promotion") or "always"
+    record: dict[str, Any] = {
+        "policy": policy, "metric": metric, "current_version": None, "current_score": None,
+        "new_score": new_score, "promoted": True,
+    }
+    if policy != "if_better":
+        record["reason"] = "policy always"
+        return record
+    current = registry.current(model).version
+    record["current_version"] = current
+    if current is None:
+        record["reason"] = "no current version"
+        return record
+    try:
+        card = registry.card(model, current)
+        difference = schema_difference(card.get("schema") or {}, schema)
+        if difference:
+            record["reason"] = f"not comparable with version {current}: {difference}"
+            return record
+        record["current_score"] = onnx_score(registry.model_bytes(model, current), card["schema"], test, metric)
+    except Exception as exc:  # a current version that cannot be read or run is no reason to keep it
+        record["reason"] = f"version {current} could not be evaluated: {exc}"
+        return record
+    record["promoted"] = better(metric, new_score, record["current_score"])
+    relation = "better than" if record["promoted"] else "not better than"
+    record["reason"] = (
+        f"{metric} {new_score:.4f} is {relation} version {current}'s {record['current_score']:.4f} on the new test rows"
+    )
+    return record
+
+
+def schema_difference(current: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """Why a model made for `current` cannot be scored on data prepared for `new`, or None."""
+    if current.get("task") != new.get("task"):
+        return f"task {current.get('task')} vs {new.get('task')}"
+    old_columns = {(c["name"], c["type"]) for c in current.get("columns") or []}
+    new_columns = {(c["name"], c["type"]) for c in new.get("columns") or []}
+    if old_columns != new_columns:
+        changed = sorted(f"{name} ({kind})" for name, kind in old_columns ^ new_columns)
+        return "columns differ: " + ", ".join(changed)
+    if sorted(current.get("classes") or []) != sorted(new.get("classes") or []):
+        return "classes differ"
+    return None
+
+
+def onnx_score(onnx_bytes: bytes, schema: dict[str, Any], test: tuple, metric: str) -> float:
+    """`metric` of an exported model, run by onnxruntime as predict serves it, on `test`."""
+    x, y = test
+    columns = schema["columns"]
+    session = new_session(onnx_bytes)
+    values = {c["name"]: x[c["name"]].tolist() for c in columns}
+    outputs = session.run(None, feeds_from_columns(columns, values, len(x)))
+    if schema["task"] == "classification":
+        predicted = outputs[0].reshape(-1).astype(str)
+    else:
+        predicted = outputs[0].reshape(-1).astype("float64")
+    return score(schema["task"], y.to_numpy(), predicted)[metric]
+
+
+def read_profile(storage: Storage, prefix: str) -> dict[str, Any] | None:
+    """The profile preprocess wrote next to the prepared data (None for runs made before profiles)."""
+    try:
+        return json.loads(storage.read(prefix + "profile.json"))
+    except NotFound:
+        return None
 
 
 def export_first_that_agrees(candidates, schema, x_test):
@@ -87,7 +177,7 @@ def export_first_that_agrees(candidates, schema, x_test):
     for candidate in candidates:
         try:
             onnx_bytes, inputs = to_onnx(candidate.pipeline, schema)
-            served = dict(schema, columns=[dict(c, input=name) for c, name in zip(schema["columns"], inputs)])
+            served = dict(schema, columns=served_columns(schema["columns"], inputs))
             parity = check_parity(onnx_bytes, candidate.pipeline, served, x_test)
             return candidate, onnx_bytes, served, parity, rejected
         except Exception as exc:  # any converter or runtime failure disqualifies this candidate only

@@ -25,7 +25,13 @@ from werkzeug.serving import WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
 
 from bucketml import config
-from bucketml.broker.store import DeliveryRecord, NewEvent, Store, StoreClosed, StoredEvent
+from bucketml.broker.store import (
+    DeliveryRecord,
+    NewEvent,
+    Store,
+    StoreClosed,
+    StoredEvent,
+)
 from bucketml.broker.triggers import ManifestError, Topology, Trigger, load_topology
 from bucketml.events import MODEL_ATTRIBUTE, MalformedEvent, parse_request
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import abc
 import dataclasses
 import datetime
-from typing import Iterator
+import io
+from typing import BinaryIO, Iterator
 
 
 class StorageError(Exception):
@@ -131,6 +132,11 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         """Live objects whose names start with `prefix`, in name order."""
+
+    def open(self, name: str, *, generation: int | None = None) -> BinaryIO:
+        """A readable binary stream of the object, for objects too large to hold whole.
+        Raises NotFound like `read`. Backends that can stream override this."""
+        return io.BytesIO(self.read(name, generation=generation))
 
     def exists(self, name: str) -> bool:
         try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 import requests
 from google.api_core import exceptions as gexc
@@ -16,7 +16,15 @@ from google.auth import exceptions as auth_exceptions
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
-from .base import NotFound, ObjectInfo, Storage, StorageError, check_object_name, precondition_failed, rfc3339
+from .base import (
+    NotFound,
+    ObjectInfo,
+    Storage,
+    StorageError,
+    check_object_name,
+    precondition_failed,
+    rfc3339,
+)
 
 EMULATOR_PROJECT = "bucketml-local"  # the emulator needs some project name; any will do
 
@@ -63,6 +71,16 @@ class GCSStorage(Storage):
             if generation is None:
                 raise self._not_found(name) from None
             raise NotFound(f"{name} has no generation {generation} in bucket '{self.bucket_name}'") from None
+
+    def open(self, name: str, *, generation: int | None = None) -> BinaryIO:
+        blob = self._bucket.blob(check_object_name(name), generation=generation)
+        try:
+            with self._translated(name):
+                blob.reload()  # NotFound now, not in the middle of the caller's reading
+        except gexc.NotFound:
+            raise self._not_found(name) from None
+        # Streams in chunks; the generation pins every chunk to the same object version.
+        return blob.open("rb", chunk_size=8 << 20)
 
     def write(
         self,

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 from stat import S_ISREG
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 from .base import (
     InvalidObjectName,
@@ -68,19 +68,23 @@ class LocalStorage(Storage):
         return self._info(name, st, meta)
 
     def read(self, name: str, *, generation: int | None = None) -> bytes:
+        with self.open(name, generation=generation) as f:
+            return f.read()
+
+    def open(self, name: str, *, generation: int | None = None) -> BinaryIO:
         path = self._path(name)
         try:
-            with open(path, "rb") as f:
-                # fstat the open file: its generation belongs to exactly these bytes.
-                live = _generation(os.fstat(f.fileno()))
-                if generation is not None and live != generation:
-                    raise NotFound(
-                        f"{name} has no generation {generation} in bucket '{self.bucket_name}' "
-                        f"(the live one is {live}; a folder bucket keeps no older generations)"
-                    )
-                return f.read()
+            f = open(path, "rb")
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise self._not_found(name) from None
+        live = _generation(os.fstat(f.fileno()))  # of the very bytes this handle reads
+        if generation is not None and live != generation:
+            f.close()
+            raise NotFound(
+                f"{name} has no generation {generation} in bucket '{self.bucket_name}' "
+                f"(the live one is {live}; a folder bucket keeps no older generations)"
+            )
+        return f
 
     def write(
         self,

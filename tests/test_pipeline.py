@@ -7,6 +7,7 @@ generated with numpy or come bundled with scikit-learn; nothing is downloaded.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -514,3 +515,41 @@ def test_semicolon_csv_with_decimal_commas_keeps_numbers_numeric(storage):
     prepared = preprocess(storage, info)
     schema = read_json(storage, prepared.data["prepared"] + "schema.json")
     assert {c["name"]: c["type"] for c in schema["columns"]}["temp"] == "number"
+
+
+def adult_like_bytes(rows: int = 300, seed: int = 11) -> bytes:
+    """Like the UCI Adult export: no header row, a space after each comma, ' ?' for missing,
+    CRLF line ends, a category with only 5 rows, and a column that relabels the target."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in range(rows):
+        age = int(rng.integers(18, 80))
+        hours = int(rng.integers(10, 70))
+        work = "?" if i % 17 == 0 else str(rng.choice(["Private", "Self-emp", "State-gov"]))
+        country = "Holand-Netherlands" if i < 5 else str(rng.choice(["United-States", "Mexico"]))
+        income = ">50K" if age / 80 + hours / 70 + rng.normal(0, 0.2) > 1.0 else "<=50K"
+        flag = "rich" if income == ">50K" else "not-rich"  # a relabelling of the target: a leak
+        lines.append(f"{age}, {work}, {hours}, {country}, {flag}, {income}")
+    return ("\r\n".join(lines) + "\r\n").encode()
+
+
+def test_headerless_adult_like_export_trains_with_a_named_target(storage):
+    prepared, reply = publish(storage, "adult", adult_like_bytes(), metadata={"target": "column_6"})
+    card = Registry(storage).card("adult", reply.data["version"])
+    assert card["target"] == "column_6" and card["schema"]["classes"] == ["<=50K", ">50K"]
+    dropped = {d["column"]: d["reason"] for d in card["data"]["dropped"]}
+    assert "column_5" in dropped and "target" in dropped["column_5"]  # the leak, with why
+    assert any("column_5" in w for w in card["data"]["warnings"])
+    assert any("no header row" in note for note in card["profile"]["notes"])
+    workclass = next(c for c in card["profile"]["columns"] if c["name"] == "column_2")
+    assert workclass["missing_share"] > 0 and "?" not in {t["value"] for t in workclass["top"]}
+    loaded = serve(storage, "adult")
+    answer = predict(loaded, [{"column_1": 60, "column_2": None, "column_3": 65, "column_4": "Holand-Netherlands"}])
+    assert answer["predictions"] == [">50K"]
+
+
+def test_gzip_upload_trains_like_the_plain_file(storage):
+    raw = gzip.compress(iris_frame().to_csv(index=False).encode())
+    _, reply = publish(storage, "irisgz", raw, filename="iris.csv.gz", metadata={"target": "species"})
+    card = Registry(storage).card("irisgz", reply.data["version"])
+    assert card["data"]["rows"]["uploaded"] == 150 and card["metrics"]["accuracy"] > 0.85

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -105,3 +106,91 @@ def running_platform(root: Path, ports: dict[str, int], env: dict[str, str] | No
 
 def free_ports() -> dict[str, int]:
     return {name: free_port() for name in ("predict", "broker", "preprocess", "train")}
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def wait_until(condition: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def publish(storage, model: str, frame: pd.DataFrame, filename: str) -> int:
+    """Upload a CSV and run preprocess and train on it in-process; returns the new current version."""
+    from bucketml import preprocessing, trainer
+
+    info = storage.write(f"datasets/{model}/{filename}", frame.to_csv(index=False).encode(), content_type="text/csv")
+    prepared = preprocessing.handle_finalized(storage, info.event_data())
+    assert prepared is not None and prepared["type"] == "bucketml.dataset.prepared.v1", prepared and prepared.data
+    reply = trainer.handle_prepared(storage, prepared.data)
+    assert reply["type"] == "bucketml.model.published.v1", reply.data
+    return reply.data["version"]
+
+
+class Server:
+    """A predict function process, as functions-framework runs it."""
+
+    def __init__(self, url: str, process: subprocess.Popen, log: Path):
+        self.url, self.process, self.log = url, process, log
+
+    def get(self, path: str, **kwargs) -> requests.Response:
+        return requests.get(self.url + path, timeout=10, **kwargs)
+
+    def post(self, path: str, body: Any = None, **kwargs) -> requests.Response:
+        if body is not None:
+            kwargs["json"] = body
+        return requests.post(self.url + path, timeout=30, **kwargs)
+
+    def predict(self, body: dict) -> requests.Response:
+        return self.post("/predict", body)
+
+    def version_of(self, model: str) -> int | None:
+        """The version `model` is served with by default, or None."""
+        response = self.get(f"/v2/models/{model}/ready")
+        return int(response.json()["version"]) if response.status_code == 200 else None
+
+
+@contextlib.contextmanager
+def predict_server(bucket: Path, log_dir: Path, poll_seconds: float = 0.3):
+    """The predict function on a free port over `bucket`; stopped with SIGTERM, which must
+    end it cleanly and with no unhandled error in its log."""
+    port = free_port()
+    log_path = log_dir / f"predict-{port}.log"
+    env = dict(os.environ, BUCKETML_BUCKET=str(bucket), BUCKETML_POLL_SECONDS=str(poll_seconds), WORKERS="1", THREADS="4")
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "functions_framework", "--source", "functions/predict/main.py",
+             "--target", "predict", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+
+    def live() -> bool:
+        assert process.poll() is None, "predict exited early:\n" + log_path.read_text()
+        try:
+            return requests.get(url + "/v2/health/live", timeout=1).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    try:
+        wait_until(live, "/v2/health/live", timeout=30)
+        yield Server(url, process, log_path)
+    finally:
+        process.terminate()
+        try:
+            code = process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            code = "killed after 15 s"
+        log = log_path.read_text()
+        print(log[-5000:])
+    assert code == 0, f"predict did not exit cleanly on SIGTERM ({code})"
+    assert "Traceback" not in log, "the predict process logged an unhandled error:\n" + log

@@ -4,6 +4,7 @@ bucket folder, events through the real broker, predictions over real HTTP."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -92,6 +93,19 @@ def test_upload_trains_serves_and_hot_swaps(platform):
                              capture_output=True, text=True, check=True)
     rows = listing.stdout.splitlines()[1:]
     assert [row.split()[0] for row in rows] == ["1", "*"] and rows[1].split()[1] == "2", listing.stdout
+
+    # A rollback is announced through the broker like a training, and served at once.
+    env = dict(os.environ, BUCKETML_BROKER_URL=platform["broker"])
+    rolled = subprocess.run([BUCKETML, "rollback", "churn", "--bucket", str(platform["bucket"])],
+                            capture_output=True, text=True, env=env, check=True)
+    assert "current version 2 -> 1" in rolled.stdout and "next poll" not in rolled.stdout
+    announced = wait_for_event(platform["broker"], lambda e: e["type"] == "bucketml.model.published.v1"
+                               and e["source"] == "/bucketml/registry" and e["data"]["version"] == 1)
+    assert announced["data"]["previous_version"] == 2
+    deadline = time.monotonic() + 5
+    while predict(platform, {"model": "churn", "records": RECORDS}).json()["version"] != 1:
+        assert time.monotonic() < deadline, "predict kept serving version 2 after the rollback"
+        time.sleep(0.1)
 
 
 def test_duplicate_delivery_makes_one_version(platform):

@@ -13,19 +13,19 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
 import requests
-from bucketml import preprocessing, trainer
-from bucketml.registry import Registry
-from bucketml.storage.local import LocalStorage
 from cloudevents.conversion import to_binary
 from cloudevents.http import CloudEvent
-from helpers import churn_frame, free_port
 from sklearn.datasets import load_diabetes
+
+from bucketml.registry import Registry
+from bucketml.storage.local import LocalStorage
+from helpers import churn_frame, predict_server, publish, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 POLL_SECONDS = 0.3
@@ -44,29 +44,8 @@ GOOD_RECORD = RECORDS[0]
 # --- helpers -----------------------------------------------------------------------------
 
 
-def wait_until(condition: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-
-
 def diabetes_frame() -> pd.DataFrame:
     return load_diabetes(as_frame=True).frame  # ten numeric features and a numeric 'target'
-
-
-def publish(storage: LocalStorage, model: str, frame: pd.DataFrame, filename: str) -> int:
-    """Upload a CSV and run preprocess and train on it in-process; returns the new current version."""
-    info = storage.write(f"datasets/{model}/{filename}", frame.to_csv(index=False).encode(), content_type="text/csv")
-    prepared = preprocessing.handle_finalized(storage, info.event_data())
-    assert prepared is not None and prepared["type"] == "bucketml.dataset.prepared.v1", prepared and prepared.data
-    reply = trainer.handle_prepared(storage, prepared.data)
-    assert reply["type"] == PUBLISHED, reply.data
-    return reply.data["version"]
 
 
 def schema_names(storage: LocalStorage, model: str, version: int) -> list[str]:
@@ -83,27 +62,6 @@ def assert_json_error(response: requests.Response, status: int, *mentions: str) 
     return body["error"]
 
 
-class Server:
-    def __init__(self, url: str, process: subprocess.Popen, log: Path):
-        self.url, self.process, self.log = url, process, log
-
-    def get(self, path: str, **kwargs) -> requests.Response:
-        return requests.get(self.url + path, timeout=10, **kwargs)
-
-    def post(self, path: str, body: Any = None, **kwargs) -> requests.Response:
-        if body is not None:
-            kwargs["json"] = body
-        return requests.post(self.url + path, timeout=30, **kwargs)
-
-    def predict(self, body: dict) -> requests.Response:
-        return self.post("/predict", body)
-
-    def version_of(self, model: str) -> int | None:
-        """The version `model` is served with by default, or None."""
-        response = self.get(f"/v2/models/{model}/ready")
-        return int(response.json()["version"]) if response.status_code == 200 else None
-
-
 # --- fixtures ----------------------------------------------------------------------------
 
 
@@ -112,50 +70,10 @@ def storage(tmp_path_factory) -> LocalStorage:
     return LocalStorage(tmp_path_factory.mktemp("predict-http") / "bucket")
 
 
-def server_env(storage: LocalStorage) -> dict[str, str]:
-    return dict(
-        os.environ,
-        BUCKETML_BUCKET=str(storage.root),
-        BUCKETML_POLL_SECONDS=str(POLL_SECONDS),
-        WORKERS="1",
-        THREADS="4",
-    )
-
-
 @pytest.fixture(scope="module")
 def server(storage, tmp_path_factory):
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("predict-log") / "predict.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "functions_framework", "--source", "functions/predict/main.py",
-             "--target", "predict", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT, env=server_env(storage), stdout=log, stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-
-    def live() -> bool:
-        assert process.poll() is None, "predict exited early:\n" + log_path.read_text()
-        try:
-            return requests.get(url + "/v2/health/live", timeout=1).status_code == 200
-        except requests.ConnectionError:
-            return False
-
-    try:
-        wait_until(live, "/v2/health/live", timeout=30)
-        yield Server(url, process, log_path)
-    finally:
-        process.terminate()
-        try:
-            code = process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            code = "killed after 15 s"
-        log = log_path.read_text()
-        print(log[-5000:])
-    assert code == 0, f"predict did not exit cleanly on SIGTERM ({code})"
-    assert "Traceback" not in log, "the predict process logged an unhandled error:\n" + log
+    with predict_server(storage.root, tmp_path_factory.mktemp("predict-log"), POLL_SECONDS) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -476,7 +394,7 @@ def test_predict_process_never_imports_sklearn_or_pandas(storage):
         [sys.executable, "-c",
          "import sys; sys.path.insert(0,'functions/predict'); import main; "
          "print('sklearn' in sys.modules, 'pandas' in sys.modules)"],
-        cwd=ROOT, env=server_env(storage), capture_output=True, text=True, timeout=60,
+        cwd=ROOT, env=dict(os.environ, BUCKETML_BUCKET=str(storage.root)), capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False False", result.stdout + result.stderr

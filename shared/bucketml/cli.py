@@ -330,6 +330,55 @@ def profile(name: str, version: int | None, bucket: str) -> None:
         click.echo(line)
 
 
+# --- promote / rollback --------------------------------------------------------------------
+def move_current(bucket: str, broker: str, name: str, version: int, reason: str) -> None:
+    """Move the pointer (compare-and-swap) and announce model.published like train does."""
+    registry = Registry(_storage(bucket))
+    moved, previous = registry.move_pointer(name, version, reason=reason)
+    if not moved:
+        click.echo(f"{name}: version {version} is already current")
+        return
+    click.echo(f"{name}: current version {previous} -> {version}")
+    event = registry.version_event(name, version, "registry")
+    try:
+        response = events.post(broker.rstrip("/"), event)
+        delivered = response.status_code < 300
+    except requests.RequestException:
+        delivered = False
+    if not delivered:
+        click.echo(f"the broker at {broker} did not take the model.published event; "
+                   f"predict replicas still switch on their next poll of the pointer")
+
+
+@cli.command()
+@click.argument("name")
+@click.argument("version", type=int)
+@bucket_option
+@broker_option
+def promote(name: str, version: int, bucket: str, broker: str) -> None:
+    """Make VERSION the current version of model NAME."""
+    move_current(bucket, broker, name, version, f"promoted to version {version} by bucketml promote")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--to", "to_version", type=int, help="The version to go back to (default: the one before the current).")
+@bucket_option
+@broker_option
+def rollback(name: str, to_version: int | None, bucket: str, broker: str) -> None:
+    """Make an earlier version of model NAME current again."""
+    registry = Registry(_storage(bucket))
+    current = registry.current(name).version
+    if current is None:
+        raise Failure(f"model '{name}' has no current version to roll back from")
+    if to_version is None:
+        earlier = [v for v in registry.versions(name) if v < current]
+        if not earlier:
+            raise Failure(f"model '{name}' has no version before {current}")
+        to_version = earlier[-1]
+    move_current(bucket, broker, name, to_version, f"rolled back from version {current} by bucketml rollback")
+
+
 # --- predict -------------------------------------------------------------------------------
 @cli.command()
 @click.argument("name")

@@ -92,6 +92,14 @@ def binary_response(event: CloudEvent, status: int = 200) -> tuple[bytes, int, d
     return body, status, dict(headers)
 
 
+def post(url: str, event: CloudEvent, session=None, timeout: float = 10.0):
+    """Send `event` to a broker ingress (or any CloudEvents sink) in binary mode; the response."""
+    import requests  # here, not at import: the functions never post events themselves
+
+    headers, body = to_binary(event)
+    return (session or requests).post(url, data=body, headers=dict(headers), timeout=timeout)
+
+
 def empty_response() -> tuple[str, int]:
     """Acknowledge without a reply event (a Knative Broker accepts 202 with no body)."""
     return "", 202

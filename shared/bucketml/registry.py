@@ -19,6 +19,9 @@ import json
 import re
 from typing import Any, Callable
 
+from cloudevents.http import CloudEvent
+
+from . import events
 from .storage import NotFound, PreconditionFailed, Storage
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -111,6 +114,32 @@ class Registry:
             if (lineage.get("bucket"), lineage.get("name"), str(lineage.get("generation"))) == key:
                 return version
         return None
+
+    def version_event(self, model: str, version: int, function: str) -> CloudEvent:
+        """model.published if `version` is current, else model.trained (it exists, not served).
+
+        The published event's id names the pointer's generation: the same pointer move always
+        yields the same id (a duplicate delivery is recognisable), a new move a new one (a
+        rollback to a version published before is not mistaken for a duplicate)."""
+        card = self.card(model, version)
+        current = self.current(model)
+        data = {
+            "model": model,
+            "version": version,
+            "current_version": current.version,
+            "algorithm": card["algorithm"],
+            "metric": card["metric"],
+            "metrics": card["metrics"],
+            "model_object": self.version_prefix(model, version) + "model.onnx",
+            "card_object": self.version_prefix(model, version) + "card.json",
+            "upload": card["lineage"]["upload"],
+        }
+        if current.version == version:
+            data["previous_version"] = current.data.get("previous")
+            data["reason"] = current.data.get("reason")
+            event_id = f"published-{model}-{version}-{current.generation}"
+            return events.platform_event(events.MODEL_PUBLISHED, function, model, data, id_=event_id)
+        return events.platform_event(events.MODEL_TRAINED, function, model, data, id_=f"trained-{model}-{version}")
 
     # --- writing -----------------------------------------------------------------------
     def register(self, model: str, build_model: Callable[[int], bytes], card: dict[str, Any]) -> int:

@@ -43,7 +43,7 @@ def handle_prepared(storage: Storage, data: dict[str, Any]) -> CloudEvent:
     existing = registry.find_by_upload(model, upload)
     if existing is not None:
         log.info("duplicate delivery for %s#%s: version %s exists", upload.get("name"), upload.get("generation"), existing)
-        return version_event(registry, model, existing)
+        return registry.version_event(model, existing, FUNCTION)
     started = time.perf_counter()
     try:
         schema, train, test = load_prepared(storage, prefix)
@@ -90,7 +90,7 @@ def handle_prepared(storage: Storage, data: dict[str, Any]) -> CloudEvent:
     else:
         state = f", not current: {promotion['reason']}"
     log.info("%s version %s: %s %s=%.4f%s", model, version, chosen.name, metric, chosen.metrics[metric], state)
-    return version_event(registry, model, version)
+    return registry.version_event(model, version, FUNCTION)
 
 
 def decide_promotion(
@@ -187,27 +187,6 @@ def export_first_that_agrees(candidates, schema, x_test):
 
 def onnx_metadata(model: str, version: int, card: dict[str, Any]) -> dict[str, Any]:
     return {"bucketml.model": model, "bucketml.version": str(version), "bucketml.schema": card["schema"]}
-
-
-def version_event(registry: Registry, model: str, version: int) -> CloudEvent:
-    """model.published if `version` is current, else model.trained (it exists, not served)."""
-    card = registry.card(model, version)
-    current = registry.current(model)
-    data = {
-        "model": model,
-        "version": version,
-        "current_version": current.version,
-        "algorithm": card["algorithm"],
-        "metric": card["metric"],
-        "metrics": card["metrics"],
-        "model_object": Registry.version_prefix(model, version) + "model.onnx",
-        "card_object": Registry.version_prefix(model, version) + "card.json",
-        "upload": card["lineage"]["upload"],
-    }
-    if current.version == version:
-        data["previous_version"] = current.data.get("previous")
-        return events.platform_event(events.MODEL_PUBLISHED, FUNCTION, model, data, id_=f"published-{model}-{version}")
-    return events.platform_event(events.MODEL_TRAINED, FUNCTION, model, data, id_=f"trained-{model}-{version}")
 
 
 def failed(model: str, upload: dict[str, Any], reason: str, message: str) -> CloudEvent:

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import requests
-from cloudevents.conversion import to_binary
 from watchdog.events import FileSystemEventHandler
 from watchdog.observers import Observer
 
@@ -94,9 +93,8 @@ class BucketWatcher(FileSystemEventHandler):
         # A stable id per (object, generation): a re-announcement after a crash is recognisable.
         event_id = hashlib.sha1(f"{info.name}#{info.generation}".encode()).hexdigest()[:20]
         event = events.finalized_event(self.storage.bucket_name, info.event_data(), id_=event_id)
-        headers, body = to_binary(event)
         try:
-            response = self._session.post(self.broker_url, data=body, headers=headers, timeout=10)
+            response = events.post(self.broker_url, event, self._session)
         except requests.RequestException as exc:
             log.warning("broker unreachable, will retry %s: %s", info.name, exc)
             return

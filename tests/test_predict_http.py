@@ -205,7 +205,8 @@ VALIDATION = {
     "string for a numeric column": ("POST", "/predict", {"json": {"model": "churn", "records": [_record(tenure="three")]}}, 422, ["tenure"]),
     "boolean for a numeric column": ("POST", "/predict", {"json": {"model": "churn", "records": [_record(monthly=True)]}}, 422, ["monthly"]),
     "object for a string column": ("POST", "/predict", {"json": {"model": "churn", "records": [_record(plan={"a": 1})]}}, 422, ["plan"]),
-    "integer too large for a number": ("POST", "/predict", {"json": {"model": "churn", "records": [_record(tenure=10**400)]}}, 422, ["tenure"]),
+    # The JSON parser refuses a number beyond double range, naming where it is.
+    "integer too large for a number": ("POST", "/predict", {"json": {"model": "churn", "records": [_record(tenure=10**400)]}}, 400, ["infinity", "column"]),
     "features row too short": ("POST", "/predict", {"json": {"model": "churn", "features": [[3, 99.5, "basic"]]}}, 422, ["features[0]", "4"]),
     "features row too long": ("POST", "/predict", {"json": {"model": "churn", "features": [[3, 99.5, "basic", "north"], [1, 2, "pro", "east", 5]]}}, 422, ["features[1]"]),
     "features not rows": ("POST", "/predict", {"json": {"model": "churn", "features": [3, 99.5, "basic", "north"]}}, 422, ["features[0]"]),
@@ -398,3 +399,25 @@ def test_predict_process_never_imports_sklearn_or_pandas(storage):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False False", result.stdout + result.stderr
+
+
+def test_prometheus_metrics_count_requests_rows_and_versions(server, models):
+    before = server.get("/metrics")
+    assert before.status_code == 200 and before.headers["Content-Type"].startswith("text/plain")
+    record = {"tenure": 3, "monthly": 99.5, "plan": "basic", "region": "north"}
+    for _ in range(3):
+        assert server.predict({"model": "churn", "records": [record, record]}).status_code == 200
+    assert server.predict({"model": "churn", "records": [{"tenure": 1}]}).status_code == 422
+    text = server.get("/metrics").text
+
+    def sample(name: str, **labels) -> float:
+        for line in text.splitlines():
+            if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    version = str(server.version_of("churn"))
+    assert sample("bucketml_predict_requests_total", endpoint="predict", code="200", model="churn", version=version) >= 3
+    assert sample("bucketml_predict_requests_total", endpoint="predict", code="422") >= 1
+    assert sample("bucketml_predict_rows_total", model="churn", version=version) >= 6
+    assert sample("bucketml_predict_request_seconds_count", endpoint="predict") >= 4

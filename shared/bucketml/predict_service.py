@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
+import orjson
+import prometheus_client
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import Map, Rule
 
@@ -45,16 +48,30 @@ ROUTES = Map(
         Rule("/v2/models/<model>/infer", methods=["POST"], endpoint="v2_infer"),
         Rule("/v2/models/<model>/versions/<int:version>/infer", methods=["POST"], endpoint="v2_infer"),
         Rule("/v1/models/<model>:predict", methods=["POST"], endpoint="v1_predict"),
+        Rule("/metrics", methods=["GET"], endpoint="metrics"),
     ],
     strict_slashes=False,
 )
 
 
-def _json(body: Any, status: int = 200, version: int | None = None):
+REQUESTS = prometheus_client.Counter(
+    "bucketml_predict_requests", "Requests by route, HTTP status and the model version that answered.",
+    ["endpoint", "code", "model", "version"],
+)
+LATENCY = prometheus_client.Histogram(
+    "bucketml_predict_request_seconds", "Time from request to response inside the function, by route.",
+    ["endpoint"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+ROWS = prometheus_client.Counter("bucketml_predict_rows", "Rows scored, by model version.", ["model", "version"])
+
+
+def _json(body: Any, status: int = 200, loaded: LoadedModel | None = None):
+    """orjson: several times faster than json for the small bodies that dominate (NaN -> null)."""
     headers = {"Content-Type": "application/json"}
-    if version is not None:
-        headers["Bucketml-Model-Version"] = str(version)
-    return json.dumps(body), status, headers
+    if loaded is not None:
+        headers["Bucketml-Model"] = loaded.model
+        headers["Bucketml-Model-Version"] = str(loaded.version)
+    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), status, headers
 
 
 class PredictService:
@@ -67,23 +84,39 @@ class PredictService:
         return cls(ModelManager(registry, config.pointer_poll_seconds()))
 
     def handle(self, request):
+        started = time.perf_counter()
         self.manager.ensure_watching()
+        endpoint = "unknown"
         try:
             endpoint, args = ROUTES.bind_to_environ(request.environ).match()
             if request.content_length and request.content_length > MAX_BODY_BYTES:
                 raise InputError(f"request body over {MAX_BODY_BYTES} bytes; send fewer rows per request", 413)
-            return getattr(self, endpoint)(request, **args)
+            response = getattr(self, endpoint)(request, **args)
         except InputError as exc:
-            return _json({"error": str(exc)}, exc.status)
+            response = _json({"error": str(exc)}, exc.status)
         except HTTPException as exc:  # no such route / method
-            return _json({"error": f"{request.method} {request.path}: {exc.description}"}, exc.code or 400)
+            response = _json({"error": f"{request.method} {request.path}: {exc.description}"}, exc.code or 400)
+        if endpoint != "metrics":
+            headers = response[2] if len(response) > 2 else {}
+            REQUESTS.labels(endpoint, str(response[1]), headers.get("Bucketml-Model", ""),
+                            headers.get("Bucketml-Model-Version", "")).inc()
+            LATENCY.labels(endpoint).observe(time.perf_counter() - started)
+        return response
+
+    def _scored(self, loaded: LoadedModel, answer: dict, rows: int, body: dict | None = None):
+        ROWS.labels(loaded.model, str(loaded.version)).inc(rows)
+        return _json(answer if body is None else body, loaded=loaded)
+
+    def metrics(self, request):
+        """Prometheus text format."""
+        return prometheus_client.generate_latest(), 200, {"Content-Type": prometheus_client.CONTENT_TYPE_LATEST}
 
     # --- helpers -----------------------------------------------------------------------
     @staticmethod
     def _body(request) -> dict[str, Any]:
         try:
-            body = json.loads(request.get_data())
-        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
+            body = orjson.loads(request.get_data())
+        except (ValueError, RecursionError) as exc:  # orjson refuses nesting deeper than 1024
             raise InputError(f"request body is not valid JSON: {exc}", 400) from None
         if not isinstance(body, dict):
             raise InputError("request body must be a JSON object", 400)
@@ -112,7 +145,7 @@ class PredictService:
         else:
             raise InputError("send {\"records\": [{column: value}]} or {\"features\": [[values in schema order]]}", 400)
         rows = len(next(iter(values.values())))
-        return _json(loaded.predict(values, rows), version=loaded.version)
+        return self._scored(loaded, loaded.predict(values, rows), rows)
 
     def reload(self, request):
         """A model.published event (from a Trigger): load the new version now."""
@@ -158,12 +191,12 @@ class PredictService:
                 "outputs": outputs,
                 "parameters": {"task": loaded.task, "classes": loaded.classes},
             },
-            version=loaded.version,
+            loaded=loaded,
         )
 
     def v2_model_ready(self, request, model: str, version: int | None = None):
         loaded = self._model(model, version)
-        return _json({"name": model, "version": str(loaded.version), "ready": True}, version=loaded.version)
+        return _json({"name": model, "version": str(loaded.version), "ready": True}, loaded=loaded)
 
     def v2_infer(self, request, model: str, version: int | None = None):
         body = self._body(request)
@@ -211,7 +244,7 @@ class PredictService:
         reply = {"model_name": model, "model_version": str(loaded.version), "outputs": outputs}
         if "id" in body:
             reply["id"] = body["id"]
-        return _json(reply, version=loaded.version)
+        return self._scored(loaded, answer, rows, reply)
 
     # --- KServe V1 ---------------------------------------------------------------------
     def v1_predict(self, request, model: str):
@@ -224,4 +257,4 @@ class PredictService:
             values = columns_from_records(loaded.columns, instances)
         rows = len(next(iter(values.values())))
         answer = loaded.predict(values, rows)
-        return _json({"predictions": answer["predictions"], "model": model, "version": loaded.version}, version=loaded.version)
+        return self._scored(loaded, answer, rows, {"predictions": answer["predictions"], "model": model, "version": loaded.version})

@@ -250,6 +250,7 @@ class LocalStorage(Storage):
         """A complete, synced temp file whose mtime makes a generation newer than `after`."""
         fd, tmp = tempfile.mkstemp(dir=self._tmp_dir)
         try:
+            os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide objects (reports, models) from other users
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()

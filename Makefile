@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run dev test clean
+.PHONY: run dev test test-deps clean
 
 $(BIN)/bucketml: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,19 @@ run: $(BIN)/bucketml
 dev: $(BIN)/bucketml
 	$(BIN)/bucketml dev
 
-test: $(BIN)/bucketml
+test: $(BIN)/bucketml test-deps
 	$(BIN)/python -m pytest -q
+
+# The report test renders report.html in headless Chromium (it skips when there is none).
+# On a Debian machine run as root, install Debian's chromium if it is missing; never fails.
+test-deps:
+	@if ! command -v chromium >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing chromium for the browser test (apt-get)"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 \
+			|| { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; } \
+			|| echo "could not install chromium: the browser test will be skipped"; \
+	fi; true
 
 clean:
 	rm -rf $(VENV) bucket .bucketml

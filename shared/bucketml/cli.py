@@ -330,6 +330,60 @@ def profile(name: str, version: int | None, bucket: str) -> None:
         click.echo(line)
 
 
+# --- report --------------------------------------------------------------------------------
+@cli.command()
+@click.argument("name")
+@click.argument("version", type=int, required=False)
+@click.option("--open", "open_", is_flag=True, help="Also open it in the default web browser.")
+@bucket_option
+def report(name: str, version: int | None, open_: bool, bucket: str) -> None:
+    """Print the path of report.html of model NAME's current version (or VERSION): one HTML file
+    with the data profile, every candidate, plots of the errors, feature importance and the ONNX
+    parity check. From a gs:// bucket it is downloaded to a temporary file first."""
+    import tempfile
+
+    from .storage import LocalStorage, NotFound
+
+    try:
+        check_model_name(name)
+    except RegistryError as exc:
+        raise Failure(str(exc)) from None
+    storage = _storage(bucket)
+    registry = Registry(storage)
+    if version is None:
+        version = registry.current(name).version
+        if version is None:
+            if registry.versions(name):
+                raise Failure(f"model '{name}' has no current version; name one: bucketml report {name} VERSION")
+            raise Failure(f"model '{name}' has no versions")
+    try:
+        card = registry.card(name, version)
+    except NotFound:
+        raise Failure(f"model '{name}' has no version {version}") from None
+    name_of_report = Registry.version_prefix(name, version) + "report.html"
+
+    def missing() -> Failure:
+        why = (f"it could not be rendered: {card['report_error']}" if card.get("report_error")
+               else "it was trained before reports existed")
+        return Failure(f"version {version} of '{name}' has no report ({why})")
+
+    if isinstance(storage, LocalStorage):
+        if not storage.exists(name_of_report):
+            raise missing()
+        path = storage.root / name_of_report
+    else:
+        try:
+            data = storage.read(name_of_report)
+        except NotFound:
+            raise missing() from None
+        with tempfile.NamedTemporaryFile(prefix=f"bucketml-{name}-v{version}-", suffix=".html", delete=False) as f:
+            f.write(data)
+        path = Path(f.name)
+    click.echo(str(path))
+    if open_ and click.launch(str(path)) != 0:
+        click.echo("could not open a browser; open the file above yourself", err=True)
+
+
 # --- promote / rollback --------------------------------------------------------------------
 def move_current(bucket: str, broker: str, name: str, version: int, reason: str) -> None:
     """Move the pointer (compare-and-swap) and announce model.published like train does."""

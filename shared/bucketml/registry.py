@@ -2,6 +2,7 @@
 
 Layout (design.md §3):
     models/<model>/versions/<n>/model.onnx   written first, create-only (claims number n)
+    models/<model>/versions/<n>/report.html  extra files (`register(artifacts=)`), create-only, before the card
     models/<model>/versions/<n>/card.json    written last, create-only: the version is complete
     models/<model>/current.json              {"version": n, ...}, moved only with if_generation_match
 
@@ -48,6 +49,11 @@ class Pointer:
 
 def _json(data: Any) -> bytes:
     return json.dumps(data, indent=2, sort_keys=True).encode("utf-8")
+
+
+def _content_type(filename: str) -> str:
+    kinds = {".html": "text/html; charset=utf-8", ".json": "application/json", ".svg": "image/svg+xml"}
+    return next((kind for ending, kind in kinds.items() if filename.endswith(ending)), "application/octet-stream")
 
 
 def _now() -> str:
@@ -134,6 +140,8 @@ class Registry:
             "card_object": self.version_prefix(model, version) + "card.json",
             "upload": card["lineage"]["upload"],
         }
+        if card.get("report"):  # versions made before reports, or whose report failed, have none
+            data["report_object"] = card["report"]
         if current.version == version:
             data["previous_version"] = current.data.get("previous")
             data["reason"] = current.data.get("reason")
@@ -142,11 +150,23 @@ class Registry:
         return events.platform_event(events.MODEL_TRAINED, function, model, data, id_=f"trained-{model}-{version}")
 
     # --- writing -----------------------------------------------------------------------
-    def register(self, model: str, build_model: Callable[[int], bytes], card: dict[str, Any]) -> int:
+    def register(
+        self,
+        model: str,
+        build_model: Callable[[int], bytes],
+        card: dict[str, Any],
+        *,
+        artifacts: dict[str, Callable[[int], bytes | None]] | None = None,
+    ) -> int:
         """Store a new version create-only and return its number.
 
         `build_model(n)` returns the ONNX bytes for version n (the number is inside the file's
         metadata); if another writer took n first, the next number is tried.
+        `artifacts` {file name: build(n)} are extra files of the version (report.html), built
+        once n is claimed and written create-only in order, BEFORE card.json (the card, written
+        last, marks the version complete). A build that returns None writes nothing. The card
+        is copied after the builds, so a build may still add to `card` (the trainer records
+        the report's object name, or why it could not be rendered).
         """
         check_model_name(model)
         existing = self._claimed_numbers(model)
@@ -161,6 +181,12 @@ class Registry:
                 break
             except PreconditionFailed:
                 version += 1
+        for filename, build in (artifacts or {}).items():
+            if "/" in filename or filename in ("model.onnx", "card.json"):
+                raise RegistryError(f"invalid artifact name {filename!r}")
+            data = build(version)
+            if data is not None:
+                self.storage.write(prefix + filename, data, if_generation_match=0, content_type=_content_type(filename))
         card = dict(card, model=model, version=version, created=_now())
         # The card describes the stored file (build_model stamps the version into it).
         card["artifact"] = dict(

@@ -44,11 +44,13 @@ ALGORITHMS = {
 }
 ALL_ALGORITHMS = ("svm", "random_forest", "logistic_regression", "ridge", "gradient_boosting")
 METRICS = {
-    "classification": ("accuracy", "balanced_accuracy", "f1_macro"),
+    "classification": ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "log_loss"),
     "regression": ("r2", "rmse", "mae"),
 }
 DEFAULT_METRIC = {"classification": "accuracy", "regression": "r2"}
-LOWER_IS_BETTER = frozenset({"rmse", "mae"})
+LOWER_IS_BETTER = frozenset({"rmse", "mae", "log_loss"})
+# Computed from the predicted class probabilities (roc_auc: one-vs-rest macro when multiclass).
+PROBABILITY_METRICS = frozenset({"roc_auc", "log_loss"})
 PROMOTION = ("always", "if_better")
 
 # Every field with its value when neither source sets it. None means "decided from the data":
@@ -107,8 +109,9 @@ SCHEMA: dict[str, Any] = {
         },
         "metric": {
             "enum": [m for task in ("classification", "regression") for m in METRICS[task]],
-            "description": "Held-out metric that chooses the best candidate (and compares versions). Classification: "
-            + ", ".join(METRICS["classification"]) + " (default accuracy); regression: "
+            "description": "Metric that chooses the best candidate and its settings (3-fold cross-validation on the "
+            "training rows) and compares versions (on the held-out rows). Classification: "
+            + ", ".join(METRICS["classification"]) + " (default accuracy; log_loss: lower is better); regression: "
             + ", ".join(METRICS["regression"]) + " (default r2; rmse and mae: lower is better).",
         },
         "test_size": {
@@ -128,7 +131,8 @@ SCHEMA: dict[str, Any] = {
             "type": "number",
             "exclusiveMinimum": 0,
             "default": DEFAULTS["max_training_seconds"],
-            "description": "Budget for fitting candidates (cheapest first); once spent, the rest are skipped. "
+            "description": "Budget for the candidates' cross-validated hyperparameter search and refits; once "
+            "spent, the search stops at the best setting found so far and candidates not started are skipped. "
             "The first candidate always runs.",
         },
         "header": {
@@ -432,5 +436,5 @@ def algorithms_for(spec: dict[str, Any], task: str) -> list[str]:
 
 
 def better(metric: str, score: float, than: float) -> bool:
-    """Strictly better by `metric` (rmse and mae: lower is better)."""
+    """Strictly better by `metric` (rmse, mae and log_loss: lower is better)."""
     return score < than if metric in LOWER_IS_BETTER else score > than

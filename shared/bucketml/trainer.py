@@ -23,7 +23,7 @@ from .registry import Registry, RegistryError, check_model_name
 from .serving import feeds_from_columns, new_session
 from .spec import better, metric_for, with_defaults
 from .storage import NotFound, Storage
-from .training import TrainingError, fit_candidates, score
+from .training import TrainingError, score, select
 
 log = logging.getLogger("bucketml.train")
 
@@ -48,7 +48,8 @@ def handle_prepared(storage: Storage, data: dict[str, Any]) -> CloudEvent:
     try:
         schema, train, test = load_prepared(storage, prefix)
         spec = with_defaults(schema.get("spec"))  # data prepared before specs existed: defaults
-        candidates, failures, skipped = fit_candidates(schema, train, test, spec)
+        selection = select(schema, train, test, spec)  # by cross-validation on the training rows
+        candidates, failures, skipped = selection.candidates, selection.failures, selection.skipped
         chosen, onnx_bytes, schema, parity, rejected = export_first_that_agrees(candidates, schema, test[0])
     except NotFound as exc:
         return failed(model, upload, "prepared_data_missing", f"the prepared data is gone: {exc}")
@@ -63,6 +64,8 @@ def handle_prepared(storage: Storage, data: dict[str, Any]) -> CloudEvent:
         "algorithm": chosen.name,
         "metric": metric,
         "metrics": chosen.metrics,
+        "confusion_matrix": chosen.confusion,  # held-out rows; None for regression
+        "selection": selection.summary,
         "candidates": [c.summary() for c in candidates],
         "candidate_failures": failures + rejected,
         "skipped": skipped,
@@ -81,7 +84,24 @@ def handle_prepared(storage: Storage, data: dict[str, Any]) -> CloudEvent:
     def stamped(version: int) -> bytes:
         return with_metadata(onnx_bytes, onnx_metadata(model, version, card))
 
-    version = registry.register(model, stamped, card)
+    def report(version: int) -> bytes | None:
+        """report.html of version n (the registry calls this before it writes the card)."""
+        try:
+            from .report import render_report  # matplotlib: only the train step loads it
+
+            page = render_report(card, chosen.pipeline, test[0], test[1], model=model, version=version)
+        except Exception as exc:
+            # Only rendering is caught, and all of it: the report documents a version that already
+            # passed the parity gate, so a plotting bug or an estimator the report code does not
+            # expect must not cost the user that model. Writing the file is outside this try: a
+            # storage fault still fails the step (503) and the broker retries it.
+            log.exception("%s version %s: the report could not be rendered", model, version)
+            card["report_error"] = f"{type(exc).__name__}: {exc}"
+            return None
+        card["report"] = Registry.version_prefix(model, version) + "report.html"
+        return page
+
+    version = registry.register(model, stamped, card, artifacts={"report.html": report})
     if promotion["promoted"]:
         moved, previous = registry.move_pointer(
             model, version, reason=f"trained from {upload.get('name')}", only_if_newer=True
@@ -89,7 +109,8 @@ def handle_prepared(storage: Storage, data: dict[str, Any]) -> CloudEvent:
         state = f", now current (was {previous})" if moved else f", not current (version {previous} is newer)"
     else:
         state = f", not current: {promotion['reason']}"
-    log.info("%s version %s: %s %s=%.4f%s", model, version, chosen.name, metric, chosen.metrics[metric], state)
+    value = chosen.metrics[metric]
+    log.info("%s version %s: %s %s=%s%s", model, version, chosen.name, metric, "undefined" if value is None else f"{value:.4f}", state)
     return registry.version_event(model, version, FUNCTION)
 
 
@@ -126,6 +147,9 @@ def decide_promotion(
     except Exception as exc:  # a current version that cannot be read or run is no reason to keep it
         record["reason"] = f"version {current} could not be evaluated: {exc}"
         return record
+    if new_score is None or record["current_score"] is None:  # roc_auc when a class has no test row
+        record["reason"] = f"{metric} is undefined on the new test rows: not comparable with version {current}"
+        return record
     record["promoted"] = better(metric, new_score, record["current_score"])
     relation = "better than" if record["promoted"] else "not better than"
     record["reason"] = (
@@ -157,8 +181,9 @@ def onnx_score(onnx_bytes: bytes, schema: dict[str, Any], test: tuple, metric: s
     outputs = session.run(None, feeds_from_columns(columns, values, len(x)))
     if schema["task"] == "classification":
         predicted = outputs[0].reshape(-1).astype(str)
-    else:
-        predicted = outputs[0].reshape(-1).astype("float64")
+        # Probability columns follow the model's classes: the schema's (sorted) classes.
+        return score("classification", y.to_numpy(), predicted, outputs[1], schema["classes"])[metric]
+    predicted = outputs[0].reshape(-1).astype("float64")
     return score(schema["task"], y.to_numpy(), predicted)[metric]
 
 

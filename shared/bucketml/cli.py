@@ -116,7 +116,7 @@ def describe(type_: str, data: dict) -> str:
         score = data.get("metrics", {}).get(metric)
         state = "published" if type_ == events.MODEL_PUBLISHED else "trained  "
         suffix = "" if type_ == events.MODEL_PUBLISHED else f" (current stays {data.get('current_version')})"
-        return f"  {state}  {data.get('model')} version {data.get('version')}: {data.get('algorithm')} {metric}={score:.4f}{suffix}"
+        return f"  {state}  {data.get('model')} version {data.get('version')}: {data.get('algorithm')} {metric}={_score(score)}{suffix}"
     if type_ == events.DATASET_REJECTED:
         return f"  rejected   {data.get('reason')}: {data.get('message')}  (report: {data.get('report')})"
     if type_ == events.TRAINING_FAILED:
@@ -193,6 +193,11 @@ def upload_metadata(target: str | None, task: str | None, settings: tuple[str, .
     return metadata
 
 
+def _score(value: float | None) -> str:
+    """A metric can be undefined (ROC AUC when a class has no held-out row)."""
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}" + ("" if count == 1 else "s")
 
@@ -216,7 +221,7 @@ def models(name: str | None, bucket: str) -> None:
                 continue
             card = registry.card(model, pointer.version)
             click.echo(f"{model:<24} v{pointer.version:<4} {card['algorithm']:<20} "
-                       f"{card['metric']}={card['metrics'][card['metric']]:.4f}  ({_plural(len(versions), 'version')})")
+                       f"{card['metric']}={_score(card['metrics'][card['metric']])}  ({_plural(len(versions), 'version')})")
         return
     versions = registry.versions(name)
     if not versions:
@@ -225,7 +230,7 @@ def models(name: str | None, bucket: str) -> None:
     click.echo(f"{'':2}{'version':<9}{'created':<22}{'algorithm':<22}{'score':<18}{'rows':<7}upload")
     for version in versions:
         card = registry.card(name, version)
-        score = f"{card['metric']}={card['metrics'][card['metric']]:.4f}"
+        score = f"{card['metric']}={_score(card['metrics'][card['metric']])}"
         mark = "*" if version == current else " "
         rows = card.get("data", {}).get("rows", {}).get("train", "")
         click.echo(f"{mark:2}{version:<9}{card['created']:<22}{card['algorithm']:<22}{score:<18}{rows!s:<7}"

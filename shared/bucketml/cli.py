@@ -312,27 +312,33 @@ def render_profile(model: str, version: int, card: dict, profile: dict) -> list[
 def profile(name: str, version: int | None, bucket: str) -> None:
     """Show the data profile of model NAME's current version: columns, types, missing values,
     dropped columns with why, warnings and the target's distribution."""
+
+    registry = Registry(_storage(bucket))
+    version, card = _version_card(registry, name, version, "name one with --version")
+    if not card.get("profile"):
+        raise Failure(f"version {version} of '{name}' has no profile (it was trained before profiles existed)")
+    for line in render_profile(name, version, card, card["profile"]):
+        click.echo(line)
+
+
+def _version_card(registry: Registry, name: str, version: int | None, hint: str) -> tuple[int, dict]:
+    """The card of `version` of model `name`, or of its current version; one-line errors."""
     from .storage import NotFound
 
     try:
         check_model_name(name)
     except RegistryError as exc:
         raise Failure(str(exc)) from None
-    registry = Registry(_storage(bucket))
     if version is None:
         version = registry.current(name).version
         if version is None:
             if registry.versions(name):
-                raise Failure(f"model '{name}' has no current version; name one with --version")
+                raise Failure(f"model '{name}' has no current version; {hint}")
             raise Failure(f"model '{name}' has no versions")
     try:
-        card = registry.card(name, version)
+        return version, registry.card(name, version)
     except NotFound:
         raise Failure(f"model '{name}' has no version {version}") from None
-    if not card.get("profile"):
-        raise Failure(f"version {version} of '{name}' has no profile (it was trained before profiles existed)")
-    for line in render_profile(name, version, card, card["profile"]):
-        click.echo(line)
 
 
 # --- report --------------------------------------------------------------------------------
@@ -349,22 +355,9 @@ def report(name: str, version: int | None, open_: bool, bucket: str) -> None:
 
     from .storage import LocalStorage, NotFound
 
-    try:
-        check_model_name(name)
-    except RegistryError as exc:
-        raise Failure(str(exc)) from None
     storage = _storage(bucket)
     registry = Registry(storage)
-    if version is None:
-        version = registry.current(name).version
-        if version is None:
-            if registry.versions(name):
-                raise Failure(f"model '{name}' has no current version; name one: bucketml report {name} VERSION")
-            raise Failure(f"model '{name}' has no versions")
-    try:
-        card = registry.card(name, version)
-    except NotFound:
-        raise Failure(f"model '{name}' has no version {version}") from None
+    version, card = _version_card(registry, name, version, f"name one: bucketml report {name} VERSION")
     name_of_report = Registry.version_prefix(name, version) + "report.html"
 
     def missing() -> Failure:

@@ -57,7 +57,7 @@ def handle_prepared(storage: Storage, data: dict[str, Any]) -> CloudEvent:
         return failed(model, upload, "no_model", str(exc))
     metric = metric_for(spec, schema["task"])
     # Decided before the version is registered, so the card can say what happened.
-    promotion = decide_promotion(registry, model, spec, schema, chosen.metrics[metric], test, metric)
+    promotion = decide_promotion(registry, model, spec, schema, chosen.metrics[metric], test, metric, onnx_bytes)
     card = {
         "task": schema["task"],
         "target": schema["target"],
@@ -115,12 +115,14 @@ def handle_prepared(storage: Storage, data: dict[str, Any]) -> CloudEvent:
 
 
 def decide_promotion(
-    registry: Registry, model: str, spec: dict[str, Any], schema: dict[str, Any], new_score: float, test: tuple, metric: str
+    registry: Registry, model: str, spec: dict[str, Any], schema: dict[str, Any], new_score: float, test: tuple, metric: str,
+    new_onnx: bytes,
 ) -> dict[str, Any]:
     """Whether the new version should become current, and why (recorded in the card).
 
-    `promotion: always` promotes. `if_better` runs the CURRENT version's ONNX model on the
-    NEW held-out rows and promotes only if the new score is strictly better by `metric`. A
+    `promotion: always` promotes. `if_better` runs the CURRENT and the NEW version's ONNX
+    models on the NEW held-out rows and promotes only if the new score is strictly better by
+    `metric`. A
     current version with a different schema (task, columns and their types, classes) cannot
     be compared, nor one that fails to run: then the new version is promoted.
     """
@@ -147,6 +149,9 @@ def decide_promotion(
     except Exception as exc:  # a current version that cannot be read or run is no reason to keep it
         record["reason"] = f"version {current} could not be evaluated: {exc}"
         return record
+    # Both sides scored the same way, by onnxruntime as predict serves them: float32 noise
+    # between sklearn and ONNX must not decide "strictly better" between equal models.
+    new_score = record["new_score"] = onnx_score(new_onnx, schema, test, metric)
     if new_score is None or record["current_score"] is None:  # roc_auc when a class has no test row
         record["reason"] = f"{metric} is undefined on the new test rows: not comparable with version {current}"
         return record

@@ -129,7 +129,7 @@ def publish(storage, model: str, frame: pd.DataFrame, filename: str) -> int:
     info = storage.write(f"datasets/{model}/{filename}", frame.to_csv(index=False).encode(), content_type="text/csv")
     prepared = preprocessing.handle_finalized(storage, info.event_data())
     assert prepared is not None and prepared["type"] == "bucketml.dataset.prepared.v1", prepared and prepared.data
-    reply = trainer.handle_prepared(storage, prepared.data)
+    reply = trainer.handle_prepared(storage, prepared.data)[-1]
     assert reply["type"] == "bucketml.model.published.v1", reply.data
     return reply.data["version"]
 
@@ -161,26 +161,34 @@ class Server:
 def predict_server(bucket: Path, log_dir: Path, poll_seconds: float = 0.3):
     """The predict function on a free port over `bucket`; stopped with SIGTERM, which must
     end it cleanly and with no unhandled error in its log."""
+    env = {"BUCKETML_POLL_SECONDS": str(poll_seconds), "WORKERS": "1", "THREADS": "4"}
+    with function_server("predict", bucket, log_dir, env) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def function_server(function: str, bucket: Path, log_dir: Path, env: dict[str, str] | None = None):
+    """functions/<function> run by functions-framework on a free port over `bucket`."""
     port = free_port()
-    log_path = log_dir / f"predict-{port}.log"
-    env = dict(os.environ, BUCKETML_BUCKET=str(bucket), BUCKETML_POLL_SECONDS=str(poll_seconds), WORKERS="1", THREADS="4")
+    log_path = log_dir / f"{function}-{port}.log"
+    env = dict(os.environ, BUCKETML_BUCKET=str(bucket), **(env or {}))
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "functions_framework", "--source", "functions/predict/main.py",
-             "--target", "predict", "--host", "127.0.0.1", "--port", str(port)],
+            [sys.executable, "-m", "functions_framework", "--source", f"functions/{function}/main.py",
+             "--target", function, "--host", "127.0.0.1", "--port", str(port)],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
 
     def live() -> bool:
-        assert process.poll() is None, "predict exited early:\n" + log_path.read_text()
-        try:
-            return requests.get(url + "/v2/health/live", timeout=1).status_code == 200
+        assert process.poll() is None, f"{function} exited early:\n" + log_path.read_text()
+        try:  # predict has a liveness route; the event functions answer GET with 405
+            return requests.get(url + "/v2/health/live", timeout=1).status_code in (200, 405)
         except requests.ConnectionError:
             return False
 
     try:
-        wait_until(live, "/v2/health/live", timeout=30)
+        wait_until(live, f"{function} to listen", timeout=30)
         yield Server(url, process, log_path)
     finally:
         process.terminate()
@@ -192,5 +200,5 @@ def predict_server(bucket: Path, log_dir: Path, poll_seconds: float = 0.3):
             code = "killed after 15 s"
         log = log_path.read_text()
         print(log[-5000:])
-    assert code == 0, f"predict did not exit cleanly on SIGTERM ({code})"
-    assert "Traceback" not in log, "the predict process logged an unhandled error:\n" + log
+    assert code == 0, f"{function} did not exit cleanly on SIGTERM ({code})"
+    assert "Traceback" not in log, f"the {function} process logged an unhandled error:\n" + log

@@ -91,7 +91,7 @@ def rich(tmp_path_factory):
     storage = LocalStorage(bucket)
     frame = rich_frame()
     prepared = publish(storage, "rich", frame)
-    reply = handle_prepared(storage, prepared.data)
+    reply = handle_prepared(storage, prepared.data)[-1]
     assert reply["type"] == events.MODEL_PUBLISHED, reply.data
     manager = ModelManager(Registry(storage))
     manager.refresh()
@@ -222,7 +222,7 @@ def test_regression_on_dates_with_times_and_zones(tmp_path):
     frame["target"] = (years - 2020) * 10.0 + (hours >= 18) * 5.0 + frame["size"] + rng.normal(0, 0.5, rows)
     storage = LocalStorage(tmp_path / "bucket")
     prepared = publish(storage, "prices", frame)
-    reply = handle_prepared(storage, prepared.data)
+    reply = handle_prepared(storage, prepared.data)[-1]
     assert reply["type"] == events.MODEL_PUBLISHED, reply.data
     card = Registry(storage).card("prices", 1)
     assert by_name(card["schema"]["columns"])["at"]["parts"] == ["year", "month", "day", "dayofweek", "hour"]

@@ -56,6 +56,9 @@ def test_upload_trains_serves_and_hot_swaps(platform):
     published = wait_for_event(platform["broker"], for_upload("bucketml.model.published.v1", name))
     assert published["data"]["version"] == 1
     assert published["source"] == "/bucketml/train" and published["subject"] == "churn"
+    # model.trained is announced for every version, before the model.published of its promotion.
+    trained = wait_for_event(platform["broker"], for_upload("bucketml.model.trained.v1", name), timeout=5)
+    assert trained["data"]["version"] == 1 and trained["seq"] < published["seq"]
 
     ready = requests.get(platform["predict"] + "/v2/health/ready", timeout=5)
     deadline = time.monotonic() + 10

@@ -44,7 +44,7 @@ def train(storage: LocalStorage, model: str, frame: pd.DataFrame, metadata: dict
                          metadata=metadata)
     prepared = handle_finalized(storage, info.event_data())
     assert prepared["type"] == events.DATASET_PREPARED, prepared.data
-    reply = handle_prepared(storage, prepared.data)
+    reply = handle_prepared(storage, prepared.data)[-1]
     assert reply["type"] == events.MODEL_PUBLISHED, reply.data
     return prepared, reply
 

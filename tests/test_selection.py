@@ -62,7 +62,7 @@ def train_upload(storage, model: str, frame: pd.DataFrame, metadata: dict | None
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(trainer, "export_first_that_agrees", spy)
-        reply = handle_prepared(storage, prepared.data)
+        reply = handle_prepared(storage, prepared.data)[-1]
     assert reply["type"] in (events.MODEL_PUBLISHED, events.MODEL_TRAINED), reply.data
     card = Registry(storage).card(model, reply.data["version"])
     schema, train, test = load_prepared(storage, prepared.data["prepared"])

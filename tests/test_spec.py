@@ -47,7 +47,7 @@ def publish(storage, model: str, frame: pd.DataFrame, metadata: dict | None = No
     """Preprocess and train; returns (train reply, card of the version it made)."""
     prepared = preprocess(storage, model, frame, metadata, filename)
     assert prepared["type"] == events.DATASET_PREPARED, prepared.data
-    reply = handle_prepared(storage, prepared.data)
+    reply = handle_prepared(storage, prepared.data)[-1]
     assert reply["type"] in (events.MODEL_PUBLISHED, events.MODEL_TRAINED), reply.data
     return reply, Registry(storage).card(model, reply.data["version"])
 

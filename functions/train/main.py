@@ -1,4 +1,4 @@
-"""train: bucketml.dataset.prepared.v1 -> bucketml.model.published.v1 | trained | training.failed.
+"""train: bucketml.dataset.prepared.v1 -> bucketml.model.trained.v1 [+ model.published.v1] | training.failed.
 
 Run: functions-framework --source functions/train/main.py --target train
 """

@@ -98,7 +98,9 @@ def wait_for_outcome(broker: str, name: str, generation: int, timeout: float, ec
             if upload.get("name") != name or str(upload.get("generation")) != str(generation):
                 continue
             echo(describe(event["type"], data))
-            if event["type"] in events.UPLOAD_OUTCOMES:
+            # A trained version that is already current is followed by its model.published.
+            promoted = event["type"] == events.MODEL_TRAINED and data.get("current_version") == data.get("version")
+            if event["type"] in events.UPLOAD_OUTCOMES and not promoted:
                 return event
         time.sleep(0.3)
     raise Failure(f"no outcome within {timeout:.0f}s; follow it with `bucketml events`")
@@ -115,7 +117,8 @@ def describe(type_: str, data: dict) -> str:
         metric = data.get("metric")
         score = data.get("metrics", {}).get(metric)
         state = "published" if type_ == events.MODEL_PUBLISHED else "trained  "
-        suffix = "" if type_ == events.MODEL_PUBLISHED else f" (current stays {data.get('current_version')})"
+        current = data.get("current_version")
+        suffix = "" if type_ == events.MODEL_PUBLISHED or current == data.get("version") else f" (current stays {current})"
         return f"  {state}  {data.get('model')} version {data.get('version')}: {data.get('algorithm')} {metric}={_score(score)}{suffix}"
     if type_ == events.DATASET_REJECTED:
         return f"  rejected   {data.get('reason')}: {data.get('message')}  (report: {data.get('report')})"
@@ -391,7 +394,7 @@ def move_current(bucket: str, broker: str, name: str, version: int, reason: str)
         click.echo(f"{name}: version {version} is already current")
         return
     click.echo(f"{name}: current version {previous} -> {version}")
-    event = registry.version_event(name, version, "registry")
+    event = registry.published_event(name, "registry")
     try:
         response = events.post(broker.rstrip("/"), event)
         delivered = response.status_code < 300

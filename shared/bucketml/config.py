@@ -26,6 +26,12 @@ def broker_url() -> str:
     return os.environ.get("BUCKETML_BROKER_URL", f"http://127.0.0.1:{DEFAULT_BROKER_PORT}")
 
 
+def event_sink_url() -> str:
+    """Where a function sends events beyond its one reply: K_SINK when Knative injects it
+    (SinkBinding), else the broker ingress."""
+    return os.environ.get("K_SINK") or broker_url()
+
+
 def predict_url() -> str:
     return os.environ.get("BUCKETML_PREDICT_URL", f"http://127.0.0.1:{DEFAULT_PREDICT_PORT}")
 

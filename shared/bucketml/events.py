@@ -31,6 +31,10 @@ class MalformedEvent(ValueError):
     """The request is not a CloudEvent we can act on (answered with 400)."""
 
 
+class SinkUnavailable(RuntimeError):
+    """An event could not be handed to the event sink (answered with 503, so it is retried)."""
+
+
 def now_rfc3339() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
@@ -94,7 +98,7 @@ def binary_response(event: CloudEvent, status: int = 200) -> tuple[bytes, int, d
 
 def post(url: str, event: CloudEvent, session=None, timeout: float = 10.0):
     """Send `event` to a broker ingress (or any CloudEvents sink) in binary mode; the response."""
-    import requests  # here, not at import: the functions never post events themselves
+    import requests  # here, not at import: only the CLI and train's extra events need it
 
     headers, body = to_binary(event)
     return (session or requests).post(url, data=body, headers=dict(headers), timeout=timeout)
@@ -103,3 +107,15 @@ def post(url: str, event: CloudEvent, session=None, timeout: float = 10.0):
 def empty_response() -> tuple[str, int]:
     """Acknowledge without a reply event (a Knative Broker accepts 202 with no body)."""
     return "", 202
+
+
+def emit(url: str, event: CloudEvent) -> None:
+    """Hand `event` to the sink at `url` or raise SinkUnavailable (the caller's delivery is then retried)."""
+    import requests
+
+    try:
+        response = post(url, event)
+    except requests.RequestException as exc:
+        raise SinkUnavailable(f"the event sink {url} is unreachable: {exc}") from exc
+    if response.status_code >= 300:
+        raise SinkUnavailable(f"the event sink {url} refused {event['type']}: HTTP {response.status_code} {response.text[:200]}")

@@ -2,7 +2,8 @@
 
 CloudEvent functions sit behind a Broker, which retries anything but a 2xx and treats a
 non-CloudEvent body as failure, so the reply is the next event in binary mode or an empty
-202 (design.md §2). Status codes: bad data is a successful reply carrying a rejected/failed
+202 (design.md §2). A step that announces more than one event (train: model.trained, then
+model.published) posts the earlier ones to the event sink and replies with the last. Status codes: bad data is a successful reply carrying a rejected/failed
 event; a malformed event is 400 (retrying cannot help); a storage fault is 503 (retry).
 """
 
@@ -44,7 +45,7 @@ def _error(status: int, message: str) -> tuple[str, int, dict[str, str]]:
     return json.dumps({"error": message}), status, {"Content-Type": "application/json"}
 
 
-def handle(request, accepts: str, step: Callable[[Storage, dict[str, Any]], CloudEvent | None]):
+def handle(request, accepts: str, step: Callable[[Storage, dict[str, Any]], CloudEvent | list[CloudEvent] | None]):
     """Run `step` on the CloudEvent in `request` if it is of type `accepts`."""
     if request.method != "POST":  # e.g. a liveness probe: answer without noise in the log
         return _error(405, f"POST a {accepts} CloudEvent to this function")
@@ -53,6 +54,10 @@ def handle(request, accepts: str, step: Callable[[Storage, dict[str, Any]], Clou
         if event["type"] != accepts:
             raise events.MalformedEvent(f"this function handles {accepts} events, not {event['type']}")
         reply = step(storage(), events.event_data(event))
+        if isinstance(reply, list):
+            *earlier, reply = reply or [None]
+            for extra in earlier:  # before the reply, so subscribers see them in order
+                events.emit(config.event_sink_url(), extra)
     except (events.MalformedEvent, InvalidObjectName) as exc:
         log.warning("refused a malformed event: %s", exc)
         return _error(400, str(exc))
@@ -61,6 +66,9 @@ def handle(request, accepts: str, step: Callable[[Storage, dict[str, Any]], Clou
         return _error(503, str(exc))
     except StorageError as exc:
         log.error("storage unavailable, asking for a retry: %s", exc)
+        return _error(503, str(exc))
+    except events.SinkUnavailable as exc:  # the retry finds the version made and announces it again
+        log.error("%s; asking for a retry", exc)
         return _error(503, str(exc))
     if reply is None:
         return events.empty_response()

@@ -121,14 +121,29 @@ class Registry:
                 return version
         return None
 
-    def version_event(self, model: str, version: int, function: str) -> CloudEvent:
-        """model.published if `version` is current, else model.trained (it exists, not served).
+    def version_events(self, model: str, version: int, function: str) -> list[CloudEvent]:
+        """What a version announces: model.trained always, then model.published if it is current.
 
-        The published event's id names the pointer's generation: the same pointer move always
-        yields the same id (a duplicate delivery is recognisable), a new move a new one (a
-        rollback to a version published before is not mistaken for a duplicate)."""
-        card = self.card(model, version)
+        Ids are stable, so a duplicate delivery re-announces with the same ids (consumers can
+        tell): `trained-<model>-<n>`, and for published the pointer's generation, so the same
+        pointer move always yields the same id while a new move (a rollback to a version
+        published before) gets a new one."""
+        card, current = self.card(model, version), self.current(model)
+        data = self._version_data(model, version, card, current)
+        announced = [events.platform_event(events.MODEL_TRAINED, function, model, data, id_=f"trained-{model}-{version}")]
+        if current.version == version:
+            announced.append(self._published(model, version, function, data, current))
+        return announced
+
+    def published_event(self, model: str, function: str) -> CloudEvent:
+        """model.published for the model's current version (after a promote or rollback)."""
         current = self.current(model)
+        if current.version is None:
+            raise NotFound(f"model '{model}' has no current version")
+        data = self._version_data(model, current.version, self.card(model, current.version), current)
+        return self._published(model, current.version, function, data, current)
+
+    def _version_data(self, model: str, version: int, card: dict[str, Any], current: Pointer) -> dict[str, Any]:
         data = {
             "model": model,
             "version": version,
@@ -142,12 +157,13 @@ class Registry:
         }
         if card.get("report"):  # versions made before reports, or whose report failed, have none
             data["report_object"] = card["report"]
-        if current.version == version:
-            data["previous_version"] = current.data.get("previous")
-            data["reason"] = current.data.get("reason")
-            event_id = f"published-{model}-{version}-{current.generation}"
-            return events.platform_event(events.MODEL_PUBLISHED, function, model, data, id_=event_id)
-        return events.platform_event(events.MODEL_TRAINED, function, model, data, id_=f"trained-{model}-{version}")
+        return data
+
+    @staticmethod
+    def _published(model: str, version: int, function: str, data: dict[str, Any], current: Pointer) -> CloudEvent:
+        data = dict(data, previous_version=current.data.get("previous"), reason=current.data.get("reason"))
+        event_id = f"published-{model}-{version}-{current.generation}"
+        return events.platform_event(events.MODEL_PUBLISHED, function, model, data, id_=event_id)
 
     # --- writing -----------------------------------------------------------------------
     def register(

@@ -1,7 +1,7 @@
 """The train step: prepared data becomes a registered, parity-checked ONNX version.
 
-Idempotent per upload: a duplicate delivery finds the version the first one made and answers
-the same event instead of training again.
+Idempotent per upload: a duplicate delivery finds the version the first one made and announces
+the same events (same ids) instead of training again.
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ FUNCTION = "train"
 LIBRARIES = ("scikit-learn", "skl2onnx", "onnx", "onnxruntime", "numpy", "pandas")
 
 
-def handle_prepared(storage: Storage, data: dict[str, Any]) -> CloudEvent:
+def handle_prepared(storage: Storage, data: dict[str, Any]) -> list[CloudEvent]:
+    """The events training announces, in order: model.trained, then model.published when the
+    current pointer moved to the new version; or one training.failed."""
     model, prefix, upload = data.get("model"), data.get("prepared"), data.get("upload")
     if not isinstance(model, str) or not isinstance(prefix, str) or not isinstance(upload, dict):
         raise events.MalformedEvent("dataset.prepared data needs 'model', 'prepared' and 'upload'")
@@ -43,7 +45,7 @@ def handle_prepared(storage: Storage, data: dict[str, Any]) -> CloudEvent:
     existing = registry.find_by_upload(model, upload)
     if existing is not None:
         log.info("duplicate delivery for %s#%s: version %s exists", upload.get("name"), upload.get("generation"), existing)
-        return registry.version_event(model, existing, FUNCTION)
+        return registry.version_events(model, existing, FUNCTION)
     started = time.perf_counter()
     try:
         schema, train, test = load_prepared(storage, prefix)
@@ -111,7 +113,7 @@ def handle_prepared(storage: Storage, data: dict[str, Any]) -> CloudEvent:
         state = f", not current: {promotion['reason']}"
     value = chosen.metrics[metric]
     log.info("%s version %s: %s %s=%s%s", model, version, chosen.name, metric, "undefined" if value is None else f"{value:.4f}", state)
-    return registry.version_event(model, version, FUNCTION)
+    return registry.version_events(model, version, FUNCTION)
 
 
 def decide_promotion(
@@ -219,8 +221,8 @@ def onnx_metadata(model: str, version: int, card: dict[str, Any]) -> dict[str, A
     return {"bucketml.model": model, "bucketml.version": str(version), "bucketml.schema": card["schema"]}
 
 
-def failed(model: str, upload: dict[str, Any], reason: str, message: str) -> CloudEvent:
+def failed(model: str, upload: dict[str, Any], reason: str, message: str) -> list[CloudEvent]:
     log.warning("training %s from %s failed: %s", model, upload.get("name"), message)
     data = {"model": model, "upload": upload, "reason": reason, "message": message}
     key = f"{upload.get('name')}-{upload.get('generation')}"
-    return events.platform_event(events.TRAINING_FAILED, FUNCTION, model, data, id_=f"failed-{key}")
+    return [events.platform_event(events.TRAINING_FAILED, FUNCTION, model, data, id_=f"failed-{key}")]

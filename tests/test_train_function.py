@@ -1,0 +1,79 @@
+"""The train function over HTTP, as a Knative Trigger delivers to it: model.trained goes to the
+event sink (K_SINK), model.published is the reply, and an unreachable sink means a retry that
+announces the same version again instead of training a second one."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import requests
+from cloudevents.conversion import to_binary
+from cloudevents.http import from_http
+from werkzeug.serving import make_server
+from werkzeug.wrappers import Request, Response
+
+from bucketml import events
+from bucketml.preprocessing import handle_finalized
+from bucketml.registry import Registry
+from bucketml.storage import LocalStorage
+
+from helpers import churn_frame, free_port, function_server
+
+
+class Sink:
+    """A CloudEvents sink on 127.0.0.1 that records what it is sent."""
+
+    def __init__(self, port: int):
+        self.received = []
+        self.server = make_server("127.0.0.1", port, self.app, threaded=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @Request.application
+    def app(self, request: Request) -> Response:
+        self.received.append(from_http(dict(request.headers), request.get_data()))
+        return Response(status=202)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.thread.join()
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    storage = LocalStorage(tmp_path / "bucket")
+    info = storage.write("datasets/churn/data.csv", churn_frame(seed=4).to_csv(index=False).encode(), content_type="text/csv")
+    event = handle_finalized(storage, info.event_data())
+    assert event["type"] == events.DATASET_PREPARED, event.data
+    return storage, event
+
+
+def deliver(url: str, event) -> requests.Response:
+    headers, body = to_binary(event)
+    return requests.post(url, data=body, headers=headers, timeout=300)
+
+
+def test_trained_goes_to_the_sink_and_published_is_the_reply_with_a_retry_when_the_sink_is_down(tmp_path, prepared):
+    storage, event = prepared
+    port = free_port()
+    with function_server("train", storage.root, tmp_path, {"K_SINK": f"http://127.0.0.1:{port}"}) as train:
+        # Nothing listens at K_SINK yet: the version is made, but the delivery must be retried.
+        refused = deliver(train.url, event)
+        assert refused.status_code == 503, refused.text
+        assert "event sink" in refused.json()["error"]
+        assert Registry(storage).versions("churn") == [1]
+
+        with Sink(port) as sink:
+            retried = deliver(train.url, event)
+        assert retried.status_code == 200, retried.text
+        reply = from_http(dict(retried.headers), retried.content)
+        assert [e["type"] for e in sink.received] == [events.MODEL_TRAINED]
+        trained = sink.received[0]
+        assert reply["type"] == events.MODEL_PUBLISHED
+        assert reply.data["version"] == trained.data["version"] == 1
+        assert trained["id"] == "trained-churn-1" and trained["bucketmlmodel"] == "churn"
+        assert Registry(storage).versions("churn") == [1]  # the retry made no second version

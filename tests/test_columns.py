@@ -19,7 +19,7 @@ import onnx
 import pandas as pd
 import pytest
 from bucketml import events
-from bucketml.columns import normalise, with_datetime_parts
+from bucketml.columns import MAX_LISTED_CATEGORIES, normalise, with_categories, with_datetime_parts
 from bucketml.dataset import load_prepared
 from bucketml.predict_service import PredictService
 from bucketml.preprocessing import handle_finalized
@@ -159,6 +159,9 @@ def test_datetime_parts_are_onnx_inputs_and_clients_send_one_column(rich):
     signup = by_name(card["schema"]["columns"])["signup"]
     assert signup["inputs"] == {p: f"signup__{p}" for p in parts}
     assert by_name(card["schema"]["columns"])["member"]["input"] == "member"
+    # The card lists the values a category column was trained on; numbers and dates have none.
+    assert by_name(card["schema"]["columns"])["member"]["categories"] == ["false", "true"]
+    assert "categories" not in by_name(card["schema"]["columns"])["income"] and "categories" not in signup
 
     # V2 metadata: the date is one BYTES input named after the column.
     body, status, _ = PredictService(rich["manager"]).v2_model(None, "rich")
@@ -396,3 +399,12 @@ def test_profile_command_errors_are_one_line(rich):
         assert result.returncode == 1 and "Traceback" not in result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+
+
+def test_category_lists_are_bounded_and_say_so():
+    frame = pd.DataFrame({"city": [f"c{i:04d}" for i in range(1500)] + [""] * 10, "n": 1.0})
+    columns = with_categories([{"name": "city", "type": "string"}, {"name": "n", "type": "number"}], frame)
+    city = columns[0]
+    assert city["categories"] == sorted(f"c{i:04d}" for i in range(1500))[:MAX_LISTED_CATEGORIES]
+    assert city["categories_truncated"] is True and city["distinct"] == 1500  # missing '' is not a category
+    assert columns[1] == {"name": "n", "type": "number"}

@@ -236,6 +236,25 @@ def model_columns(columns: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
     return numbers, categories
 
 
+MAX_LISTED_CATEGORIES = 1000
+
+
+def with_categories(columns: list[dict[str, Any]], frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """`columns` with, for each string and boolean column, the values the model was trained on
+    (`categories`, sorted, missing '' left out; at most MAX_LISTED_CATEGORIES, then
+    `categories_truncated` and the `distinct` count). Other values are accepted and encode as
+    no known category, as in training."""
+    listed = []
+    for col in columns:
+        if col["type"] in ("string", "boolean"):
+            seen = sorted(set(frame[col["name"]].astype(str)) - {""})
+            col = dict(col, categories=seen[:MAX_LISTED_CATEGORIES])
+            if len(seen) > MAX_LISTED_CATEGORIES:
+                col.update(categories_truncated=True, distinct=len(seen))
+        listed.append(col)
+    return listed
+
+
 def with_datetime_parts(frame: pd.DataFrame, columns: list[dict[str, Any]]) -> pd.DataFrame:
     """`frame` plus one float32 column per datetime part (`signup__year`, ...), computed from
     the raw text with the numpy code the predict function uses. The raw column stays (the

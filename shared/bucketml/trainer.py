@@ -17,6 +17,7 @@ from typing import Any
 from cloudevents.http import CloudEvent
 
 from . import events
+from .columns import with_categories
 from .dataset import load_prepared
 from .export import ParityError, check_parity, served_columns, to_onnx, with_metadata
 from .registry import Registry, RegistryError, check_model_name
@@ -57,6 +58,7 @@ def handle_prepared(storage: Storage, data: dict[str, Any]) -> list[CloudEvent]:
         return failed(model, upload, "prepared_data_missing", f"the prepared data is gone: {exc}")
     except (TrainingError, ParityError) as exc:
         return failed(model, upload, "no_model", str(exc))
+    schema = dict(schema, columns=with_categories(schema["columns"], train[0]))
     metric = metric_for(spec, schema["task"])
     # Decided before the version is registered, so the card can say what happened.
     promotion = decide_promotion(registry, model, spec, schema, chosen.metrics[metric], test, metric, onnx_bytes)

@@ -293,3 +293,14 @@ def test_open_storage_picks_the_backend(tmp_path, fake_gcs, monkeypatch):
 def test_importing_the_package_does_not_import_google_cloud_storage():
     code = "import sys, bucketml.storage; sys.exit('google.cloud.storage' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_children_are_the_folders_directly_under_a_prefix(store):
+    for name in ("models/a/current.json", "models/a/versions/1/card.json", "models/b.c/versions/2/model.onnx",
+                 "models/file.txt", "modelsx/d/e.txt", "datasets/z/data.csv"):
+        store.write(name, b"x")
+    assert store.children("models/") == ["a", "b.c"]
+    assert store.children("models/a/") == ["versions"]
+    assert store.children("models/a/versions/1/") == []
+    assert store.children("nothing/") == []
+    assert store.children("") == ["datasets", "models", "modelsx"]

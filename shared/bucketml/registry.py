@@ -75,8 +75,8 @@ class Registry:
 
     # --- reading -----------------------------------------------------------------------
     def models(self) -> list[str]:
-        names = {info.name.split("/")[1] for info in self.storage.list("models/") if info.name.count("/") >= 2}
-        return sorted(names)
+        """Model names (folders under models/): one delimited listing, cheap enough to poll."""
+        return self.storage.children("models/")
 
     def versions(self, model: str) -> list[int]:
         """Complete versions (with a card), oldest first."""

@@ -133,6 +133,16 @@ class Storage(abc.ABC):
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         """Live objects whose names start with `prefix`, in name order."""
 
+    def children(self, prefix: str) -> list[str]:
+        """Sorted names of the 'folders' directly under `prefix` (which ends in '/'): `models/`
+        gives the model names. Backends override this to avoid listing every object below."""
+        found = set()
+        for info in self.list(prefix):
+            head, slash, _ = info.name[len(prefix):].partition("/")
+            if slash:
+                found.add(head)
+        return sorted(found)
+
     def open(self, name: str, *, generation: int | None = None) -> BinaryIO:
         """A readable binary stream of the object, for objects too large to hold whole.
         Raises NotFound like `read`. Backends that can stream override this."""

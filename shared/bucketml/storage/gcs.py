@@ -122,6 +122,14 @@ class GCSStorage(Storage):
         for blob in blobs:
             yield self._info(blob)
 
+    def children(self, prefix: str) -> list[str]:
+        # One delimited listing: the folder names come back as prefixes, not every object below.
+        with self._translated(f"listing {prefix}"):
+            pages = self.client.list_blobs(self._bucket, prefix=prefix, delimiter="/")
+            for _ in pages:  # prefixes fill in as the pages are read
+                pass
+        return sorted(p[len(prefix):].rstrip("/") for p in pages.prefixes)
+
     def _live_generation(self, name: str) -> int | None:
         with self._translated(name):
             blob = self._bucket.get_blob(name)

@@ -137,6 +137,15 @@ class LocalStorage(Storage):
             except (NotFound, InvalidObjectName):  # removed meanwhile, or a symlink leading outside
                 continue
 
+    def children(self, prefix: str) -> list[str]:
+        try:
+            folder = self._path(prefix.rstrip("/")) if prefix.strip("/") else self.root
+            entries = list(os.scandir(folder))
+        except (InvalidObjectName, FileNotFoundError, NotADirectoryError):
+            return []
+        # A folder counts once it holds an object (an empty folder is no object prefix in GCS).
+        return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith(".") and _holds_a_file(e.path))
+
     # -- names and paths -------------------------------------------------------------------
 
     def _path(self, name: str) -> Path:
@@ -315,3 +324,12 @@ def _valid(name: str) -> bool:
     except InvalidObjectName:
         return False
     return True
+
+
+def _holds_a_file(folder: str) -> bool:
+    """Whether any regular file lies below `folder` (hidden folders aside); stops at the first."""
+    for _, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        if filenames:
+            return True
+    return False

@@ -4,6 +4,7 @@ announces the same version again instead of training a second one."""
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -60,7 +61,8 @@ def deliver(url: str, event) -> requests.Response:
 def test_trained_goes_to_the_sink_and_published_is_the_reply_with_a_retry_when_the_sink_is_down(tmp_path, prepared):
     storage, event = prepared
     port = free_port()
-    with function_server("train", storage.root, tmp_path, {"K_SINK": f"http://127.0.0.1:{port}"}) as train:
+    env = {"K_SINK": f"http://127.0.0.1:{port}", "BUCKETML_LOG_FORMAT": "json"}
+    with function_server("train", storage.root, tmp_path, env) as train:
         # Nothing listens at K_SINK yet: the version is made, but the delivery must be retried.
         refused = deliver(train.url, event)
         assert refused.status_code == 503, refused.text
@@ -77,3 +79,9 @@ def test_trained_goes_to_the_sink_and_published_is_the_reply_with_a_retry_when_t
         assert reply.data["version"] == trained.data["version"] == 1
         assert trained["id"] == "trained-churn-1" and trained["bucketmlmodel"] == "churn"
         assert Registry(storage).versions("churn") == [1]  # the retry made no second version
+
+    # Production logging: one JSON object per line, with the fields log pipelines index.
+    lines = [json.loads(line) for line in train.log.read_text().splitlines() if line.strip()]
+    assert all({"severity", "logger", "message", "time"} <= set(line) for line in lines), lines
+    assert any(line["severity"] == "ERROR" and "event sink" in line["message"] for line in lines), lines
+    assert any(line["logger"] == "bucketml.train" and "version 1" in line["message"] for line in lines), lines

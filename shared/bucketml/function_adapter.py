@@ -12,12 +12,11 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import sys
 from typing import Any, Callable
 
 from cloudevents.http import CloudEvent
 
-from . import config, events
+from . import config, events, logs
 from .storage import (
     InvalidObjectName,
     NotFound,
@@ -31,9 +30,7 @@ log = logging.getLogger("bucketml.function")
 
 
 def configure_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format=config.LOG_FORMAT, datefmt=config.LOG_DATE_FORMAT, force=True
-    )
+    logs.configure()
 
 
 @functools.lru_cache(maxsize=1)

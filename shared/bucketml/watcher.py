@@ -21,7 +21,7 @@ import requests
 from watchdog.events import FileSystemEventHandler
 from watchdog.observers import Observer
 
-from . import config, events
+from . import events, logs
 from .storage import ObjectInfo, StorageError
 from .storage.local import LocalStorage
 
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--broker", required=True, help="broker ingress URL")
     parser.add_argument("--db", required=True, help="SQLite file recording announced uploads")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=config.LOG_FORMAT, datefmt=config.LOG_DATE_FORMAT)
+    logs.configure()
     watcher = BucketWatcher(LocalStorage(args.bucket), args.broker, Announced(Path(args.db)))
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: watcher.stop())

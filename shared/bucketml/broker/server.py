@@ -24,7 +24,7 @@ from werkzeug.routing import Map, Rule
 from werkzeug.serving import WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
 
-from bucketml import config
+from bucketml import logs
 from bucketml.broker.store import (
     DeliveryRecord,
     NewEvent,
@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="base URL of a Knative Service a Trigger names (repeatable)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format=config.LOG_FORMAT, datefmt=config.LOG_DATE_FORMAT)
+    logs.configure(args.log_level)
 
     try:
         broker = Broker(args.manifests, dict(args.subscriber), args.db, args.host, args.port)

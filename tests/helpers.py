@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -15,6 +16,9 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 import requests
+from cloudevents.http import from_http
+from werkzeug.serving import make_server
+from werkzeug.wrappers import Request, Response
 
 BUCKETML = str(Path(sys.executable).parent / "bucketml")
 
@@ -122,16 +126,40 @@ def wait_until(condition: Callable[[], Any], what: str, timeout: float = 15.0) -
         time.sleep(0.05)
 
 
-def publish(storage, model: str, frame: pd.DataFrame, filename: str) -> int:
-    """Upload a CSV and run preprocess and train on it in-process; returns the new current version."""
+def publish(storage, model: str, frame: pd.DataFrame, filename: str, metadata: dict[str, str] | None = None) -> int:
+    """Upload a CSV (with a dataset spec as object `metadata`) and run preprocess and train on it
+    in-process; returns the new current version."""
     from bucketml import preprocessing, trainer
 
-    info = storage.write(f"datasets/{model}/{filename}", frame.to_csv(index=False).encode(), content_type="text/csv")
+    info = storage.write(f"datasets/{model}/{filename}", frame.to_csv(index=False).encode(), content_type="text/csv",
+                         metadata=metadata)
     prepared = preprocessing.handle_finalized(storage, info.event_data())
     assert prepared is not None and prepared["type"] == "bucketml.dataset.prepared.v1", prepared and prepared.data
     reply = trainer.handle_prepared(storage, prepared.data)[-1]
     assert reply["type"] == "bucketml.model.published.v1", reply.data
     return reply.data["version"]
+
+
+class Sink:
+    """A CloudEvents sink on 127.0.0.1 that records what it is sent."""
+
+    def __init__(self, port: int):
+        self.received = []
+        self.server = make_server("127.0.0.1", port, self.app, threaded=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @Request.application
+    def app(self, request: Request) -> Response:
+        self.received.append(from_http(dict(request.headers), request.get_data()))
+        return Response(status=202)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.thread.join()
 
 
 class Server:
@@ -158,10 +186,10 @@ class Server:
 
 
 @contextlib.contextmanager
-def predict_server(bucket: Path, log_dir: Path, poll_seconds: float = 0.3):
+def predict_server(bucket: Path, log_dir: Path, poll_seconds: float = 0.3, env: dict[str, str] | None = None):
     """The predict function on a free port over `bucket`; stopped with SIGTERM, which must
     end it cleanly and with no unhandled error in its log."""
-    env = {"BUCKETML_POLL_SECONDS": str(poll_seconds), "WORKERS": "1", "THREADS": "4"}
+    env = {"BUCKETML_POLL_SECONDS": str(poll_seconds), "WORKERS": "1", "THREADS": "4", **(env or {})}
     with function_server("predict", bucket, log_dir, env) as server:
         yield server
 

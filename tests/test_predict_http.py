@@ -206,7 +206,7 @@ VALIDATION = {
     "boolean for a numeric column": ("POST", "/predict", {"json": {"model": "churn", "records": [_record(monthly=True)]}}, 422, ["monthly"]),
     "object for a string column": ("POST", "/predict", {"json": {"model": "churn", "records": [_record(plan={"a": 1})]}}, 422, ["plan"]),
     # The JSON parser refuses a number beyond double range, naming where it is.
-    "integer too large for a number": ("POST", "/predict", {"json": {"model": "churn", "records": [_record(tenure=10**400)]}}, 400, ["infinity", "column"]),
+    "integer too large for a number": ("POST", "/predict", {"json": {"model": "churn", "records": [_record(tenure=10**400)]}}, 422, ["tenure", "float32"]),
     "features row too short": ("POST", "/predict", {"json": {"model": "churn", "features": [[3, 99.5, "basic"]]}}, 422, ["features[0]", "4"]),
     "features row too long": ("POST", "/predict", {"json": {"model": "churn", "features": [[3, 99.5, "basic", "north"], [1, 2, "pro", "east", 5]]}}, 422, ["features[1]"]),
     "features not rows": ("POST", "/predict", {"json": {"model": "churn", "features": [3, 99.5, "basic", "north"]}}, 422, ["features[0]"]),
@@ -304,6 +304,94 @@ def test_open_inference_protocol(server, storage, models):
     assert d_answer.status_code == 200, d_answer.text
     assert [o["name"] for o in d_answer.json()["outputs"]] == ["variable"]
     assert d_answer.json()["outputs"][0]["data"] == d_expected
+
+
+def test_v2_datatypes_shapes_and_binary_framing_errors_name_the_input(server, models):
+    good = [
+        {"name": "tenure", "shape": [1], "datatype": "INT64", "data": [3]},  # any numeric datatype for a number
+        {"name": "monthly", "shape": [1, 1], "datatype": "FP64", "data": [[99.5]]},
+        {"name": "plan", "shape": [1], "datatype": "BYTES", "data": ["basic"]},
+        {"name": "region", "shape": [1], "datatype": "BYTES", "data": ["north"]},
+    ]
+    answer = server.post("/v2/models/churn/infer", {"inputs": good})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["outputs"][0]["data"] == server.predict({"model": "churn", "records": [GOOD_RECORD]}).json()["predictions"]
+
+    def with_change(index: int, **change) -> dict:
+        return {"inputs": [dict(t, **change) if i == index else t for i, t in enumerate(good)]}
+
+    assert_json_error(server.post("/v2/models/churn/infer", with_change(2, datatype="FP32")), 422, "plan", "BYTES")
+    assert_json_error(server.post("/v2/models/churn/infer", with_change(0, datatype="BYTES")), 422, "tenure", "FP32")
+    assert_json_error(server.post("/v2/models/churn/infer", with_change(0, shape=[1, 3])), 422, "tenure", "one column")
+    assert_json_error(server.post("/v2/models/churn/infer", with_change(0, shape=[2])), 422, "tenure", "2 rows")
+    duplicate = {"inputs": good + [good[0]]}
+    assert_json_error(server.post("/v2/models/churn/infer", duplicate), 422, "tenure", "twice")
+    unknown_output = {"inputs": good, "outputs": [{"name": "scores"}]}
+    assert_json_error(server.post("/v2/models/churn/infer", unknown_output), 400, "scores", "label, probabilities")
+
+    # Binary framing that does not add up is a 400 naming the problem, never a 5xx.
+    header = b'{"inputs": [{"name": "tenure", "datatype": "FP32", "shape": [1], "parameters": {"binary_data_size": 8}}]}'
+    for length, body, mention in (
+        ("abc", header, "integer"),
+        (str(len(header) + 100), header, "body has"),
+        (str(len(header)), header + b"\0\0\0\0", "binary_data_size"),
+    ):
+        response = requests.post(server.url + "/v2/models/churn/infer", data=body, timeout=10,
+                                 headers={"Inference-Header-Content-Length": length})
+        assert_json_error(response, 400, mention)
+
+
+def test_tritonclient_http_drives_the_v2_endpoints(server, storage, models):
+    """The Triton HTTP client, with its defaults (binary tensor data both ways) and with JSON."""
+    import tritonclient.http as triton
+
+    client = triton.InferenceServerClient(url=server.url.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready()
+    assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
+    version = str(models["churn"])
+    assert client.is_model_ready("churn") and client.is_model_ready("churn", version)
+    metadata = client.get_model_metadata("churn", version)
+    assert [i["name"] for i in metadata["inputs"]] == ["tenure", "monthly", "plan", "region"]
+
+    expected = server.predict({"model": "churn", "version": models["churn"], "records": RECORDS}).json()
+    rows = len(RECORDS)
+
+    def inputs(binary: bool) -> list:
+        made = []
+        for spec in metadata["inputs"]:
+            name, datatype = spec["name"], spec["datatype"]
+            values = [r[name] for r in RECORDS]
+            if datatype == "FP32":
+                array = np.array([np.nan if v is None else v for v in values], dtype=np.float32).reshape(rows, 1)
+            else:
+                array = np.array(["" if v is None else v for v in values], dtype=object).reshape(rows, 1)
+            made.append(triton.InferInput(name, [rows, 1], datatype).set_data_from_numpy(array, binary_data=binary))
+        return made
+
+    # Defaults: binary inputs, every output binary.
+    result = client.infer("churn", inputs(binary=True), model_version=version, request_id="r-1")
+    assert result.get_response()["id"] == "r-1" and result.get_response()["model_version"] == version
+    assert [v.decode() for v in result.as_numpy("label")] == expected["predictions"]
+    np.testing.assert_allclose(result.as_numpy("probabilities"), expected["probabilities"], atol=1e-6)
+    assert result.as_numpy("probabilities").shape == (rows, 2)
+
+    # JSON inputs, one output asked for, in JSON.
+    result = client.infer("churn", inputs(binary=False), outputs=[triton.InferRequestedOutput("label", binary_data=False)])
+    assert [o["name"] for o in result.get_response()["outputs"]] == ["label"]
+    assert list(result.as_numpy("label")) == expected["predictions"]
+
+    # Regression through the client; a wrong request surfaces as the client's exception with our message.
+    frame = diabetes_frame().drop(columns="target").iloc[:3]
+    d_meta = client.get_model_metadata("diabetes")
+    d_inputs = [
+        triton.InferInput(i["name"], [3, 1], "FP32").set_data_from_numpy(frame[[i["name"]]].to_numpy(np.float32))
+        for i in d_meta["inputs"]
+    ]
+    d_expected = server.predict({"model": "diabetes", "records": frame.to_dict("records")}).json()["predictions"]
+    np.testing.assert_allclose(client.infer("diabetes", d_inputs).as_numpy("variable"), d_expected, rtol=1e-6)
+    with pytest.raises(triton.InferenceServerException, match="region"):
+        client.infer("churn", inputs(binary=True)[:3])
+    client.close()
 
 
 # --- KServe V1 ---------------------------------------------------------------------------

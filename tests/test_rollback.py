@@ -1,6 +1,7 @@
 """Moving the current version by hand: `bucketml rollback` and `bucketml promote` move the
 pointer with compare-and-swap, and every predict replica serves the new choice within seconds,
-whether or not the model.published event reaches it."""
+whether or not the model.published event reaches it; a version that cannot load is never
+swapped in."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from helpers import BUCKETML, churn_frame, free_port, predict_server, publish, w
 
 from bucketml.registry import Registry
 from bucketml.storage import LocalStorage
+
+RECORD = {"tenure": 3, "monthly": 99.5, "plan": "basic", "region": "north"}
 
 
 def cli(bucket, *args: str) -> subprocess.CompletedProcess:
@@ -59,3 +62,32 @@ def test_rollback_errors_are_one_line_and_change_nothing(tmp_path):
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
         assert result.stderr.startswith("error: ") and expected in result.stderr, result.stderr
     assert Registry(storage).current("solo").version == 1
+
+
+def test_a_current_version_that_cannot_load_is_not_swapped_in(tmp_path):
+    """A broken model.onnx made current (a bad write, a bug): replicas keep the old version,
+    say why in readiness, and take the next good version as usual."""
+    storage = LocalStorage(tmp_path / "bucket")
+    registry = Registry(storage)
+    publish(storage, "churn", churn_frame(seed=0), "a.csv", {"algorithms": "logistic_regression"})
+    with predict_server(storage.root, tmp_path, poll_seconds=0.2) as server:
+        wait_until(lambda: server.version_of("churn") == 1, "version 1 to be served")
+        good = server.predict({"model": "churn", "records": [RECORD]}).json()
+
+        card = registry.card("churn", 1)
+        broken = registry.register("churn", lambda version: b"this is not an ONNX model", card)
+        registry.move_pointer("churn", broken, reason="a broken write, for the test")
+        wait_until(lambda: "churn" in server.get("/v2/health/ready").json().get("errors", {}), "the load failure to show")
+        ready = server.get("/v2/health/ready")
+        assert ready.status_code == 200 and ready.json()["models"] == {"churn": 1}
+        assert f"version {broken}" in ready.json()["errors"]["churn"]
+        assert "could not be loaded" in server.get("/v2/models/churn/ready").json()["error"]
+        for _ in range(20):  # every request still answered, by version 1
+            answer = server.predict({"model": "churn", "records": [RECORD]})
+            assert answer.status_code == 200 and answer.json() == good
+
+        fixed = publish(storage, "churn", churn_frame(seed=1), "b.csv", {"algorithms": "logistic_regression"})
+        wait_until(lambda: server.version_of("churn") == fixed, "the next good version to be served")
+        assert "errors" not in server.get("/v2/health/ready").json()
+    log = server.log.read_text()
+    assert log.count("could not load the current version of churn") == 1, log  # once, not once per poll

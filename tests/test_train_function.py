@@ -5,43 +5,18 @@ announces the same version again instead of training a second one."""
 from __future__ import annotations
 
 import json
-import threading
 
 import pytest
 import requests
 from cloudevents.conversion import to_binary
 from cloudevents.http import from_http
-from werkzeug.serving import make_server
-from werkzeug.wrappers import Request, Response
 
 from bucketml import events
 from bucketml.preprocessing import handle_finalized
 from bucketml.registry import Registry
 from bucketml.storage import LocalStorage
 
-from helpers import churn_frame, free_port, function_server
-
-
-class Sink:
-    """A CloudEvents sink on 127.0.0.1 that records what it is sent."""
-
-    def __init__(self, port: int):
-        self.received = []
-        self.server = make_server("127.0.0.1", port, self.app, threaded=True)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @Request.application
-    def app(self, request: Request) -> Response:
-        self.received.append(from_http(dict(request.headers), request.get_data()))
-        return Response(status=202)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.thread.join()
+from helpers import Sink, churn_frame, free_port, function_server
 
 
 @pytest.fixture

@@ -16,15 +16,16 @@ import prometheus_client
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import Map, Rule
 
-from . import __version__, config, events
-from .registry import Registry
+from . import __version__, config, events, open_inference
+from .inference_log import InferenceLogger
+from .registry import Registry, RegistryError, check_model_name
 from .serving import (
-    MAX_ROWS,
     InputError,
     LoadedModel,
     ModelManager,
     columns_from_features,
     columns_from_records,
+    json_object,
 )
 from .storage import open_storage
 
@@ -49,10 +50,14 @@ ROUTES = Map(
         Rule("/v2/models/<model>/versions/<int:version>/infer", methods=["POST"], endpoint="v2_infer"),
         Rule("/v1/models/<model>:predict", methods=["POST"], endpoint="v1_predict"),
         Rule("/metrics", methods=["GET"], endpoint="metrics"),
+        Rule("/openapi.json", methods=["GET"], endpoint="openapi"),
     ],
     strict_slashes=False,
+    merge_slashes=False,  # '//v2' is no route: a 404, not a redirect without a Location
 )
 
+
+INFERENCE_ENDPOINTS = ("predict", "v2_infer", "v1_predict")  # what the inference log records
 
 REQUESTS = prometheus_client.Counter(
     "bucketml_predict_requests", "Requests by route, HTTP status and the model version that answered.",
@@ -74,19 +79,31 @@ def _json(body: Any, status: int = 200, loaded: LoadedModel | None = None):
     return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), status, headers
 
 
+def _named_model(request, args: dict) -> str:
+    """The model a request that failed named, for the inference log ('' if none)."""
+    if "model" in args:
+        return str(args["model"])
+    try:  # /predict names it in the body; only refused requests get here
+        model = orjson.loads(request.get_data()).get("model")
+    except (ValueError, RecursionError, AttributeError):
+        return ""
+    return model if isinstance(model, str) else ""
+
+
 class PredictService:
-    def __init__(self, manager: ModelManager):
+    def __init__(self, manager: ModelManager, inference_log: InferenceLogger | None = None):
         self.manager = manager
+        self.inference_log = inference_log
 
     @classmethod
     def from_environment(cls) -> "PredictService":
         registry = Registry(open_storage(config.bucket_url()))
-        return cls(ModelManager(registry, config.pointer_poll_seconds()))
+        return cls(ModelManager(registry, config.pointer_poll_seconds()), InferenceLogger.from_environment())
 
     def handle(self, request):
         started = time.perf_counter()
         self.manager.ensure_watching()
-        endpoint = "unknown"
+        endpoint, args = "unknown", {}
         try:
             endpoint, args = ROUTES.bind_to_environ(request.environ).match()
             if request.content_length and request.content_length > MAX_BODY_BYTES:
@@ -101,6 +118,13 @@ class PredictService:
             REQUESTS.labels(endpoint, str(response[1]), headers.get("Bucketml-Model", ""),
                             headers.get("Bucketml-Model-Version", "")).inc()
             LATENCY.labels(endpoint).observe(time.perf_counter() - started)
+        if self.inference_log is not None and endpoint in INFERENCE_ENDPOINTS:
+            headers = response[2] if len(response) > 2 else {}
+            body = response[0] if isinstance(response[0], bytes) else str(response[0]).encode()
+            self.inference_log.record(
+                endpoint, headers.get("Bucketml-Model") or _named_model(request, args), headers.get("Bucketml-Model-Version", ""),
+                request.get_data(), request.content_type, response[1], body, headers.get("Content-Type"),
+            )
         return response
 
     def _scored(self, loaded: LoadedModel, answer: dict, rows: int, body: dict | None = None):
@@ -111,16 +135,23 @@ class PredictService:
         """Prometheus text format."""
         return prometheus_client.generate_latest(), 200, {"Content-Type": prometheus_client.CONTENT_TYPE_LATEST}
 
+    _openapi_bytes: bytes | None = None  # the document as JSON, serialized on first request
+
+    def openapi(self, request):
+        """This function's OpenAPI 3.1 document (openapi.yaml beside this module), as JSON."""
+        if PredictService._openapi_bytes is None:
+            import importlib.resources
+
+            import yaml  # here, not at import: it is not on the cold-start path
+
+            text = importlib.resources.files(__package__).joinpath("openapi.yaml").read_text(encoding="utf-8")
+            PredictService._openapi_bytes = orjson.dumps(yaml.safe_load(text))
+        return PredictService._openapi_bytes, 200, {"Content-Type": "application/json"}
+
     # --- helpers -----------------------------------------------------------------------
     @staticmethod
     def _body(request) -> dict[str, Any]:
-        try:
-            body = orjson.loads(request.get_data())
-        except (ValueError, RecursionError) as exc:  # orjson refuses nesting deeper than 1024
-            raise InputError(f"request body is not valid JSON: {exc}", 400) from None
-        if not isinstance(body, dict):
-            raise InputError("request body must be a JSON object", 400)
-        return body
+        return json_object(request.get_data())
 
     def _model(self, model: str | None, version: Any) -> LoadedModel:
         if model is not None and not isinstance(model, str):
@@ -158,6 +189,10 @@ class PredictService:
             raise InputError(str(exc), 400) from None
         if not isinstance(model, str):
             raise InputError("the event's data names no 'model'", 400)
+        try:  # a malformed event, not a failed load: 400, so the broker does not retry it
+            check_model_name(model)
+        except RegistryError as exc:
+            raise InputError(f"the event's data names no valid model: {exc}", 400) from None
         self.manager.refresh(model)
         error = self.manager.errors().get(model)
         if error:  # 503: the broker retries; meanwhile the previous version keeps serving
@@ -166,14 +201,18 @@ class PredictService:
 
     # --- Open Inference Protocol (KServe V2) ------------------------------------------
     def v2_server(self, request):
-        return _json({"name": "bucketml", "version": __version__, "extensions": []})
+        return _json({"name": "bucketml", "version": __version__, "extensions": ["binary_tensor_data"]})
 
     def v2_live(self, request):
         return _json({"live": True})
 
     def v2_ready(self, request):
         ready = self.manager.ready()
-        return _json({"ready": ready, "models": {m: x.version for m, x in self.manager.loaded().items()}}, 200 if ready else 503)
+        body = {"ready": ready, "models": {m: x.version for m, x in self.manager.loaded().items()}}
+        errors = self.manager.errors()
+        if errors:  # a current version that failed to load: the previous one serves meanwhile
+            body["errors"] = errors
+        return _json(body, 200 if ready else 503)
 
     def v2_model(self, request, model: str, version: int | None = None):
         loaded = self._model(model, version)
@@ -196,62 +235,29 @@ class PredictService:
 
     def v2_model_ready(self, request, model: str, version: int | None = None):
         loaded = self._model(model, version)
-        return _json({"name": model, "version": str(loaded.version), "ready": True}, loaded=loaded)
+        body = {"name": model, "version": str(loaded.version), "ready": True}
+        error = self.manager.errors().get(model) if version is None else None
+        if error:
+            body["error"] = f"serving version {loaded.version}: the current version could not be loaded ({error})"
+        return _json(body, loaded=loaded)
 
     def v2_infer(self, request, model: str, version: int | None = None):
-        body = self._body(request)
         loaded = self._model(model, version)
-        inputs = body.get("inputs")
-        if not isinstance(inputs, list) or not inputs:
-            raise InputError("'inputs' must be a non-empty list of tensors, one per column", 400)
-        by_name = {}
-        for i, tensor in enumerate(inputs):
-            if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
-                raise InputError(f"inputs[{i}] must be an object with a 'name'")
-            data = tensor.get("data")
-            if not isinstance(data, list):
-                raise InputError(f"inputs[{i}] ('{tensor['name']}') needs 'data' as a list")
-            by_name[tensor["name"]] = [v[0] if isinstance(v, list) and len(v) == 1 else v for v in data]
-        names = [c["name"] for c in loaded.columns]
-        missing = [n for n in names if n not in by_name]
-        unknown = [n for n in by_name if n not in names]
-        if missing or unknown:
-            raise InputError(
-                f"inputs must be exactly the model's columns; missing: {', '.join(missing) or 'none'}; "
-                f"unknown: {', '.join(unknown) or 'none'}"
-            )
-        lengths = {len(by_name[n]) for n in names}
-        if len(lengths) != 1:
-            raise InputError("every input tensor must have the same number of rows")
-        rows = lengths.pop()
-        if rows == 0:
-            raise InputError("input tensors are empty")
-        if rows > MAX_ROWS:
-            raise InputError(f"at most {MAX_ROWS} rows per request, got {rows}", 413)
-        answer = loaded.predict({n: by_name[n] for n in names}, rows)
-        if loaded.task == "classification":
-            outputs = [
-                {"name": "label", "datatype": "BYTES", "shape": [rows], "data": answer["predictions"]},
-                {
-                    "name": "probabilities",
-                    "datatype": "FP32",
-                    "shape": [rows, len(loaded.classes)],
-                    "data": [p for row in answer["probabilities"] for p in row],
-                },
-            ]
-        else:
-            outputs = [{"name": "variable", "datatype": "FP32", "shape": [rows], "data": answer["predictions"]}]
-        reply = {"model_name": model, "model_version": str(loaded.version), "outputs": outputs}
-        if "id" in body:
-            reply["id"] = body["id"]
-        return self._scored(loaded, answer, rows, reply)
+        infer = open_inference.parse(request.get_data(), request.headers.get(open_inference.HEADER_LENGTH), loaded.columns)
+        answer = loaded.predict(infer.values, infer.rows)
+        tensors = open_inference.output_tensors(loaded.task, loaded.classes, answer, infer.rows)
+        body, headers = open_inference.response(model, loaded.version, infer, tensors)
+        ROWS.labels(loaded.model, str(loaded.version)).inc(infer.rows)
+        return body, 200, headers | {"Bucketml-Model": loaded.model, "Bucketml-Model-Version": str(loaded.version)}
 
     # --- KServe V1 ---------------------------------------------------------------------
     def v1_predict(self, request, model: str):
         body = self._body(request)
         loaded = self._model(model, None)
         instances = body.get("instances")
-        if isinstance(instances, list) and instances and all(isinstance(i, list) for i in instances):
+        if not isinstance(instances, list) or not instances:
+            raise InputError("'instances' must be a non-empty list of records (objects) or rows (lists in schema order)")
+        if all(isinstance(i, list) for i in instances):
             values = columns_from_features(loaded.columns, instances)
         else:
             values = columns_from_records(loaded.columns, instances)

@@ -17,6 +17,7 @@ from collections import OrderedDict
 from typing import Any
 
 import numpy as np
+import orjson
 
 from .registry import Registry, RegistryError, check_model_name
 from .storage import NotFound
@@ -26,6 +27,7 @@ log = logging.getLogger("bucketml.serving")
 MAX_ROWS = 10_000
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # the models take float32
 VERSION_CACHE = 8  # explicitly requested (non-current) versions kept loaded per replica
+RETRY_FAILED_SECONDS = 30.0  # a version that failed to load is tried again this often, not every poll
 
 
 class InputError(ValueError):
@@ -39,6 +41,22 @@ class InputError(ValueError):
 class UnknownModel(InputError):
     def __init__(self, message: str):
         super().__init__(message, 404)
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    """A request body's JSON object. orjson first (fast); Python's json as the fallback,
+    because clients built on it (tritonclient's JSON mode among them) send NaN for a missing
+    number, which strict JSON has no spelling for."""
+    try:
+        body = orjson.loads(raw)
+    except (ValueError, RecursionError) as exc:  # orjson refuses nesting deeper than 1024
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise InputError(f"request body is not valid JSON: {exc}", 400) from None
+    if not isinstance(body, dict):
+        raise InputError("request body must be a JSON object", 400)
+    return body
 
 
 def onnxruntime():
@@ -319,6 +337,7 @@ class ModelManager:
         self._generations: dict[str, int] = {}
         self._pinned: OrderedDict[tuple[str, int], LoadedModel] = OrderedDict()
         self._errors: dict[str, str] = {}
+        self._failed: dict[str, tuple[int, float]] = {}  # model -> (pointer generation, when it failed)
         self._lock = threading.Lock()
         self._refresh_lock = threading.Lock()
         self._watcher_pid: int | None = None
@@ -352,11 +371,16 @@ class ModelManager:
         with self._refresh_lock:
             models = [model] if model else self.registry.models()
             for name in models:
+                generation, version = 0, None
                 try:
                     generation = self.registry.pointer_generation(name)
                     if generation == 0 or generation == self._generations.get(name):
                         continue
+                    failed = self._failed.get(name)
+                    if model is None and failed and failed[0] == generation and time.monotonic() - failed[1] < RETRY_FAILED_SECONDS:
+                        continue  # the same broken version: retried now and then (and on /reload), not every poll
                     pointer = self.registry.current(name)
+                    version = pointer.version
                     loaded = self._current.get(name)
                     if pointer.version is not None and (loaded is None or loaded.version != pointer.version):
                         fresh = self._load(name, pointer.version)
@@ -365,9 +389,13 @@ class ModelManager:
                         log.info("serving %s version %s", name, pointer.version)
                     self._generations[name] = pointer.generation
                     self._errors.pop(name, None)
+                    self._failed.pop(name, None)
                 except Exception as exc:  # a bad version must never take down what is serving
-                    self._errors[name] = str(exc)
-                    log.error("could not load the current version of %s: %s", name, exc)
+                    message = f"version {version}: {exc}" if version is not None else str(exc)
+                    if self._errors.get(name) != message:
+                        log.error("could not load the current version of %s (%s); the previous one keeps serving", name, message)
+                    self._errors[name] = message
+                    self._failed[name] = (generation, time.monotonic())
 
     def _load(self, model: str, version: int) -> LoadedModel:
         card = self.registry.card(model, version)
@@ -403,6 +431,8 @@ class ModelManager:
             if key in self._pinned:
                 self._pinned.move_to_end(key)
                 return self._pinned[key]
+        if not 0 <= version < 2**63:  # no stored version; a 300-digit one would be a path segment too long to look up
+            raise UnknownModel(f"model '{model}' has no version {version}")
         try:
             check_model_name(model)  # never a storage path from an arbitrary string
             loaded = self._load(model, version)

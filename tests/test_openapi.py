@@ -1,0 +1,152 @@
+"""The predict function's OpenAPI document (shared/bucketml/openapi.yaml): valid OpenAPI 3.1,
+covering every route in ROUTES and nothing else, served at /openapi.json, and copied in
+docs/openapi.json. (tests/test_predict_fuzz.py fuzzes a real process from it.)
+
+After editing the YAML, regenerate docs/openapi.json with:
+
+    .venv/bin/python -c "import json, yaml; doc = yaml.safe_load(open('shared/bucketml/openapi.yaml', encoding='utf-8')); \\
+        open('docs/openapi.json', 'w', encoding='utf-8').write(json.dumps(doc, indent=2, ensure_ascii=False) + '\\n')"
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import types
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from werkzeug.test import EnvironBuilder
+from werkzeug.wrappers import Request
+
+from bucketml import predict_service
+from bucketml.predict_service import ROUTES, PredictService
+
+ROOT = Path(__file__).resolve().parents[1]
+YAML = ROOT / "shared" / "bucketml" / "openapi.yaml"
+DOCS_JSON = ROOT / "docs" / "openapi.json"
+METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
+
+
+@pytest.fixture(scope="module")
+def document() -> dict:
+    return yaml.safe_load(YAML.read_text(encoding="utf-8"))
+
+
+def served(path: str, method: str = "GET"):
+    """One request through PredictService.handle, in-process (the routes, not a model, matter here)."""
+    service = PredictService(types.SimpleNamespace(ensure_watching=lambda: None))
+    return service.handle(Request(EnvironBuilder(path=path, method=method).get_environ()))
+
+
+def openapi_path(rule) -> str:
+    """/v2/models/<model>/versions/<int:version> -> /v2/models/{model}/versions/{version}"""
+    return re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule.rule)
+
+
+def test_the_document_is_valid_openapi_3_1(document):
+    definitions = pytest.importorskip("schemathesis.specs.openapi.definitions")
+    meta = definitions.OPENAPI_31
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in
+              jsonschema.validators.validator_for(meta)(meta).iter_errors(document)]
+    assert not errors, "\n".join(errors)
+    assert document["openapi"].startswith("3.1.")
+    for schema in document["components"]["schemas"].values():
+        jsonschema.Draft202012Validator.check_schema(schema)
+
+
+def test_every_route_is_documented_with_its_methods(document):
+    for rule in ROUTES.iter_rules():
+        path = openapi_path(rule)
+        assert path in document["paths"], f"{rule.rule} ({rule.endpoint}) is not in openapi.yaml"
+        documented = {m.upper() for m in document["paths"][path] if m in METHODS}
+        assert documented == set(rule.methods) - {"HEAD", "OPTIONS"}, (path, documented, rule.methods)
+
+
+def test_every_documented_operation_is_a_route(document):
+    adapter = ROUTES.bind("localhost")
+    samples = {"model": "churn", "version": "3"}
+    for path, item in document["paths"].items():
+        url = re.sub(r"\{([^}]+)\}", lambda m: samples[m[1]], path)
+        for method in set(item) & METHODS:
+            endpoint, _ = adapter.match(url, method.upper())  # raises NotFound / MethodNotAllowed
+            assert hasattr(PredictService, endpoint), (path, method, endpoint)
+
+
+def test_every_error_answer_is_documented_as_the_error_object(document):
+    components = document["components"]["responses"]
+    for path, item in document["paths"].items():
+        for method in set(item) & METHODS:
+            for status, response in item[method]["responses"].items():
+                if "$ref" in response:
+                    response = components[response["$ref"].rsplit("/", 1)[1]]
+                if int(status) >= 400 and (path, status) != ("/v2/health/ready", "503"):
+                    schema = response["content"]["application/json"]["schema"]
+                    assert schema == {"$ref": "#/components/schemas/Error"}, (path, method, status)
+
+
+def test_openapi_json_is_served_and_equals_docs_openapi_json(document):
+    body, status, headers = served("/openapi.json")
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    assert json.loads(body) == document
+    assert json.loads(DOCS_JSON.read_text(encoding="utf-8")) == json.loads(body), (
+        "docs/openapi.json is stale: regenerate it from shared/bucketml/openapi.yaml (see this module's docstring)"
+    )
+    assert served("/openapi.json")[0] is body  # loaded once, then the cached bytes
+    assert served("/openapi.json", "POST")[1] == 405
+
+
+def test_the_yaml_is_package_data_found_next_to_the_module():
+    import importlib.resources
+
+    resource = importlib.resources.files(predict_service.__package__).joinpath("openapi.yaml")
+    assert resource.is_file() and Path(str(resource)).resolve() == YAML.resolve()
+
+
+def test_every_example_fits_its_schema(document):
+    from referencing import Registry
+    from referencing.jsonschema import DRAFT202012
+
+    registry = Registry().with_resource("urn:openapi", DRAFT202012.create_resource(document))
+
+    def at(pointer: str):
+        node = document
+        for part in pointer.removeprefix("#/").split("/"):
+            node = node[part.replace("~1", "/").replace("~0", "~")]
+        return node
+
+    def followed(pointer: str) -> str:
+        """The pointer, through any $ref, to what it finally names."""
+        node = at(pointer)
+        return followed(node["$ref"]) if isinstance(node, dict) and "$ref" in node else pointer
+
+    def escaped(key: str) -> str:
+        return key.replace("~", "~0").replace("/", "~1")
+
+    def check(schema_pointer: str, value, where) -> None:
+        validator = jsonschema.Draft202012Validator({"$ref": "urn:openapi" + schema_pointer}, registry=registry)
+        errors = [e.message for e in validator.iter_errors(value)]
+        assert not errors, (where, errors)
+
+    checked = 0
+    for path, item in document["paths"].items():
+        for method in set(item) & METHODS:
+            base = f"#/paths/{escaped(path)}/{method}"
+            bodies = [f"{base}/requestBody"] if "requestBody" in item[method] else []
+            bodies += [f"{base}/responses/{status}" for status in item[method]["responses"]]
+            for body in map(followed, bodies):
+                for media_type, media in at(body).get("content", {}).items():
+                    schema = f"{body}/content/{escaped(media_type)}/schema"
+                    named = [("example", media["example"])] if "example" in media else []
+                    named += [(name, at(followed(f"{body}/content/{escaped(media_type)}/examples/{name}"))["value"])
+                              for name in media.get("examples", {})]
+                    for name, value in named:
+                        check(schema, value, (path, method, body, media_type, name))
+                        checked += 1
+    for name, parameter in document["components"]["parameters"].items():
+        if "example" in parameter:
+            check(f"#/components/parameters/{name}/schema", parameter["example"], name)
+            checked += 1
+    assert checked >= 15

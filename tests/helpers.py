@@ -189,7 +189,7 @@ class Server:
 def predict_server(bucket: Path, log_dir: Path, poll_seconds: float = 0.3, env: dict[str, str] | None = None):
     """The predict function on a free port over `bucket`; stopped with SIGTERM, which must
     end it cleanly and with no unhandled error in its log."""
-    env = {"BUCKETML_POLL_SECONDS": str(poll_seconds), "WORKERS": "1", "THREADS": "4", **(env or {})}
+    env = {"BUCKETML_POLL_SECONDS": str(poll_seconds), "WORKERS": "1", **(env or {})}
     with function_server("predict", bucket, log_dir, env) as server:
         yield server
 
@@ -203,7 +203,7 @@ def function_server(function: str, bucket: Path, log_dir: Path, env: dict[str, s
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "functions_framework", "--source", f"functions/{function}/main.py",
-             "--target", function, "--host", "127.0.0.1", "--port", str(port)],
+             "--target", function, "--host", "127.0.0.1", "--port", str(port), *(["--asgi"] if function == "predict" else [])],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"

@@ -1,17 +1,23 @@
 """predict: the HTTP inference function (onnxruntime only; no sklearn, no pickle).
 
-Run: functions-framework --source functions/predict/main.py --target predict
+Run: functions-framework --asgi --source functions/predict/main.py --target predict
+(ASGI by measurement: bucketml/asgi_adapter.py says why.)
 """
 
-import functions_framework
+import os
 
-from bucketml.function_adapter import configure_logging
+import functions_framework.aio
+
+from bucketml.asgi_adapter import respond
+from bucketml.logs import configure
 from bucketml.predict_service import PredictService
 
-configure_logging()
+configure()
 service = PredictService.from_environment()
+# gunicorn imports this module, then forks the worker: load the models in the worker at once.
+os.register_at_fork(after_in_child=service.manager.start)
 
 
-@functions_framework.http
-def predict(request):
-    return service.handle(request)
+@functions_framework.aio.http
+async def predict(request):
+    return await respond(service, request)

@@ -71,9 +71,11 @@ class Supervisor:
         functions = config.functions_dir()
         env = dict(os.environ, BUCKETML_BUCKET=str(s.bucket), BUCKETML_BROKER_URL=s.broker_url, PYTHONUNBUFFERED="1")
 
-        def function(name: str, port: int, threads: int) -> Part:
+        def function(name: str, port: int, threads: int | None) -> Part:
             argv = [sys.executable, "-m", "functions_framework", "--source", str(functions / name / "main.py"),
                     "--target", name, "--host", s.host, "--port", str(port)]
+            if threads is None:  # predict: ASGI, one event loop per worker
+                return Part(name, argv + ["--asgi"], dict(env, WORKERS="1"), None)
             # gunicorn defaults to cpu*4 threads; say what each function needs.
             return Part(name, argv, dict(env, WORKERS="1", THREADS=str(threads)), None)
 
@@ -88,7 +90,7 @@ class Supervisor:
             Part("broker", broker, env, s.broker_url + "/healthz"),
             function("preprocess", s.preprocess_port, 2),
             function("train", s.train_port, 2),
-            function("predict", s.predict_port, 8),
+            function("predict", s.predict_port, None),
             Part("watcher", watcher, env, None),
         ]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import operator
 import os
 import re
 import threading
@@ -245,9 +246,11 @@ def feeds_from_columns(columns: list[dict], values: dict[str, list], rows: int) 
     A datetime column is one client-facing column and several model inputs: one float32 tensor
     per part (year, month, ...), named in the column's "inputs".
     """
-    feeds = {}
+    feeds = _number_feeds(columns, values, rows)
     for col in columns:
         name, kind = col["name"], col["type"]
+        if kind == "number" and col.get("input", name) in feeds:
+            continue
         if kind == "datetime":
             parts = datetime_parts_of(_datetimes(name, values[name]), col["parts"])
             inputs = col.get("inputs", {})
@@ -264,6 +267,27 @@ def feeds_from_columns(columns: list[dict], values: dict[str, list], rows: int) 
     return feeds
 
 
+def _number_feeds(columns: list[dict], values: dict[str, list], rows: int) -> dict[str, np.ndarray]:
+    """The number columns' feeds in one numpy conversion when every value is a plain JSON
+    number (the common case, and most of a single-row request's cost when done value by
+    value); {} otherwise, and the per-value path types each value and names a bad one."""
+    numbers = [c for c in columns if c["type"] == "number"]
+    if not numbers:
+        return {}
+    raw = [values[c["name"]] for c in numbers]
+    if not all(type(v) is float or type(v) is int for column in raw for v in column):  # bool is no number
+        return {}
+    try:
+        matrix = np.array(raw, dtype=np.float64)
+    except (OverflowError, ValueError):  # an integer beyond float range: the slow path says which
+        return {}
+    if not (np.abs(matrix) <= FLOAT32_MAX).all():  # NaN never passes <=: let the slow path decide
+        return {}
+    # (columns, rows, 1): iterating the first axis yields each column's contiguous (rows, 1) feed.
+    tensors = matrix.astype(np.float32).reshape(len(numbers), rows, 1)
+    return dict(zip([c.get("input", c["name"]) for c in numbers], tensors))
+
+
 def columns_from_records(columns: list[dict], records: Any) -> dict[str, list]:
     if not isinstance(records, list) or not records:
         raise InputError("'records' must be a non-empty list of objects")
@@ -272,6 +296,8 @@ def columns_from_records(columns: list[dict], records: Any) -> dict[str, list]:
     names = [c["name"] for c in columns]
     known = set(names)
     for i, record in enumerate(records):
+        if type(record) is dict and len(record) == len(known) and known.issuperset(record):
+            continue  # exactly the model's columns: the usual case, checked in one step
         if not isinstance(record, dict):
             raise InputError(f"records[{i}] must be an object of column: value")
         missing = [n for n in names if n not in record]
@@ -280,7 +306,10 @@ def columns_from_records(columns: list[dict], records: Any) -> dict[str, list]:
         unknown = [k for k in record if k not in known]
         if unknown:
             raise InputError(f"records[{i}] has unknown column(s) {', '.join(map(str, unknown))}; expected {', '.join(names)}")
-    return {n: [r[n] for r in records] for n in names}
+    if len(names) == 1:
+        return {names[0]: [r[names[0]] for r in records]}
+    row = operator.itemgetter(*names)  # one C call per record, then one transpose
+    return dict(zip(names, map(list, zip(*map(row, records)))))
 
 
 def columns_from_features(columns: list[dict], rows: Any) -> dict[str, list]:
@@ -341,31 +370,38 @@ class ModelManager:
         self._lock = threading.Lock()
         self._refresh_lock = threading.Lock()
         self._watcher_pid: int | None = None
+        self._first_look = threading.Event()
 
     # Threads do not survive fork (gunicorn forks its workers after importing the function),
-    # so the watcher starts lazily in the process that serves requests.
-    def ensure_watching(self) -> None:
-        if self._watcher_pid == os.getpid():
-            return
+    # so the watcher starts in the process that serves requests: right after the fork when
+    # the function registers start() with os.register_at_fork (the models load while the
+    # server boots), else on the first request.
+    def start(self) -> None:
+        """Start the watcher, whose first act is loading every current version (returns at once)."""
         with self._lock:
             if self._watcher_pid == os.getpid():
                 return
             self._watcher_pid = os.getpid()
-        # The watcher first: a failed first look (a bucket hiccup) must not leave this process
-        # without one, never ready.
+            self._first_look = threading.Event()
         threading.Thread(target=self._watch, name="bucketml-pointer-watch", daemon=True).start()
-        try:
-            self.refresh()
-        except Exception:
-            log.exception("refreshing models failed")
+
+    def ensure_watching(self, timeout: float = 60.0) -> None:
+        """Started, and the first look at the pointers done (requests wait for it once)."""
+        if self._watcher_pid != os.getpid():
+            self.start()
+        self._first_look.wait(timeout)
 
     def _watch(self) -> None:
+        first = True
         while True:
-            time.sleep(self.poll_seconds)
             try:
                 self.refresh()
             except Exception:  # a bucket hiccup must not kill the watcher; the old model serves on
                 log.exception("refreshing models failed")
+            if first:  # even after a failure: requests then get a clear "not served" answer
+                self._first_look.set()
+                first = False
+            time.sleep(self.poll_seconds)
 
     def refresh(self, model: str | None = None) -> None:
         with self._refresh_lock:

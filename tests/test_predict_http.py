@@ -394,6 +394,29 @@ def test_tritonclient_http_drives_the_v2_endpoints(server, storage, models):
     client.close()
 
 
+def test_all_number_models_take_the_columnar_path_with_the_same_answers_and_errors(server, models):
+    """diabetes has only number columns: /predict converts a request in one numpy step; the
+    answers must equal the value-by-value path (V2 infer) and bad values must still be named."""
+    frame = diabetes_frame().drop(columns="target").iloc[:5]
+    names = list(frame.columns)
+    rows = frame.to_numpy().tolist()
+    rows[1][2] = None  # missing
+    rows[2][0] = str(rows[2][0])  # a numeric string is a number
+    expected = server.post("/v2/models/diabetes/infer", {"inputs": [
+        {"name": n, "datatype": "FP64", "shape": [5], "data": [r[j] if not isinstance(r[j], str) else float(r[j]) for r in rows]}
+        for j, n in enumerate(names)
+    ]}).json()["outputs"][0]["data"]
+    by_features = server.predict({"model": "diabetes", "features": rows}).json()["predictions"]
+    by_records = server.predict({"model": "diabetes", "records": [dict(zip(names, r)) for r in rows]}).json()["predictions"]
+    assert by_features == by_records
+    np.testing.assert_allclose(by_features, expected, rtol=1e-6)
+
+    for value, mention in ((True, "expects a number"), (1e39, "float32"), ("soon", "expects a number")):
+        bad = [list(rows[0])]
+        bad[0][3] = value
+        assert_json_error(server.predict({"model": "diabetes", "features": bad}), 422, names[3], mention)
+
+
 # --- KServe V1 ---------------------------------------------------------------------------
 
 

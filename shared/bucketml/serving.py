@@ -289,6 +289,12 @@ def _number_feeds(columns: list[dict], values: dict[str, list], rows: int) -> di
 
 
 def columns_from_records(columns: list[dict], records: Any) -> dict[str, list]:
+    names = [c["name"] for c in columns]
+    return dict(zip(names, map(list, zip(*rows_from_records(columns, records)))))
+
+
+def rows_from_records(columns: list[dict], records: Any) -> list:
+    """Each record's values in schema order (a tuple per record), after checking the records."""
     if not isinstance(records, list) or not records:
         raise InputError("'records' must be a non-empty list of objects")
     if len(records) > MAX_ROWS:
@@ -306,13 +312,18 @@ def columns_from_records(columns: list[dict], records: Any) -> dict[str, list]:
         unknown = [k for k in record if k not in known]
         if unknown:
             raise InputError(f"records[{i}] has unknown column(s) {', '.join(map(str, unknown))}; expected {', '.join(names)}")
-    if len(names) == 1:
-        return {names[0]: [r[names[0]] for r in records]}
-    row = operator.itemgetter(*names)  # one C call per record, then one transpose
-    return dict(zip(names, map(list, zip(*map(row, records)))))
+    if len(names) == 1:  # itemgetter of one name gives the value, not a tuple
+        return [(record[names[0]],) for record in records]
+    return list(map(operator.itemgetter(*names), records))  # one C call per record
 
 
 def columns_from_features(columns: list[dict], rows: Any) -> dict[str, list]:
+    rows = rows_from_features(columns, rows)
+    return {c["name"]: [row[j] for row in rows] for j, c in enumerate(columns)}
+
+
+def rows_from_features(columns: list[dict], rows: Any) -> list:
+    """`features` rows, checked to be lists of one value per column."""
     if not isinstance(rows, list) or not rows:
         raise InputError("'features' must be a non-empty list of rows")
     if len(rows) > MAX_ROWS:
@@ -322,7 +333,23 @@ def columns_from_features(columns: list[dict], rows: Any) -> dict[str, list]:
         if not isinstance(row, list) or len(row) != width:
             names = ", ".join(c["name"] for c in columns)
             raise InputError(f"features[{i}] must be a list of {width} values in schema order: {names}")
-    return {c["name"]: [row[j] for row in rows] for j, c in enumerate(columns)}
+    return rows
+
+
+def number_matrix(rows: list, width: int) -> np.ndarray | None:
+    """(rows, width) float32 from rows of JSON numbers and nulls (missing), in one numpy
+    conversion: the columnar fast path of a model whose columns are all numbers. None when
+    a value is anything else (a string, out of float32 range): the per-value path then
+    converts or names it. Booleans must be ruled out by the caller: numpy reads true as 1."""
+    try:
+        matrix = np.array(rows, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if matrix.ndim != 2 or matrix.shape[1] != width:
+        return None
+    if not (np.abs(matrix[~np.isnan(matrix)]) <= FLOAT32_MAX).all():
+        return None
+    return matrix.astype(np.float32)
 
 
 class LoadedModel:
@@ -335,11 +362,22 @@ class LoadedModel:
         self.classes = card["schema"].get("classes", [])
         self.session = new_session(onnx_bytes)
         self.output_names = [o.name for o in self.session.get_outputs()]
+        # Every column a number: requests can take the columnar fast path (number_matrix).
+        self.numbers_only = all(c["type"] == "number" for c in self.columns)
+        self._inputs = [c.get("input", c["name"]) for c in self.columns]
         # Prove it answers before anyone relies on it: one row with every value missing.
         self.predict({c["name"]: [None] for c in self.columns}, 1)
 
     def predict(self, values: dict[str, list], rows: int) -> dict[str, Any]:
-        outputs = self.session.run(self.output_names, feeds_from_columns(self.columns, values, rows))
+        return self._answer(self.session.run(self.output_names, feeds_from_columns(self.columns, values, rows)))
+
+    def predict_matrix(self, matrix: np.ndarray) -> dict[str, Any]:
+        """Score a (rows, columns) float32 matrix of a numbers-only model (see number_matrix)."""
+        rows, width = matrix.shape
+        tensors = np.ascontiguousarray(matrix.T).reshape(width, rows, 1)  # one contiguous feed per column
+        return self._answer(self.session.run(self.output_names, dict(zip(self._inputs, tensors))))
+
+    def _answer(self, outputs: list) -> dict[str, Any]:
         answer: dict[str, Any] = {"model": self.model, "version": self.version}
         if self.task == "classification":
             answer["predictions"] = [str(v) for v in outputs[0].tolist()]

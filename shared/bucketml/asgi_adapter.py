@@ -1,8 +1,8 @@
 """Runs PredictService under functions-framework's ASGI mode (uvicorn with uvloop and httptools).
 
-Measured on one core (docs/benchmarks.md), an empty function answers about 2.8x more requests
-under uvicorn than under gunicorn's threaded WSGI worker, with a third of the tail latency:
-the predict function is ASGI. Scoring is CPU work that holds the GIL either way, so while few
+Measured on one core (docs/benchmarks.md), this function answers about twice as many
+single-row requests under uvicorn as the same service under gunicorn's threaded WSGI worker,
+with a p99 2.5 to 6 times lower: the predict function is ASGI. Scoring is CPU work that holds the GIL either way, so while few
 requests are in flight they are answered inline on the event loop (no thread hand-off: the
 lowest latency). Under many concurrent requests, inline work starves some connections (a p99
 of hundreds of ms at 64 connections, measured), so requests then queue for a worker thread,

@@ -1,0 +1,77 @@
+"""The container images' Python contents, checked without a container engine: each image's
+requirements are generated from requirements.txt, and the predict image's package set alone
+(installed into a fresh virtual environment, as the Dockerfile does) serves a real model with
+no scikit-learn, skl2onnx or pandas in it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+
+from bucketml.storage import LocalStorage
+from helpers import churn_frame, free_port, publish, wait_until
+
+ROOT = Path(__file__).resolve().parents[1]
+RENDER = ROOT / "infra" / "images" / "render_requirements.py"
+
+
+def test_image_requirements_are_generated_from_requirements_txt():
+    done = subprocess.run([sys.executable, str(RENDER), "--check"], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    predict = (ROOT / "infra" / "images" / "requirements-predict.txt").read_text().lower()
+    for heavy in ("scikit-learn", "skl2onnx", "onnx=", "pandas", "scipy", "matplotlib"):
+        assert heavy not in predict, f"the predict image would ship {heavy}"
+    assert "onnxruntime==" in predict and "functions-framework==" in predict
+
+
+@pytest.fixture(scope="module")
+def predict_venv(tmp_path_factory) -> Path:
+    """requirements-predict.txt and the bucketml package, as the Dockerfile installs them."""
+    venv = tmp_path_factory.mktemp("predict-image") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    subprocess.run([*pip, "-r", str(ROOT / "infra" / "images" / "requirements-predict.txt")], check=True)
+    subprocess.run([*pip, "--no-deps", str(ROOT)], check=True)
+    return venv
+
+
+def test_the_predict_image_set_serves_a_model_without_training_libraries(predict_venv, tmp_path):
+    python = str(predict_venv / "bin" / "python")
+    missing = subprocess.run([python, "-c", "import sklearn"], capture_output=True, check=False)
+    assert missing.returncode != 0, "scikit-learn is importable in the predict image"
+
+    storage = LocalStorage(tmp_path / "bucket")
+    version = publish(storage, "churn", churn_frame(seed=0), "data.csv", {"algorithms": "logistic_regression"})
+    port = free_port()
+    # The image's environment (infra/images/Dockerfile): target, source and mode from variables.
+    env = dict(os.environ, PATH=f"{predict_venv / 'bin'}:{os.environ['PATH']}", FUNCTION_SOURCE=str(ROOT / "functions/predict/main.py"),
+               FUNCTION_TARGET="predict", FUNCTION_USE_ASGI="true", PORT=str(port), HOST="127.0.0.1",
+               BUCKETML_BUCKET=str(storage.root), BUCKETML_LOG_FORMAT="json", WORKERS="1")
+    log = tmp_path / "predict.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen([str(predict_venv / "bin" / "functions-framework")], env=env, cwd=tmp_path,
+                                   stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def ready() -> bool:
+            assert process.poll() is None, log.read_text()
+            try:
+                return requests.get(url + "/v2/health/ready", timeout=2).status_code == 200
+            except requests.ConnectionError:
+                return False
+
+        wait_until(ready, "the predict image set to serve", timeout=60)
+        record = {"tenure": 3, "monthly": 99.5, "plan": "basic", "region": "north"}
+        answer = requests.post(url + "/predict", json={"model": "churn", "records": [record]}, timeout=10)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["version"] == version and answer.json()["predictions"][0] in ("yes", "no")
+        assert requests.get(url + "/openapi.json", timeout=10).status_code == 200  # its YAML is package data
+    finally:
+        process.terminate()
+        process.wait(15)
+    assert "Traceback" not in log.read_text(), log.read_text()

@@ -207,6 +207,7 @@ VALIDATION = {
     "object for a string column": ("POST", "/predict", {"json": {"model": "churn", "records": [_record(plan={"a": 1})]}}, 422, ["plan"]),
     # The JSON parser refuses a number beyond double range, naming where it is.
     "integer too large for a number": ("POST", "/predict", {"json": {"model": "churn", "records": [_record(tenure=10**400)]}}, 422, ["tenure", "float32"]),
+    "both records and features": ("POST", "/predict", {"json": {"model": "churn", "records": [GOOD_RECORD], "features": [[3, 99.5, "basic", "north"]]}}, 400, ["records", "features", "one"]),
     "features row too short": ("POST", "/predict", {"json": {"model": "churn", "features": [[3, 99.5, "basic"]]}}, 422, ["features[0]", "4"]),
     "features row too long": ("POST", "/predict", {"json": {"model": "churn", "features": [[3, 99.5, "basic", "north"], [1, 2, "pro", "east", 5]]}}, 422, ["features[1]"]),
     "features not rows": ("POST", "/predict", {"json": {"model": "churn", "features": [3, 99.5, "basic", "north"]}}, 422, ["features[0]"]),

@@ -182,6 +182,8 @@ class PredictService:
         raw = request.get_data()
         body = self._body(request)
         loaded = self._model(body.get("model"), body.get("version"))
+        if "records" in body and "features" in body:
+            raise InputError("send either 'records' or 'features', not both: one request is one batch of rows", 400)
         if "records" in body:
             rows = rows_from_records(loaded.columns, body["records"])
         elif "features" in body:

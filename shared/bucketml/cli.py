@@ -503,6 +503,29 @@ def events_command(model: str | None, type_: str | None, limit: int, dead: bool,
             click.echo(f"        {describe(event['type'], data).strip()}")
 
 
+# --- deploy ------------------------------------------------------------------------------
+@cli.command()
+@click.option("--bucket", "gcs_bucket", required=True, help="The Google Cloud Storage bucket, gs://<name>.")
+@click.option("--registry", required=True,
+              help="Where the bucketml-<function> images are, e.g. europe-docker.pkg.dev/<project>/<repository>.")
+@click.option("--tag", required=True, help="The images' tag (a release, e.g. 0.1.0).")
+@click.option("--namespace", default="bucketml", show_default=True)
+@click.option("--google-service-account", help="Workload Identity: the Google service account with access to the bucket.")
+@click.option("--dry-run", is_flag=True, help="Print the manifests (YAML) instead of applying them.")
+def deploy(gcs_bucket: str, registry: str, tag: str, namespace: str, google_service_account: str | None, dry_run: bool) -> None:
+    """The Knative manifests (infra/knative) for one environment: Broker, Triggers, Services."""
+    from . import deploy as deployment  # PyYAML only; nothing the other commands need
+
+    settings = deployment.Settings(gcs_bucket, registry, tag, namespace, google_service_account)
+    try:
+        objects = deployment.render(settings)
+    except deployment.DeployError as exc:
+        raise Failure(str(exc)) from None
+    if not dry_run:
+        raise Failure("applying is not built yet: run with --dry-run and pipe the output to `kubectl apply -f -`")
+    click.echo(deployment.to_yaml(objects), nl=False)
+
+
 def main() -> None:
     try:
         cli(standalone_mode=True)

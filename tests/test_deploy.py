@@ -1,5 +1,6 @@
-"""`bucketml deploy --dry-run` renders the same objects `kubectl kustomize` builds from an
-overlay with the same settings, and refuses bad settings with one clear line."""
+"""`bucketml deploy`: --dry-run renders the same objects `kubectl kustomize` builds from an
+overlay with the same settings; applying sends them with server-side apply and waits for the
+Services (against a stub API server: no cluster runs here); bad settings are one clear line."""
 
 from __future__ import annotations
 
@@ -8,13 +9,16 @@ import os
 import shutil
 import subprocess
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
 import yaml
+from werkzeug.serving import make_server
+from werkzeug.wrappers import Request, Response
 
 from bucketml import deploy
-from helpers import BUCKETML
+from helpers import BUCKETML, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "infra" / "knative"
@@ -92,7 +96,114 @@ def test_bad_settings_are_one_clear_line(flags, mention):
     assert done.stderr.startswith("error: ") and mention in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
-def test_without_dry_run_it_says_applying_is_not_built_yet():
-    done = subprocess.run([BUCKETML, "deploy", "--bucket", "gs://acme", "--registry", "r.example.com/ml", "--tag", "1"],
-                          capture_output=True, text=True, check=False)
-    assert done.returncode == 1 and "--dry-run" in done.stderr and "kubectl apply" in done.stderr
+# --- --apply, against a stub Kubernetes API -----------------------------------------------------
+# No Kubernetes API server can run on the machines the tests run on, so this stub stands in
+# for one: it speaks the few endpoints `bucketml deploy` uses (server-side apply PATCHes, GETs
+# of Knative Services) and records what it was sent. The real kubernetes client talks to it
+# over HTTP through a kubeconfig, as it would to a cluster.
+
+
+class StubKubernetes:
+    def __init__(self, ready_after: int = 2, never_ready: frozenset = frozenset(), refuse: frozenset = frozenset()):
+        self.objects: dict[str, dict] = {}
+        self.requests: list[tuple[str, str, str]] = []
+        self.gets: dict[str, int] = {}
+        self.ready_after, self.never_ready, self.refuse = ready_after, never_ready, refuse
+        self.server = make_server("127.0.0.1", free_port(), self.app, threaded=True)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @Request.application
+    def app(self, request: Request) -> Response:
+        self.requests.append((request.method, request.path, request.headers.get("Content-Type", "")))
+        name = request.path.rsplit("/", 1)[-1]
+        if request.method == "PATCH":
+            assert request.args.get("fieldManager") == "bucketml" and request.args.get("force") == "true"
+            if name in self.refuse:
+                return Response(json.dumps({"kind": "Status", "message": f"admission webhook denied {name}"}), 422,
+                                content_type="application/json")
+            self.objects[request.path] = json.loads(request.get_data())
+            return Response(json.dumps(self.objects[request.path]), 200, content_type="application/json")
+        obj = dict(self.objects[request.path])
+        self.gets[name] = self.gets.get(name, 0) + 1
+        ready = self.gets[name] >= self.ready_after and name not in self.never_ready
+        obj["status"] = {"url": f"https://{name}.{obj['metadata']['namespace']}.example.com",
+                         "conditions": [{"type": "Ready", "status": "True" if ready else "Unknown",
+                                         "message": None if ready else "Revision is waiting for its readiness probe"}]}
+        return Response(json.dumps(obj), 200, content_type="application/json")
+
+    def kubeconfig(self, folder: Path) -> Path:
+        path = folder / "kubeconfig"
+        path.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "stub",
+            "clusters": [{"name": "stub", "cluster": {"server": self.url}}],
+            "users": [{"name": "stub", "user": {"token": "test"}}],
+            "contexts": [{"name": "stub", "context": {"cluster": "stub", "user": "stub"}}],
+        }))
+        return path
+
+    def close(self):
+        self.server.shutdown()
+
+
+def run_deploy(kubeconfig: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([BUCKETML, "deploy", "--bucket", SETTINGS.bucket, "--registry", SETTINGS.registry,
+                           "--tag", SETTINGS.tag, "--namespace", SETTINGS.namespace,
+                           "--google-service-account", SETTINGS.google_service_account, *extra],
+                          capture_output=True, text=True, check=False, env=dict(os.environ, KUBECONFIG=str(kubeconfig)))
+
+
+def test_apply_sends_every_object_by_server_side_apply_and_waits_for_ready(tmp_path):
+    stub = StubKubernetes(ready_after=2)
+    try:
+        done = run_deploy(stub.kubeconfig(tmp_path), "--wait", "30")
+    finally:
+        stub.close()
+    assert done.returncode == 0, done.stderr
+    patches = [(path, kind) for method, path, kind in stub.requests if method == "PATCH"]
+    assert {kind for _, kind in patches} == {"application/apply-patch+yaml"}
+    assert sorted(path for path, _ in patches) == sorted([
+        "/api/v1/namespaces/ml-prod/serviceaccounts/bucketml",
+        "/apis/eventing.knative.dev/v1/namespaces/ml-prod/brokers/default",
+        "/apis/eventing.knative.dev/v1/namespaces/ml-prod/triggers/preprocess-on-upload",
+        "/apis/eventing.knative.dev/v1/namespaces/ml-prod/triggers/train-on-prepared",
+        "/apis/eventing.knative.dev/v1/namespaces/ml-prod/triggers/predict-on-published",
+        "/apis/serving.knative.dev/v1/namespaces/ml-prod/services/preprocess",
+        "/apis/serving.knative.dev/v1/namespaces/ml-prod/services/train",
+        "/apis/serving.knative.dev/v1/namespaces/ml-prod/services/predict",
+    ])
+    # What was applied is what --dry-run prints.
+    assert canonical(list(stub.objects.values())) == canonical(deploy.render(SETTINGS))
+    assert "predict     https://predict.ml-prod.example.com" in done.stdout
+    assert all(stub.gets[name] >= 2 for name in deploy.FUNCTIONS)  # it waited for Ready
+
+
+def test_apply_names_what_the_cluster_refused_or_what_never_became_ready(tmp_path):
+    refusing = StubKubernetes(refuse=frozenset({"train-on-prepared"}))
+    try:
+        refused = run_deploy(refusing.kubeconfig(tmp_path))
+    finally:
+        refusing.close()
+    assert refused.returncode == 1
+    assert "Trigger ml-prod/train-on-prepared" in refused.stderr and "admission webhook denied" in refused.stderr
+
+    stuck = StubKubernetes(never_ready=frozenset({"predict"}))
+    try:
+        late = run_deploy(stuck.kubeconfig(tmp_path), "--wait", "3")
+    finally:
+        stuck.close()
+    assert late.returncode == 1 and "not Ready after 3s: predict: Revision is waiting for its readiness probe" in late.stderr
+
+
+def test_apply_without_a_cluster_configuration_is_one_clear_line(tmp_path):
+    done = run_deploy(tmp_path / "missing-kubeconfig")
+    assert done.returncode == 1 and "no usable Kubernetes configuration" in done.stderr and "--dry-run" in done.stderr
+
+
+def test_apply_to_an_unreachable_api_server_is_one_clear_line(tmp_path):
+    nobody = StubKubernetes()
+    kubeconfig = nobody.kubeconfig(tmp_path)
+    nobody.close()
+    nobody.server.server_close()  # nothing listens at its address any more
+    done = run_deploy(kubeconfig)
+    assert done.returncode == 1 and "unreachable" in done.stderr and nobody.url in done.stderr, done.stderr

@@ -512,8 +512,12 @@ def events_command(model: str | None, type_: str | None, limit: int, dead: bool,
 @click.option("--namespace", default="bucketml", show_default=True)
 @click.option("--google-service-account", help="Workload Identity: the Google service account with access to the bucket.")
 @click.option("--dry-run", is_flag=True, help="Print the manifests (YAML) instead of applying them.")
-def deploy(gcs_bucket: str, registry: str, tag: str, namespace: str, google_service_account: str | None, dry_run: bool) -> None:
-    """The Knative manifests (infra/knative) for one environment: Broker, Triggers, Services."""
+@click.option("--context", help="The kubeconfig context to apply to (default: the current one).")
+@click.option("--wait", "wait_seconds", default=300.0, show_default=True, help="Seconds to wait for the Services to be Ready.")
+def deploy(gcs_bucket: str, registry: str, tag: str, namespace: str, google_service_account: str | None, dry_run: bool,
+           context: str | None, wait_seconds: float) -> None:
+    """Apply the Knative manifests (infra/knative) for one environment: Broker, Triggers,
+    Services; then wait for the Services to be Ready and print their URLs."""
     from . import deploy as deployment  # PyYAML only; nothing the other commands need
 
     settings = deployment.Settings(gcs_bucket, registry, tag, namespace, google_service_account)
@@ -521,9 +525,25 @@ def deploy(gcs_bucket: str, registry: str, tag: str, namespace: str, google_serv
         objects = deployment.render(settings)
     except deployment.DeployError as exc:
         raise Failure(str(exc)) from None
-    if not dry_run:
-        raise Failure("applying is not built yet: run with --dry-run and pipe the output to `kubectl apply -f -`")
-    click.echo(deployment.to_yaml(objects), nl=False)
+    if dry_run:
+        click.echo(deployment.to_yaml(objects), nl=False)
+        return
+    from kubernetes import config as kube_config
+    from urllib3.exceptions import HTTPError
+
+    try:
+        api = kube_config.new_client_from_config(context=context)
+    except (kube_config.ConfigException, OSError) as exc:
+        raise Failure(f"no usable Kubernetes configuration ({exc}); set KUBECONFIG or use --dry-run") from None
+    try:
+        deployment.apply(objects, api, echo=click.echo)
+        urls = deployment.wait_ready(objects, api, timeout=wait_seconds)
+    except deployment.DeployError as exc:
+        raise Failure(str(exc)) from None
+    except HTTPError as exc:
+        raise Failure(f"the Kubernetes API at {api.configuration.host} is unreachable: {exc}") from None
+    for name, url in sorted(urls.items()):
+        click.echo(f"{name:<11} {url}")
 
 
 def main() -> None:

@@ -3,14 +3,16 @@
 The kustomize base is the one source; rendering applies what an overlay would (namespace,
 images, bucket, broker address, the Google service account) to its objects, so the result is
 the same set of objects `kubectl kustomize` builds from an overlay with those settings
-(tests/test_deploy.py compares them). Applying is not built yet: pipe the output to
-`kubectl apply -f -`.
+(tests/test_deploy.py compares them). `apply` sends them with server-side apply through the
+official `kubernetes` client (one PATCH per object creates or updates it, owned by the field
+manager `bucketml`), then waits for the Knative Services to be Ready.
 """
 
 from __future__ import annotations
 
 import copy
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,3 +99,69 @@ def _configure_service(service: dict[str, Any], settings: Settings) -> None:
 
 def to_yaml(objects: list[dict[str, Any]]) -> str:
     return yaml.safe_dump_all(objects, sort_keys=False, default_flow_style=False)
+
+
+# --- applying -----------------------------------------------------------------------------
+FIELD_MANAGER = "bucketml"
+APPLY_PATCH = "application/apply-patch+yaml"  # server-side apply; JSON is valid YAML
+
+
+def plural(kind: str) -> str:
+    return kind.lower() + "s"  # Broker, Trigger, Service, ServiceAccount: all regular
+
+
+def apply(objects: list[dict[str, Any]], api_client, echo=print) -> None:
+    """Create or update every object (server-side apply), in the rendered order."""
+    from kubernetes import client
+
+    custom, core = client.CustomObjectsApi(api_client), client.CoreV1Api(api_client)
+    for obj in objects:
+        namespace, name, kind = obj["metadata"]["namespace"], obj["metadata"]["name"], obj["kind"]
+        try:
+            if obj["apiVersion"] == "v1" and kind == "ServiceAccount":
+                core.patch_namespaced_service_account(name, namespace, obj, field_manager=FIELD_MANAGER, force=True,
+                                                      _content_type=APPLY_PATCH)
+            else:
+                group, version = obj["apiVersion"].split("/")
+                custom.patch_namespaced_custom_object(group, version, namespace, plural(kind), name, obj,
+                                                      field_manager=FIELD_MANAGER, force=True, _content_type=APPLY_PATCH)
+        except client.ApiException as exc:
+            raise DeployError(f"{kind} {namespace}/{name}: the API server refused it: HTTP {exc.status} {_reason(exc)}") from None
+        echo(f"applied {kind} {namespace}/{name}")
+
+
+def wait_ready(objects: list[dict[str, Any]], api_client, timeout: float = 300.0, poll: float = 2.0) -> dict[str, str]:
+    """Each Knative Service's URL once its Ready condition is True; DeployError naming the
+    Services that are not, and why, when `timeout` passes."""
+    from kubernetes import client
+
+    custom = client.CustomObjectsApi(api_client)
+    services = [o for o in objects if o["apiVersion"] == SERVING and o["kind"] == "Service"]
+    deadline, urls, waiting = time.monotonic() + timeout, {}, {}
+    while True:
+        for service in services:
+            name, namespace = service["metadata"]["name"], service["metadata"]["namespace"]
+            if name in urls:
+                continue
+            status = custom.get_namespaced_custom_object("serving.knative.dev", "v1", namespace, "services", name).get("status", {})
+            ready = next((c for c in status.get("conditions", []) if c.get("type") == "Ready"), {})
+            if ready.get("status") == "True":
+                urls[name] = status.get("url", "")
+                waiting.pop(name, None)
+            else:
+                waiting[name] = ready.get("message") or ready.get("reason") or "no Ready condition yet"
+        if not waiting:
+            return urls
+        if time.monotonic() > deadline:
+            why = "; ".join(f"{name}: {message}" for name, message in sorted(waiting.items()))
+            raise DeployError(f"not Ready after {timeout:.0f}s: {why}")
+        time.sleep(poll)
+
+
+def _reason(exc) -> str:
+    import json
+
+    try:
+        return json.loads(exc.body).get("message", "")
+    except (TypeError, ValueError, AttributeError):
+        return str(exc.reason or "")

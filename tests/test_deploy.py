@@ -107,6 +107,7 @@ class StubKubernetes:
     def __init__(self, ready_after: int = 2, never_ready: frozenset = frozenset(), refuse: frozenset = frozenset()):
         self.objects: dict[str, dict] = {}
         self.requests: list[tuple[str, str, str]] = []
+        self.lists: dict[str, list[dict]] = {}  # path -> items, for list requests
         self.gets: dict[str, int] = {}
         self.ready_after, self.never_ready, self.refuse = ready_after, never_ready, refuse
         self.server = make_server("127.0.0.1", free_port(), self.app, threaded=True)
@@ -124,6 +125,8 @@ class StubKubernetes:
                                 content_type="application/json")
             self.objects[request.path] = json.loads(request.get_data())
             return Response(json.dumps(self.objects[request.path]), 200, content_type="application/json")
+        if request.path in self.lists:
+            return Response(json.dumps({"items": self.lists[request.path]}), 200, content_type="application/json")
         obj = dict(self.objects[request.path])
         self.gets[name] = self.gets.get(name, 0) + 1
         ready = self.gets[name] >= self.ready_after and name not in self.never_ready
@@ -207,3 +210,37 @@ def test_apply_to_an_unreachable_api_server_is_one_clear_line(tmp_path):
     nobody.server.server_close()  # nothing listens at its address any more
     done = run_deploy(kubeconfig)
     assert done.returncode == 1 and "unreachable" in done.stderr and nobody.url in done.stderr, done.stderr
+
+
+def test_status_lists_services_with_revisions_and_traffic_and_triggers(tmp_path):
+    stub = StubKubernetes()
+    ready = [{"type": "Ready", "status": "True"}]
+    stub.lists = {
+        "/apis/serving.knative.dev/v1/namespaces/ml-prod/services": [
+            {"metadata": {"name": "predict"}, "status": {"url": "https://predict.ml-prod.example.com", "conditions": ready,
+                                                        "traffic": [{"revisionName": "predict-00002", "percent": 100}]}},
+            {"metadata": {"name": "train"}, "status": {"conditions": [{"type": "Ready", "status": "False",
+                                                                       "message": "image pull failed"}]}},
+        ],
+        "/apis/serving.knative.dev/v1/namespaces/ml-prod/revisions": [
+            {"metadata": {"name": "predict-00001", "labels": {"serving.knative.dev/service": "predict"}}, "status": {"conditions": ready}},
+            {"metadata": {"name": "predict-00002", "labels": {"serving.knative.dev/service": "predict"}}, "status": {"conditions": ready}},
+        ],
+        "/apis/eventing.knative.dev/v1/namespaces/ml-prod/triggers": [
+            {"metadata": {"name": "predict-on-published"},
+             "spec": {"filter": {"attributes": {"type": "bucketml.model.published.v1"}}, "subscriber": {"ref": {"name": "predict"}}},
+             "status": {"conditions": ready}},
+        ],
+    }
+    try:
+        done = subprocess.run([BUCKETML, "status", "--namespace", "ml-prod"], capture_output=True, text=True, check=False,
+                              env=dict(os.environ, KUBECONFIG=str(stub.kubeconfig(tmp_path))))
+    finally:
+        stub.close()
+    assert done.returncode == 0, done.stderr
+    lines = [line.split() for line in done.stdout.splitlines()]
+    assert ["predict", "Ready", "https://predict.ml-prod.example.com"] in lines
+    assert ["revision", "predict-00001", "Ready", "no", "traffic"] in lines
+    assert ["revision", "predict-00002", "Ready", "100%", "of", "traffic"] in lines
+    assert "train       not ready: image pull failed" in done.stdout
+    assert ["predict-on-published", "bucketml.model.published.v1", "->", "predict", "Ready"] in lines

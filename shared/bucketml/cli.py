@@ -528,13 +528,9 @@ def deploy(gcs_bucket: str, registry: str, tag: str, namespace: str, google_serv
     if dry_run:
         click.echo(deployment.to_yaml(objects), nl=False)
         return
-    from kubernetes import config as kube_config
     from urllib3.exceptions import HTTPError
 
-    try:
-        api = kube_config.new_client_from_config(context=context)
-    except (kube_config.ConfigException, OSError) as exc:
-        raise Failure(f"no usable Kubernetes configuration ({exc}); set KUBECONFIG or use --dry-run") from None
+    api = _kubernetes(context)
     try:
         deployment.apply(objects, api, echo=click.echo)
         urls = deployment.wait_ready(objects, api, timeout=wait_seconds)
@@ -544,6 +540,35 @@ def deploy(gcs_bucket: str, registry: str, tag: str, namespace: str, google_serv
         raise Failure(f"the Kubernetes API at {api.configuration.host} is unreachable: {exc}") from None
     for name, url in sorted(urls.items()):
         click.echo(f"{name:<11} {url}")
+
+
+def _kubernetes(context: str | None):
+    from kubernetes import config as kube_config
+
+    try:
+        return kube_config.new_client_from_config(context=context)
+    except (kube_config.ConfigException, OSError) as exc:
+        raise Failure(f"no usable Kubernetes configuration ({exc}); set KUBECONFIG or use --dry-run") from None
+
+
+@cli.command()
+@click.option("--namespace", default="bucketml", show_default=True)
+@click.option("--context", help="The kubeconfig context (default: the current one).")
+def status(namespace: str, context: str | None) -> None:
+    """The deployed Knative Services (with their revisions and traffic) and Triggers."""
+    from kubernetes.client import ApiException
+    from urllib3.exceptions import HTTPError
+
+    from . import deploy as deployment
+
+    api = _kubernetes(context)
+    try:
+        lines = deployment.status(namespace, api)
+    except ApiException as exc:
+        raise Failure(f"the Kubernetes API refused to list namespace {namespace}: HTTP {exc.status}") from None
+    except HTTPError as exc:
+        raise Failure(f"the Kubernetes API at {api.configuration.host} is unreachable: {exc}") from None
+    click.echo("\n".join(lines))
 
 
 def main() -> None:

@@ -165,3 +165,40 @@ def _reason(exc) -> str:
         return json.loads(exc.body).get("message", "")
     except (TypeError, ValueError, AttributeError):
         return str(exc.reason or "")
+
+
+def status(namespace: str, api_client) -> list[str]:
+    """Lines describing the Knative Services (with their Revisions) and Triggers in `namespace`."""
+    from kubernetes import client
+
+    custom = client.CustomObjectsApi(api_client)
+
+    def items(group: str, plural_: str) -> list[dict[str, Any]]:
+        return custom.list_namespaced_custom_object(group, "v1", namespace, plural_).get("items", [])
+
+    def ready(obj: dict[str, Any]) -> str:
+        condition = next((c for c in obj.get("status", {}).get("conditions", []) if c.get("type") == "Ready"), {})
+        if condition.get("status") == "True":
+            return "Ready"
+        return f"not ready: {condition.get('message') or condition.get('reason') or 'no status yet'}"
+
+    revisions: dict[str, list[dict[str, Any]]] = {}
+    for revision in items("serving.knative.dev", "revisions"):
+        service = revision["metadata"].get("labels", {}).get("serving.knative.dev/service", "")
+        revisions.setdefault(service, []).append(revision)
+    lines = [f"Services in {namespace}:"]
+    for service in sorted(items("serving.knative.dev", "services"), key=lambda o: o["metadata"]["name"]):
+        name, state = service["metadata"]["name"], service.get("status", {})
+        lines.append(f"  {name:<11} {ready(service)}  {state.get('url', '')}")
+        traffic = {t.get("revisionName"): t.get("percent") for t in state.get("traffic", [])}
+        for revision in sorted(revisions.get(name, []), key=lambda o: o["metadata"]["name"]):
+            rev = revision["metadata"]["name"]
+            share = f"{traffic[rev]}% of traffic" if rev in traffic else "no traffic"
+            lines.append(f"    revision {rev:<24} {ready(revision)}  {share}")
+    lines.append(f"Triggers in {namespace}:")
+    for trigger in sorted(items("eventing.knative.dev", "triggers"), key=lambda o: o["metadata"]["name"]):
+        spec = trigger.get("spec", {})
+        kind = spec.get("filter", {}).get("attributes", {}).get("type", "every event")
+        subscriber = spec.get("subscriber", {}).get("ref", {}).get("name") or spec.get("subscriber", {}).get("uri", "")
+        lines.append(f"  {trigger['metadata']['name']:<24} {kind} -> {subscriber}  {ready(trigger)}")
+    return lines

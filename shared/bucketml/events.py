@@ -6,6 +6,7 @@ Type names are a public contract (docs/architecture.md lists them with their dat
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import uuid
 from typing import Any, Mapping
@@ -51,6 +52,12 @@ def platform_event(type_: str, function: str, model: str, data: Mapping[str, Any
         MODEL_ATTRIBUTE: model,
     }
     return CloudEvent(attributes, dict(data))
+
+
+def finalized_event_id(name: str, generation: int | str) -> str:
+    """A stable id per (object, generation): a re-announcement of the same upload is recognisable
+    (the local watcher and the GCS source adapter give the same id)."""
+    return hashlib.sha1(f"{name}#{generation}".encode()).hexdigest()[:20]
 
 
 def finalized_event(bucket: str, object_data: Mapping[str, Any], *, id_: str | None = None) -> CloudEvent:

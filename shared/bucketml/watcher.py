@@ -9,7 +9,6 @@ object generation is recorded as announced only after the broker accepted its ev
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import signal
 import sqlite3
@@ -90,8 +89,7 @@ class BucketWatcher(FileSystemEventHandler):
             self.announce(info)
 
     def announce(self, info: ObjectInfo) -> None:
-        # A stable id per (object, generation): a re-announcement after a crash is recognisable.
-        event_id = hashlib.sha1(f"{info.name}#{info.generation}".encode()).hexdigest()[:20]
+        event_id = events.finalized_event_id(info.name, info.generation)  # a re-announcement is recognisable
         event = events.finalized_event(self.storage.bucket_name, info.event_data(), id_=event_id)
         try:
             response = events.post(self.broker_url, event, self._session)

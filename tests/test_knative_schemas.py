@@ -30,12 +30,14 @@ def models() -> dict[tuple[str, str], type]:
         warnings.simplefilter("ignore")
         from cloudcoil.models.knative_eventing.eventing import v1 as eventing
         from cloudcoil.models.knative_eventing.sinks import v1alpha1 as sinks
+        from cloudcoil.models.knative_eventing.sources import v1 as sources
         from cloudcoil.models.knative_serving.serving import v1 as serving
     return {
         ("serving.knative.dev/v1", "Service"): serving.Service,
         ("eventing.knative.dev/v1", "Broker"): eventing.Broker,
         ("eventing.knative.dev/v1", "Trigger"): eventing.Trigger,
         ("sinks.knative.dev/v1alpha1", "JobSink"): sinks.JobSink,
+        ("sources.knative.dev/v1", "ContainerSource"): sources.ContainerSource,
     }
 
 

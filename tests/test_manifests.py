@@ -307,6 +307,9 @@ def test_kubernetes_parts_match_the_kubernetes_schemas(name):
             for resource, request in resources.get("requests", {}).items():
                 limit = resources.get("limits", {}).get(resource)
                 assert limit is None or parse_quantity(request) <= parse_quantity(limit), f"{where}: {resource} request over limit"
+        elif (doc["apiVersion"], doc["kind"]) == ("sources.knative.dev/v1", "ContainerSource"):
+            check_schema(k8s.V1PodSpec, doc["spec"]["template"]["spec"], f"{where} template spec")
+            assert doc["spec"]["sink"]["ref"]["kind"] == "Broker", f"{where}: the source must post to the Broker"
         elif doc["apiVersion"] == EVENTING and doc["kind"] in ("Broker", "Trigger"):
             for value in (doc["spec"].get("delivery") or {}).values():
                 if isinstance(value, str) and value.startswith("P"):

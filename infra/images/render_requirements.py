@@ -27,7 +27,8 @@ IMAGES = {
     # preprocess and train share one image: reading, typing and splitting data, training,
     # exporting and checking the ONNX model (with onnxruntime), and the version report.
     "pipeline": COMMON + ["scikit-learn", "skl2onnx", "onnx", "protobuf", "pandas", "scipy", "threadpoolctl",
-                          "matplotlib", "onnxruntime", "orjson", "prometheus-client", "jsonschema"],
+                          "matplotlib", "onnxruntime", "orjson", "prometheus-client", "jsonschema",
+                          "google-cloud-pubsub"],  # the GCS event source (bucketml.gcs_source) runs in this image
 }
 
 

@@ -509,18 +509,19 @@ def events_command(model: str | None, type_: str | None, limit: int, dead: bool,
 @click.option("--registry", required=True,
               help="Where the bucketml-<function> images are, e.g. europe-docker.pkg.dev/<project>/<repository>.")
 @click.option("--tag", required=True, help="The images' tag (a release, e.g. 0.1.0).")
+@click.option("--project", required=True, help="The Google Cloud project of the bucket's Pub/Sub notifications.")
 @click.option("--namespace", default="bucketml", show_default=True)
 @click.option("--google-service-account", help="Workload Identity: the Google service account with access to the bucket.")
 @click.option("--dry-run", is_flag=True, help="Print the manifests (YAML) instead of applying them.")
 @click.option("--context", help="The kubeconfig context to apply to (default: the current one).")
 @click.option("--wait", "wait_seconds", default=300.0, show_default=True, help="Seconds to wait for the Services to be Ready.")
-def deploy(gcs_bucket: str, registry: str, tag: str, namespace: str, google_service_account: str | None, dry_run: bool,
+def deploy(gcs_bucket: str, registry: str, tag: str, project: str, namespace: str, google_service_account: str | None, dry_run: bool,
            context: str | None, wait_seconds: float) -> None:
     """Apply the Knative manifests (infra/knative) for one environment: Broker, Triggers,
     Services; then wait for the Services to be Ready and print their URLs."""
     from . import deploy as deployment  # PyYAML only; nothing the other commands need
 
-    settings = deployment.Settings(gcs_bucket, registry, tag, namespace, google_service_account)
+    settings = deployment.Settings(gcs_bucket, registry, tag, project, namespace, google_service_account)
     try:
         objects = deployment.render(settings)
     except deployment.DeployError as exc:

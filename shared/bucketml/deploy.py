@@ -36,6 +36,7 @@ class Settings:
     bucket: str  # gs://<bucket>
     registry: str  # where bucketml-<function> images live, e.g. europe-docker.pkg.dev/<project>/<repo>
     tag: str
+    project: str  # the Google Cloud project of the bucket's Pub/Sub notifications (the GCS source)
     namespace: str = "bucketml"
     google_service_account: str | None = None  # Workload Identity: <name>@<project>.iam.gserviceaccount.com
 
@@ -48,6 +49,8 @@ class Settings:
             raise DeployError(f"--registry is the image repository prefix without a tag, got {self.registry!r}")
         if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", self.tag):
             raise DeployError(f"--tag must be a Docker tag, got {self.tag!r}")
+        if not re.fullmatch(r"[a-z][a-z0-9-]{4,28}[a-z0-9]", self.project):
+            raise DeployError(f"--project must be a Google Cloud project id, got {self.project!r}")
 
     @property
     def broker_url(self) -> str:
@@ -77,16 +80,16 @@ def render(settings: Settings, base: Path | None = None) -> list[dict[str, Any]]
         metadata["namespace"] = settings.namespace  # every object here is namespaced
         if labels:
             metadata["labels"] = {**metadata.get("labels", {}), **labels}
-        if obj.get("apiVersion") == SERVING and obj.get("kind") == "Service":
-            _configure_service(obj, settings)
+        if "containers" in obj.get("spec", {}).get("template", {}).get("spec", {}):  # Services, the GCS source
+            _configure_containers(obj, settings)
         if obj.get("kind") == "ServiceAccount" and settings.google_service_account:
             metadata.setdefault("annotations", {})["iam.gke.io/gcp-service-account"] = settings.google_service_account
         rendered.append(obj)
     return rendered
 
 
-def _configure_service(service: dict[str, Any], settings: Settings) -> None:
-    for container in service["spec"]["template"]["spec"]["containers"]:
+def _configure_containers(obj: dict[str, Any], settings: Settings) -> None:
+    for container in obj["spec"]["template"]["spec"]["containers"]:
         image = container.get("image", "")
         if image in {f"bucketml-{name}" for name in FUNCTIONS}:
             container["image"] = f"{settings.registry}/{image}:{settings.tag}"
@@ -95,6 +98,8 @@ def _configure_service(service: dict[str, Any], settings: Settings) -> None:
                 variable["value"] = settings.bucket
             elif variable["name"] == "BUCKETML_BROKER_URL":
                 variable["value"] = settings.broker_url
+            elif variable["name"] == "GOOGLE_CLOUD_PROJECT":
+                variable["value"] = settings.project
 
 
 def to_yaml(objects: list[dict[str, Any]]) -> str:

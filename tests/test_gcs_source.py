@@ -26,7 +26,7 @@ from werkzeug.wrappers import Request, Response
 
 from bucketml import events
 from bucketml.gcs_source import to_cloud_event
-from helpers import free_port, wait_until
+from helpers import churn_frame, free_port, function_server, predict_server, wait_until
 
 PROJECT = "bucketml-test"
 TOPIC = "gcs-notifications"
@@ -401,3 +401,48 @@ def test_an_event_in_flight_when_the_adapter_is_killed_is_redelivered(pubsub_emu
         adapter.stop()
         sink.close()
         print(adapter.logs()[-3000:])
+
+
+def test_an_upload_on_the_production_event_path_ends_in_a_served_model(pubsub_emulator, notifying_gcs, tmp_path):
+    """The path a cluster without Eventarc runs, without the cluster: the bucket notifies
+    Pub/Sub, the adapter posts to the broker (routing by infra/knative), and the three
+    functions work on the GCS backend until predict serves the model."""
+    storage = _storage(notifying_gcs)
+    bucket, env = f"gs://{BUCKET}", {"STORAGE_EMULATOR_HOST": notifying_gcs}
+    broker_port = free_port()
+    broker_url = f"http://127.0.0.1:{broker_port}"
+    subscription = _subscription(pubsub_emulator, "production-path")
+    with function_server("preprocess", bucket, tmp_path, env) as preprocess, \
+            function_server("train", bucket, tmp_path, {**env, "BUCKETML_BROKER_URL": broker_url}) as train, \
+            predict_server(bucket, tmp_path, env=env) as predict:
+        with open(tmp_path / "broker.log", "wb") as log:
+            broker = subprocess.Popen(
+                [sys.executable, "-m", "bucketml.broker", "--manifests", str(Path(__file__).parents[1] / "infra" / "knative"),
+                 "--db", str(tmp_path / "broker.db"), "--port", str(broker_port),
+                 "--subscriber", f"preprocess={preprocess.url}", "--subscriber", f"train={train.url}",
+                 "--subscriber", f"predict={predict.url}"],
+                stdout=log, stderr=subprocess.STDOUT)
+        adapter = Adapter(pubsub_emulator, subscription, broker_url, tmp_path)
+        try:
+            def broker_up() -> bool:
+                assert broker.poll() is None, (tmp_path / "broker.log").read_text()
+                try:
+                    return requests.get(broker_url + "/healthz", timeout=1).ok
+                except requests.ConnectionError:
+                    return False
+
+            wait_until(broker_up, "the broker to listen", timeout=15)
+            adapter.start()
+            upload = storage.write("datasets/churn/customers.csv", churn_frame(seed=6).to_csv(index=False).encode(),
+                                   content_type="text/csv", metadata={"algorithms": "logistic_regression"})
+            wait_until(lambda: predict.version_of("churn") == 1, "predict to serve the uploaded model", timeout=120)
+            record = {"tenure": 3, "monthly": 99.5, "plan": "basic", "region": "north"}
+            answer = predict.predict({"model": "churn", "records": [record]})
+            assert answer.status_code == 200 and answer.json()["version"] == 1, answer.text
+            card = json.loads(storage.read("models/churn/versions/1/card.json"))
+            assert card["lineage"]["upload"]["name"] == upload.name
+            assert str(card["lineage"]["upload"]["generation"]) == str(upload.generation)
+        finally:
+            adapter.stop()
+            broker.terminate()
+            broker.wait(15)

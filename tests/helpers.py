@@ -126,6 +126,19 @@ def wait_until(condition: Callable[[], Any], what: str, timeout: float = 15.0) -
         time.sleep(0.05)
 
 
+def wait_for_http(url: str, process: subprocess.Popen, what: str, log: Path | None = None, timeout: float = 15.0,
+                  statuses: tuple[int, ...] = (200,)) -> None:
+    """Until GET `url` answers one of `statuses`; fails at once (with `log`) if `process` exits."""
+    def answers() -> bool:
+        assert process.poll() is None, f"{what} exited" + (":\n" + log.read_text() if log else "")
+        try:
+            return requests.get(url, timeout=1).status_code in statuses
+        except requests.ConnectionError:
+            return False
+
+    wait_until(answers, what, timeout=timeout)
+
+
 def publish(storage, model: str, frame: pd.DataFrame, filename: str, metadata: dict[str, str] | None = None) -> int:
     """Upload a CSV (with a dataset spec as object `metadata`) and run preprocess and train on it
     in-process; returns the new current version."""
@@ -141,25 +154,53 @@ def publish(storage, model: str, frame: pd.DataFrame, filename: str, metadata: d
 
 
 class Sink:
-    """A CloudEvents sink on 127.0.0.1 that records what it is sent."""
+    """A CloudEvents sink on 127.0.0.1 (`port`, or a free one) that records what it accepts.
+    It answers `statuses` in turn, then 202; with `hold`, it keeps each request open until
+    `release()` and then refuses it. Usable as a context manager, which closes it."""
 
-    def __init__(self, port: int):
-        self.received = []
-        self.server = make_server("127.0.0.1", port, self.app, threaded=True)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+    def __init__(self, port: int = 0, statuses: list[int] | None = None, hold: bool = False):
+        self.received: list = []
+        self.statuses = list(statuses or [])
+        self.held = 0
+        self._released = threading.Event()
+        if not hold:
+            self._released.set()
+        self._lock = threading.Lock()
+        self._server = make_server("127.0.0.1", port, self._app, threaded=True)
+        self.url = f"http://127.0.0.1:{self._server.server_port}"
+        threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()
 
     @Request.application
-    def app(self, request: Request) -> Response:
-        self.received.append(from_http(dict(request.headers), request.get_data()))
-        return Response(status=202)
+    def _app(self, request: Request) -> Response:
+        if not self._released.is_set():
+            with self._lock:
+                self.held += 1
+            self._released.wait(60)
+            return Response(status=503)
+        with self._lock:
+            status = self.statuses.pop(0) if self.statuses else 202
+            if status < 300:
+                self.received.append(from_http(dict(request.headers), request.get_data()))
+        return Response(status=status)
+
+    def names(self) -> set[str]:
+        """The object names of the storage events received."""
+        with self._lock:
+            return {event.data["name"] for event in self.received}
+
+    def release(self) -> None:
+        self._released.set()
+
+    def close(self) -> None:
+        self._released.set()
+        self._server.shutdown()
+        self._server.server_close()
 
     def __enter__(self):
-        self.thread.start()
         return self
 
     def __exit__(self, *exc):
-        self.server.shutdown()
-        self.thread.join()
+        self.close()
 
 
 class Server:
@@ -208,15 +249,8 @@ def function_server(function: str, bucket: Path, log_dir: Path, env: dict[str, s
         )
     url = f"http://127.0.0.1:{port}"
 
-    def live() -> bool:
-        assert process.poll() is None, f"{function} exited early:\n" + log_path.read_text()
-        try:  # predict has a liveness route; the event functions answer GET with 405
-            return requests.get(url + "/v2/health/live", timeout=1).status_code in (200, 405)
-        except requests.ConnectionError:
-            return False
-
-    try:
-        wait_until(live, f"{function} to listen", timeout=30)
+    try:  # predict has a liveness route; the event functions answer GET with 405
+        wait_for_http(url + "/v2/health/live", process, f"{function} to listen", log_path, timeout=30, statuses=(200, 405))
         yield Server(url, process, log_path)
     finally:
         process.terminate()

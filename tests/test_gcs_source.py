@@ -8,6 +8,7 @@ subscriber behind a Trigger receives what the broker delivers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -21,12 +22,10 @@ from pathlib import Path
 
 import pytest
 import requests
-from werkzeug.serving import make_server
-from werkzeug.wrappers import Request, Response
 
 from bucketml import events
 from bucketml.gcs_source import to_cloud_event
-from helpers import churn_frame, free_port, function_server, predict_server, wait_until
+from helpers import Sink, churn_frame, free_port, function_server, predict_server, wait_for_http, wait_until
 
 PROJECT = "bucketml-test"
 TOPIC = "gcs-notifications"
@@ -156,63 +155,15 @@ def notifying_gcs(pubsub_emulator) -> Iterator[str]:
         env=dict(os.environ, PUBSUB_EMULATOR_HOST=pubsub_emulator),
     )
     try:
-        def ready() -> bool:
-            assert process.poll() is None, "fake-gcs-server exited"
-            try:
-                return requests.get(f"{url}/storage/v1/b", timeout=1).ok
-            except requests.ConnectionError:
-                return False
-
-        wait_until(ready, "fake-gcs-server to listen", timeout=10)
+        wait_for_http(f"{url}/storage/v1/b", process, "fake-gcs-server to listen", timeout=10)
         yield url
     finally:
         _stop(process)
 
 
-class Recorder:
-    """A subscriber that records each CloudEvent it is sent; answers `statuses` in turn, then 202.
-    While `hold` is set, it keeps each request open until `release` and then refuses it."""
-
-    def __init__(self, statuses: list[int] | None = None, hold: bool = False):
-        self.received: list = []
-        self.statuses = list(statuses or [])
-        self.held = 0
-        self._released = threading.Event()
-        if not hold:
-            self._released.set()
-        self._lock = threading.Lock()
-        self._server = make_server("127.0.0.1", 0, self._app, threaded=True)
-        self.url = f"http://127.0.0.1:{self._server.server_port}"
-        threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()
-
-    @Request.application
-    def _app(self, request: Request) -> Response:
-        if not self._released.is_set():
-            with self._lock:
-                self.held += 1
-            self._released.wait(60)
-            return Response(status=503)
-        with self._lock:
-            status = self.statuses.pop(0) if self.statuses else 202
-            if status < 300:
-                self.received.append(events.parse_request(request.headers, request.get_data()))
-        return Response(status=status)
-
-    def names(self) -> set[str]:
-        with self._lock:
-            return {event.data["name"] for event in self.received}
-
-    def release(self) -> None:
-        self._released.set()
-
-    def close(self) -> None:
-        self._released.set()
-        self._server.shutdown()
-
-
 @pytest.fixture
-def recorder() -> Iterator[Recorder]:
-    recorder = Recorder()
+def recorder() -> Iterator[Sink]:
+    recorder = Sink()
     yield recorder
     recorder.close()
 
@@ -228,23 +179,24 @@ def broker(tmp_path, recorder) -> Iterator[str]:
     (manifests / "triggers.yaml").write_text(
         "apiVersion: eventing.knative.dev/v1\nkind: Trigger\nmetadata:\n  name: everything\nspec:\n  broker: default\n"
         "  subscriber:\n    ref:\n      apiVersion: serving.knative.dev/v1\n      kind: Service\n      name: recorder\n")
-    port = free_port()
+    with running_broker(manifests, {"recorder": recorder.url}, tmp_path) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def running_broker(manifests: Path, subscribers: dict[str, str], tmp_path: Path, port: int | None = None) -> Iterator[str]:
+    """`python -m bucketml.broker` routing by `manifests` to `subscribers` (Service name -> URL)."""
+    port = port or free_port()
     url = f"http://127.0.0.1:{port}"
+    routes = [arg for name, target in subscribers.items() for arg in ("--subscriber", f"{name}={target}")]
     with open(tmp_path / "broker.log", "wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "bucketml.broker", "--manifests", str(manifests), "--db", str(tmp_path / "broker.db"),
-             "--port", str(port), "--subscriber", f"recorder={recorder.url}"],
+             "--port", str(port), *routes],
             stdout=log, stderr=subprocess.STDOUT,
         )
     try:
-        def healthy() -> bool:
-            assert process.poll() is None, (tmp_path / "broker.log").read_text()
-            try:
-                return requests.get(f"{url}/healthz", timeout=1).ok
-            except requests.ConnectionError:
-                return False
-
-        wait_until(healthy, "the broker to listen", timeout=15)
+        wait_for_http(f"{url}/healthz", process, "the broker to listen", tmp_path / "broker.log")
         yield url
     finally:
         _stop(process)
@@ -364,7 +316,7 @@ def test_every_upload_reaches_the_broker_even_when_the_adapter_is_killed(
 def test_an_event_the_sink_refuses_is_redelivered(pubsub_emulator, notifying_gcs, tmp_path):
     """Acknowledged only after a 2xx: a sink answering 503 (or gone) gets the event again."""
     storage = _storage(notifying_gcs)
-    sink = Recorder(statuses=[503, 500, 429])
+    sink = Sink(statuses=[503, 500, 429])
     adapter = Adapter(pubsub_emulator, _subscription(pubsub_emulator, "to-refusing-sink"), sink.url, tmp_path)
     adapter.start()
     try:
@@ -383,7 +335,7 @@ def test_an_event_in_flight_when_the_adapter_is_killed_is_redelivered(pubsub_emu
     """SIGKILL while the sink has not answered: the message was never acknowledged, so once its
     lease (LEASE_SECONDS) runs out Pub/Sub hands it to the restarted adapter."""
     storage = _storage(notifying_gcs)
-    sink = Recorder(hold=True)
+    sink = Sink(hold=True)
     adapter = Adapter(pubsub_emulator, _subscription(pubsub_emulator, "to-slow-sink"), sink.url, tmp_path)
     adapter.start()
     try:
@@ -415,34 +367,20 @@ def test_an_upload_on_the_production_event_path_ends_in_a_served_model(pubsub_em
     with function_server("preprocess", bucket, tmp_path, env) as preprocess, \
             function_server("train", bucket, tmp_path, {**env, "BUCKETML_BROKER_URL": broker_url}) as train, \
             predict_server(bucket, tmp_path, env=env) as predict:
-        with open(tmp_path / "broker.log", "wb") as log:
-            broker = subprocess.Popen(
-                [sys.executable, "-m", "bucketml.broker", "--manifests", str(Path(__file__).parents[1] / "infra" / "knative"),
-                 "--db", str(tmp_path / "broker.db"), "--port", str(broker_port),
-                 "--subscriber", f"preprocess={preprocess.url}", "--subscriber", f"train={train.url}",
-                 "--subscriber", f"predict={predict.url}"],
-                stdout=log, stderr=subprocess.STDOUT)
+        subscribers = {"preprocess": preprocess.url, "train": train.url, "predict": predict.url}
+        manifests = Path(__file__).parents[1] / "infra" / "knative"
         adapter = Adapter(pubsub_emulator, subscription, broker_url, tmp_path)
-        try:
-            def broker_up() -> bool:
-                assert broker.poll() is None, (tmp_path / "broker.log").read_text()
-                try:
-                    return requests.get(broker_url + "/healthz", timeout=1).ok
-                except requests.ConnectionError:
-                    return False
-
-            wait_until(broker_up, "the broker to listen", timeout=15)
+        with running_broker(manifests, subscribers, tmp_path, broker_port):
             adapter.start()
-            upload = storage.write("datasets/churn/customers.csv", churn_frame(seed=6).to_csv(index=False).encode(),
-                                   content_type="text/csv", metadata={"algorithms": "logistic_regression"})
-            wait_until(lambda: predict.version_of("churn") == 1, "predict to serve the uploaded model", timeout=120)
-            record = {"tenure": 3, "monthly": 99.5, "plan": "basic", "region": "north"}
-            answer = predict.predict({"model": "churn", "records": [record]})
-            assert answer.status_code == 200 and answer.json()["version"] == 1, answer.text
-            card = json.loads(storage.read("models/churn/versions/1/card.json"))
-            assert card["lineage"]["upload"]["name"] == upload.name
-            assert str(card["lineage"]["upload"]["generation"]) == str(upload.generation)
-        finally:
-            adapter.stop()
-            broker.terminate()
-            broker.wait(15)
+            try:
+                upload = storage.write("datasets/churn/customers.csv", churn_frame(seed=6).to_csv(index=False).encode(),
+                                       content_type="text/csv", metadata={"algorithms": "logistic_regression"})
+                wait_until(lambda: predict.version_of("churn") == 1, "predict to serve the uploaded model", timeout=120)
+                record = {"tenure": 3, "monthly": 99.5, "plan": "basic", "region": "north"}
+                answer = predict.predict({"model": "churn", "records": [record]})
+                assert answer.status_code == 200 and answer.json()["version"] == 1, answer.text
+                card = json.loads(storage.read("models/churn/versions/1/card.json"))
+                assert card["lineage"]["upload"]["name"] == upload.name
+                assert str(card["lineage"]["upload"]["generation"]) == str(upload.generation)
+            finally:
+                adapter.stop()

@@ -22,15 +22,19 @@ dev: $(BIN)/bucketml
 test: $(BIN)/bucketml test-deps
 	$(BIN)/python -m pytest -q
 
-# The report test renders report.html in headless Chromium (it skips when there is none).
-# On a Debian machine run as root, install Debian's chromium if it is missing; never fails.
+# The report test renders report.html in headless Chromium, and the crash tests hold the train
+# process with strace (each skips when its tool is missing). On a Debian machine run as root,
+# install what is missing with apt-get; never fails.
 test-deps:
-	@if ! command -v chromium >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		echo "installing chromium for the browser test (apt-get)"; \
+	@missing=""; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v strace >/dev/null 2>&1 || missing="$$missing strace"; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing$$missing for the browser and crash tests (apt-get)"; \
 		export DEBIAN_FRONTEND=noninteractive; \
-		apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 \
-			|| { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; } \
-			|| echo "could not install chromium: the browser test will be skipped"; \
+		apt-get install -y -qq --no-install-recommends $$missing >/dev/null 2>&1 \
+			|| { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends $$missing >/dev/null 2>&1; } \
+			|| echo "could not install$$missing: the tests that need them will be skipped"; \
 	fi; true
 
 clean:

@@ -78,7 +78,8 @@ def running_platform(root: Path, ports: dict[str, int], env: dict[str, str] | No
     process = subprocess.Popen(
         [BUCKETML, "dev", "--bucket", "bucket", "--state-dir", "state",
          "--predict-port", str(ports["predict"]), "--broker-port", str(ports["broker"]),
-         "--preprocess-port", str(ports["preprocess"]), "--train-port", str(ports["train"])],
+         "--preprocess-port", str(ports["preprocess"]), "--train-port", str(ports["train"]),
+         "--deadletter-port", str(ports["deadletter"])],
         cwd=root, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, BUCKETML_POLL_SECONDS="0.5", **(env or {})),
     )
     info = {
@@ -109,7 +110,7 @@ def running_platform(root: Path, ports: dict[str, int], env: dict[str, str] | No
 
 
 def free_ports() -> dict[str, int]:
-    return {name: free_port() for name in ("predict", "broker", "preprocess", "train")}
+    return {name: free_port() for name in ("predict", "broker", "preprocess", "train", "deadletter")}
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -264,3 +265,61 @@ def function_server(function: str, bucket: Path, log_dir: Path, env: dict[str, s
         print(log[-5000:])
     assert code == 0, f"{function} did not exit cleanly on SIGTERM ({code})"
     assert "Traceback" not in log, f"the {function} process logged an unhandled error:\n" + log
+
+
+def check_bucket(bucket: Path) -> dict[str, int | None]:
+    """What a user must never see in a local bucket, checked from the files themselves: every
+    model's current.json names a complete version (card.json and model.onnx present), whose
+    model.onnx has the SHA-256 and size its card records and carries that model and version in
+    its ONNX metadata, and whose card says it passed the ONNX parity gate and names its upload.
+    Every other complete version is held to the same. Returns {model: current version or None};
+    raises AssertionError naming the first thing wrong."""
+    import hashlib
+    import json
+
+    import onnx
+
+    def check_version(model: str, folder: Path) -> None:
+        card_path, onnx_path = folder / "card.json", folder / "model.onnx"
+        assert onnx_path.is_file(), f"{model} version {folder.name} has a card but no model.onnx"
+        card = json.loads(card_path.read_text())
+        data = onnx_path.read_bytes()
+        where = f"{model} version {folder.name}"
+        assert card.get("model") == model and str(card.get("version")) == folder.name, f"{where}: card names {card.get('model')} {card.get('version')}"
+        assert card["artifact"]["sha256"] == hashlib.sha256(data).hexdigest(), f"{where}: model.onnx does not match its card's sha256"
+        assert card["artifact"]["bytes"] == len(data), f"{where}: model.onnx is {len(data)} bytes, the card says {card['artifact']['bytes']}"
+        assert (card.get("parity") or {}).get("passed") is True and card["parity"]["rows"] > 0, f"{where}: no passed parity check in its card"
+        upload = (card.get("lineage") or {}).get("upload") or {}
+        assert upload.get("name") and str(upload.get("generation", "")).isdigit(), f"{where}: card lineage names no upload: {upload}"
+        props = {p.key: p.value for p in onnx.load_from_string(data).metadata_props}
+        assert props.get("bucketml.model") == model and props.get("bucketml.version") == folder.name, f"{where}: ONNX metadata {props}"
+
+    current: dict[str, int | None] = {}
+    models = bucket / "models"
+    for model_dir in sorted(models.iterdir()) if models.is_dir() else []:
+        model = model_dir.name
+        for folder in sorted((model_dir / "versions").glob("*")):
+            if (folder / "card.json").exists():
+                check_version(model, folder)
+        pointer = model_dir / "current.json"
+        if not pointer.exists():
+            current[model] = None
+            continue
+        version = json.loads(pointer.read_text())["version"]
+        target = model_dir / "versions" / str(version)
+        assert (target / "card.json").is_file(), f"{model}: current.json names version {version}, which is not complete"
+        current[model] = version
+    return current
+
+
+def versions_by_upload(bucket: Path) -> dict[tuple[str, str], list[tuple[str, int]]]:
+    """{(upload object name, generation): [(model, version), ...]} over every complete version, from
+    each card's lineage: exactly one entry per accepted upload is the promise."""
+    import json
+
+    found: dict[tuple[str, str], list[tuple[str, int]]] = {}
+    for card_path in sorted((bucket / "models").glob("*/versions/*/card.json")):
+        card = json.loads(card_path.read_text())
+        upload = card["lineage"]["upload"]
+        found.setdefault((upload["name"], str(upload["generation"])), []).append((card["model"], card["version"]))
+    return found

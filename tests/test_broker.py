@@ -353,7 +353,7 @@ def test_events_filtering(tmp_path, broker):
 
 
 def test_real_manifests_route_each_platform_event_type(tmp_path, subscriber, broker):
-    services = {name: subscriber() for name in ("preprocess", "train", "predict")}
+    services = {name: subscriber() for name in ("preprocess", "train", "predict", "deadletter")}
     target = broker(REPO / "infra" / "knative", {name: sub.url for name, sub in services.items()})
     expected = {
         events.OBJECT_FINALIZED: ("preprocess", "/"),
@@ -375,12 +375,16 @@ def test_real_manifests_route_each_platform_event_type(tmp_path, subscriber, bro
             assert deliveries == [], f"{type_} has no trigger in infra/knative"
     for type_, (name, path) in expected.items():
         assert [(r.headers["ce-type"], r.path) for r in services[name].received] == [(type_, path)]
+    assert services["deadletter"].received == []  # every delivery succeeded
 
 
 def test_real_manifests_merge_delivery_over_broker_defaults():
-    topology = load_topology(REPO / "infra" / "knative", {"preprocess": "http://p", "train": "http://t", "predict": "http://s:8080"})
+    topology = load_topology(REPO / "infra" / "knative", {"preprocess": "http://p", "train": "http://t", "predict": "http://s:8080",
+                                                          "deadletter": "http://d"})
     train = topology.trigger("train-on-prepared")
-    assert train.delivery == Delivery(retry=3, backoff_policy="exponential", backoff_delay=0.5, timeout=1800.0)
+    # The Broker's dead-letter sink is inherited; the Trigger's own fields win.
+    assert train.delivery == Delivery(retry=5, backoff_policy="exponential", backoff_delay=0.5, timeout=1800.0,
+                                      dead_letter_sink="http://d")
     assert topology.trigger("predict-on-published").subscriber == "http://s:8080/reload"
     assert [train.delivery.backoff(n) for n in (1, 2, 3)] == [1.0, 2.0, 4.0]
     assert Delivery(backoff_policy="linear", backoff_delay=0.5).backoff(3) == 1.5

@@ -124,6 +124,14 @@ class StubKubernetes:
     def app(self, request: Request) -> Response:
         self.requests.append((request.method, request.path, request.headers.get("Content-Type", "")))
         name = request.path.rsplit("/", 1)[-1]
+        if "/secrets" in request.path:  # predict's token Secret: read, and created when missing
+            if request.method == "POST":
+                secret = json.loads(request.get_data())
+                self.objects[f"{request.path}/{secret['metadata']['name']}"] = secret
+                return Response(json.dumps(secret), 201, content_type="application/json")
+            if request.path not in self.objects:
+                return Response(json.dumps({"kind": "Status", "reason": "NotFound", "code": 404}), 404, content_type="application/json")
+            return Response(json.dumps(self.objects[request.path]), 200, content_type="application/json")
         if request.method == "PATCH":
             assert request.args.get("fieldManager") == "bucketml" and request.args.get("force") == "true"
             if name in self.refuse:
@@ -180,12 +188,29 @@ def test_apply_sends_every_object_by_server_side_apply_and_waits_for_ready(tmp_p
         "/apis/serving.knative.dev/v1/namespaces/ml-prod/services/preprocess",
         "/apis/serving.knative.dev/v1/namespaces/ml-prod/services/train",
         "/apis/serving.knative.dev/v1/namespaces/ml-prod/services/predict",
+        "/apis/serving.knative.dev/v1/namespaces/ml-prod/services/deadletter",
         "/apis/sources.knative.dev/v1/namespaces/ml-prod/containersources/gcs-uploads",
     ])
+    # predict's bearer token: created with a random value when missing.
+    secret = stub.objects.pop("/api/v1/namespaces/ml-prod/secrets/bucketml-predict-token")
+    assert len(secret["stringData"]["token"]) >= 32 and "created Secret ml-prod/bucketml-predict-token" in done.stdout
     # What was applied is what --dry-run prints.
     assert canonical(list(stub.objects.values())) == canonical(deploy.render(SETTINGS))
     assert "predict     https://predict.ml-prod.example.com" in done.stdout
     assert all(stub.gets[name] >= 2 for name in deploy.FUNCTIONS)  # it waited for Ready
+
+
+def test_apply_keeps_an_existing_predict_token(tmp_path):
+    stub = StubKubernetes(ready_after=1)
+    path = "/api/v1/namespaces/ml-prod/secrets/bucketml-predict-token"
+    stub.objects[path] = {"metadata": {"name": "bucketml-predict-token"}, "data": {"token": "c2VjcmV0"}}
+    try:
+        done = run_deploy(stub.kubeconfig(tmp_path), "--wait", "30")
+    finally:
+        stub.close()
+    assert done.returncode == 0, done.stderr
+    assert stub.objects[path]["data"] == {"token": "c2VjcmV0"} and "created Secret" not in done.stdout
+    assert ("POST", "/api/v1/namespaces/ml-prod/secrets") not in [(m, p) for m, p, _ in stub.requests]
 
 
 def test_apply_names_what_the_cluster_refused_or_what_never_became_ready(tmp_path):

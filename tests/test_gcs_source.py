@@ -366,8 +366,9 @@ def test_an_upload_on_the_production_event_path_ends_in_a_served_model(pubsub_em
     subscription = _subscription(pubsub_emulator, "production-path")
     with function_server("preprocess", bucket, tmp_path, env) as preprocess, \
             function_server("train", bucket, tmp_path, {**env, "BUCKETML_BROKER_URL": broker_url}) as train, \
-            predict_server(bucket, tmp_path, env=env) as predict:
-        subscribers = {"preprocess": preprocess.url, "train": train.url, "predict": predict.url}
+            predict_server(bucket, tmp_path, env=env) as predict, \
+            function_server("deadletter", bucket, tmp_path, env) as deadletter:
+        subscribers = {"preprocess": preprocess.url, "train": train.url, "predict": predict.url, "deadletter": deadletter.url}
         manifests = Path(__file__).parents[1] / "infra" / "knative"
         adapter = Adapter(pubsub_emulator, subscription, broker_url, tmp_path)
         with running_broker(manifests, subscribers, tmp_path, broker_port):

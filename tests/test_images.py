@@ -75,3 +75,37 @@ def test_the_predict_image_set_serves_a_model_without_training_libraries(predict
         process.terminate()
         process.wait(15)
     assert "Traceback" not in log.read_text(), log.read_text()
+
+
+def test_the_dead_letter_sink_runs_on_the_predict_image_set(predict_venv, tmp_path):
+    """The deadletter image is the predict package set with functions/deadletter."""
+    from cloudevents.conversion import to_binary
+
+    from bucketml import events
+
+    port = free_port()
+    env = dict(os.environ, PATH=f"{predict_venv / 'bin'}:{os.environ['PATH']}", FUNCTION_SOURCE=str(ROOT / "functions/deadletter/main.py"),
+               FUNCTION_TARGET="deadletter", PORT=str(port), HOST="127.0.0.1", BUCKETML_BUCKET=str(tmp_path / "bucket"))
+    log = tmp_path / "deadletter.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen([str(predict_venv / "bin" / "functions-framework")], env=env, cwd=tmp_path,
+                                   stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def listening() -> bool:
+            assert process.poll() is None, log.read_text()
+            try:
+                return requests.get(url, timeout=2).status_code == 405
+            except requests.ConnectionError:
+                return False
+
+        wait_until(listening, "the deadletter function to listen", timeout=60)
+        event = events.platform_event(events.MODEL_PUBLISHED, "train", "churn", {"model": "churn", "version": 1})
+        event["knativeerrordest"] = "http://notifier.example/"
+        headers, body = to_binary(event)
+        answer = requests.post(url, headers=dict(headers), data=body, timeout=10)
+        assert answer.status_code == 202, answer.text
+        assert len(list((tmp_path / "bucket" / "deadletters").glob("*.json"))) == 1
+    finally:
+        process.terminate()
+        process.wait(15)

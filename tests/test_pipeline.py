@@ -384,11 +384,13 @@ def test_objects_outside_datasets_are_ignored(storage, name):
     assert [n for n in names_under(storage, "") if n != name] == []
 
 
-def test_event_for_another_bucket_is_ignored(storage):
+def test_event_for_another_bucket_is_refused(storage):
+    """A misrouted Trigger: refused as malformed (400, dead-lettered), so an operator sees it."""
     info = upload(storage, "shop", mixed_frame(rows=60))
     data = dict(info.event_data(), bucket="someone-elses-bucket")
-    assert handle_finalized(storage, data) is None
-    assert names_under(storage, "prepared/") == []
+    with pytest.raises(events.MalformedEvent, match="someone-elses-bucket.*serves bucket"):
+        handle_finalized(storage, data)
+    assert names_under(storage, "prepared/") == [] and names_under(storage, "rejected/") == []
 
 
 # --- rejections ------------------------------------------------------------------------------

@@ -507,7 +507,9 @@ def test_predict_process_never_imports_sklearn_or_pandas(storage):
         [sys.executable, "-c",
          "import sys; sys.path.insert(0,'functions/predict'); import main; "
          "print('sklearn' in sys.modules, 'pandas' in sys.modules)"],
-        cwd=ROOT, env=dict(os.environ, BUCKETML_BUCKET=str(storage.root)), capture_output=True, text=True, timeout=60,
+        # HOST: outside functions-framework, where it would listen; loopback, so no token is needed
+        cwd=ROOT, env=dict(os.environ, BUCKETML_BUCKET=str(storage.root), HOST="127.0.0.1"), capture_output=True, text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False False", result.stdout + result.stderr

@@ -186,7 +186,7 @@ def test_a_report_that_fails_to_render_does_not_block_the_version(tmp_path, monk
 def test_the_predict_process_never_imports_matplotlib(tmp_path):
     code = "import sys; sys.path.insert(0, 'functions/predict'); import main; print('matplotlib' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
-                            env=dict(os.environ, BUCKETML_BUCKET=str(tmp_path / "bucket")))
+                            env=dict(os.environ, BUCKETML_BUCKET=str(tmp_path / "bucket"), HOST="127.0.0.1"))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
 

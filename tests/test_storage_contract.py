@@ -7,6 +7,7 @@ import datetime
 import hashlib
 import multiprocessing
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -171,6 +172,51 @@ def test_event_data_carries_numbers_as_strings(store):
     assert event["contentType"] == "text/csv"
     assert event["md5Hash"] == b64md5(b"x\n1\n")
     assert event["metadata"] == {"k": "v"}
+
+
+# Names both backends refuse, each with the rule it breaks (GCS allows some of them, bucketml
+# does not: a name must mean the same object in a folder and in a bucket).
+REFUSED_NAMES = [
+    ("../x", "'..' segment"),
+    ("datasets/../../x", "'..' segment"),
+    ("/abs", "is absolute"),
+    ("a//b", "empty"),
+    ("a/", "empty"),
+    ("a\\b", "backslash"),
+    ("..\\x", "backslash"),
+    ("a\x00b", "control character"),
+    ("a\nb", "control character"),
+    ("a\x85b", "control character"),  # C1 NEL
+    ("a\udc80b", "lone surrogate"),
+    ("a" * 1025, "1025 bytes long; the limit is 1024"),
+    ("é" * 513, "1026 bytes long; the limit is 1024"),  # 513 characters: the limit is in bytes
+    (".bucketml/lock", "reserved"),
+]
+
+
+@pytest.mark.parametrize("name, rule", REFUSED_NAMES, ids=[str(i) for i in range(len(REFUSED_NAMES))])
+def test_refused_names_are_refused_by_both_backends_with_the_rule(store, name, rule):
+    store.write("datasets/m/kept.csv", b"kept")
+    for call in (
+        lambda: store.write(name, b"evil"),
+        lambda: store.write(name, b"evil", if_generation_match=0),
+        lambda: store.read(name),
+        lambda: store.open(name),
+        lambda: store.stat(name),
+        lambda: store.delete(name),
+    ):
+        with pytest.raises(InvalidObjectName, match=re.escape(rule)) as err:
+            call()
+        assert isinstance(err.value, ValueError)
+    assert [info.name for info in store.list()] == ["datasets/m/kept.csv"]
+    assert store.read("datasets/m/kept.csv") == b"kept"
+
+
+def test_the_longest_name_works_on_both_backends(store):
+    name = "/".join(["é" * 100] * 5) + "/" + "x" * 19  # 1024 bytes of UTF-8, 520 characters
+    assert len(name.encode()) == 1024
+    info = store.write(name, b"long")
+    assert (info.name, store.read(name), [i.name for i in store.list()]) == (name, b"long", [name])
 
 
 # -- local folder only -----------------------------------------------------------------------

@@ -4,16 +4,22 @@ Run: functions-framework --asgi --source functions/predict/main.py --target pred
 (ASGI by measurement: bucketml/asgi_adapter.py says why.)
 """
 
+import logging
 import os
 
 import functions_framework.aio
 
 from bucketml.asgi_adapter import respond
+from bucketml.config import ConfigError
 from bucketml.logs import configure
 from bucketml.predict_service import PredictService
 
 configure()
-service = PredictService.from_environment()
+try:
+    service = PredictService.from_environment()
+except ConfigError as exc:  # e.g. reachable beyond loopback with no token: say what to set, do not serve
+    logging.getLogger("bucketml.predict").error("cannot start: %s", exc)
+    raise SystemExit(1) from None
 # gunicorn imports this module, then forks the worker: load the models in the worker at once.
 os.register_at_fork(after_in_child=service.manager.start)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 import requests
 
-from . import config, events
+from . import auth, config, events
 from .registry import Registry, RegistryError, check_model_name
 from .rejections import Rejection
 from .spec import FIELDS, spec_from_metadata
@@ -29,11 +29,34 @@ def _storage(bucket: str):
     return open_storage(bucket)
 
 
+def _auth_headers() -> dict[str, str]:
+    """Authorization for the broker and predict when BUCKETML_TOKEN or BUCKETML_TOKEN_FILE is set."""
+    try:
+        return auth.client_headers()
+    except config.ConfigError as exc:
+        raise Failure(str(exc)) from None
+
+
+def _unauthorized(what: str, url: str, response: requests.Response) -> Failure:
+    """The one-line error for a 401 from the broker or predict: which variable to set."""
+    try:
+        detail = response.json()["error"]
+    except (ValueError, KeyError, TypeError):
+        detail = response.text[:200]
+    if _auth_headers():
+        return Failure(f"{what} at {url} refused the token in BUCKETML_TOKEN/BUCKETML_TOKEN_FILE (HTTP 401: {detail}); "
+                       "set the token the platform was started with")
+    return Failure(f"{what} at {url} requires a token (HTTP 401); set BUCKETML_TOKEN (or BUCKETML_TOKEN_FILE, "
+                   "a file holding it) to the token the platform was started with")
+
+
 def _broker_events(broker: str, **params) -> list[dict]:
     try:
-        response = requests.get(broker.rstrip("/") + "/events", params=params, timeout=10)
+        response = requests.get(broker.rstrip("/") + "/events", params=params, headers=_auth_headers(), timeout=10)
     except requests.RequestException:
         raise Failure(f"the platform is not running at {broker}; start it with `bucketml dev`") from None
+    if response.status_code == 401:
+        raise _unauthorized("the broker", broker, response)
     if response.status_code != 200:
         raise Failure(f"broker answered HTTP {response.status_code}: {response.text[:200]}")
     return response.json()["events"]
@@ -69,13 +92,15 @@ def cli() -> None:
 @click.option("--broker-port", envvar="BUCKETML_BROKER_PORT", default=config.DEFAULT_BROKER_PORT, show_default=True)
 @click.option("--preprocess-port", envvar="BUCKETML_PREPROCESS_PORT", default=config.DEFAULT_PREPROCESS_PORT, show_default=True)
 @click.option("--train-port", envvar="BUCKETML_TRAIN_PORT", default=config.DEFAULT_TRAIN_PORT, show_default=True)
+@click.option("--deadletter-port", envvar="BUCKETML_DEADLETTER_PORT", default=config.DEFAULT_DEADLETTER_PORT, show_default=True)
 @click.option("--demo", is_flag=True, help="Once ready, upload a demo dataset and print a prediction.")
-def dev(bucket, state_dir, host, predict_port, broker_port, preprocess_port, train_port, demo) -> None:
+def dev(bucket, state_dir, host, predict_port, broker_port, preprocess_port, train_port, deadletter_port, demo) -> None:
     """Run the whole platform locally: broker, bucket watcher and the three functions."""
     from . import dev as dev_runtime
 
     settings = dev_runtime.Settings(
-        Path(bucket).resolve(), Path(state_dir).resolve(), host, predict_port, broker_port, preprocess_port, train_port
+        Path(bucket).resolve(), Path(state_dir).resolve(), host, predict_port, broker_port, preprocess_port, train_port,
+        deadletter_port,
     )
     after_ready = None
     if demo:
@@ -151,6 +176,7 @@ def upload(file: Path, model: str, target: str | None, task: str | None, setting
     except RegistryError as exc:
         raise Failure(str(exc)) from None
     metadata = upload_metadata(target, task, settings)
+    check_upload_size(file)
     name = f"datasets/{model}/{file.name}"
     info = _storage(bucket).write(name, file.read_bytes(), content_type="text/csv", metadata=metadata)
     click.echo(f"uploaded   {name} (generation {info.generation}, {info.size} bytes)")
@@ -162,6 +188,22 @@ def upload(file: Path, model: str, target: str | None, task: str | None, setting
     outcome = wait_for_outcome(broker, name, info.generation, timeout)
     if outcome["type"] in (events.DATASET_REJECTED, events.TRAINING_FAILED):
         sys.exit(1)
+
+
+def check_upload_size(file: Path) -> None:
+    """Refuse, before uploading, a file the preprocess function would reject as file_too_large
+    (BUCKETML_MAX_UPLOAD_BYTES, read here from this command's environment)."""
+    from .csv_reading import Limits
+
+    try:
+        limit = Limits.from_environment().max_upload_bytes
+    except ValueError as exc:
+        raise Failure(f"an upload limit variable is not a number: {exc}") from None
+    size = file.stat().st_size
+    if size > limit:
+        raise Failure(f"{file} is {size} bytes, over the upload limit of {limit} bytes (BUCKETML_MAX_UPLOAD_BYTES); "
+                      "nothing was uploaded: split the file, compress it (.csv.gz), or raise the limit "
+                      "where preprocess runs and here")
 
 
 def upload_metadata(target: str | None, task: str | None, settings: tuple[str, ...]) -> dict[str, str]:
@@ -227,10 +269,14 @@ def models(name: str | None, bucket: str) -> None:
                        f"{card['metric']}={_score(card['metrics'][card['metric']])}  ({_plural(len(versions), 'version')})")
         return
     versions = registry.versions(name)
-    if not versions:
-        raise Failure(f"model '{name}' has no versions")
-    current = registry.current(name).version
-    click.echo(f"{'':2}{'version':<9}{'created':<22}{'algorithm':<22}{'score':<18}{'rows':<7}upload")
+    refused = outcome_records(registry.storage, name)
+    if not versions and not any(refused.values()):
+        raise Failure(f"model '{name}' has no versions, and no upload of it was rejected or failed")
+    if versions:
+        current = registry.current(name).version
+        click.echo(f"{'':2}{'version':<9}{'created':<22}{'algorithm':<22}{'score':<18}{'rows':<7}upload")
+    else:
+        click.echo(f"model '{name}' has no versions yet")
     for version in versions:
         card = registry.card(name, version)
         score = f"{card['metric']}={_score(card['metrics'][card['metric']])}"
@@ -238,6 +284,27 @@ def models(name: str | None, bucket: str) -> None:
         rows = card.get("data", {}).get("rows", {}).get("train", "")
         click.echo(f"{mark:2}{version:<9}{card['created']:<22}{card['algorithm']:<22}{score:<18}{rows!s:<7}"
                    f"{card['lineage']['upload']['name']}")
+    for title, records in refused.items():
+        if records:
+            click.echo(f"{title} ({len(records)}):")
+        for record in records:
+            upload = record.get("upload", {})
+            click.echo(f"  {record.get('time') or '':<28}{upload.get('name')}#{upload.get('generation')}  {record.get('reason')}")
+            click.echo(f"      {record.get('message')}")
+
+
+def outcome_records(storage, model: str) -> dict[str, list[dict]]:
+    """The model's rejected uploads and failed trainings, oldest first (their records in the bucket)."""
+    found: dict[str, list[dict]] = {}
+    for title, prefix in (("rejected uploads", f"rejected/{model}/"), ("failed trainings", f"failed/{model}/")):
+        records = []
+        for info in storage.list(prefix):
+            try:
+                records.append(json.loads(storage.read(info.name)))
+            except (StorageError, ValueError):
+                continue  # removed meanwhile, or not a record
+        found[title] = sorted(records, key=lambda r: str(r.get("time", "")))
+    return found
 
 
 # --- profile -------------------------------------------------------------------------------
@@ -388,6 +455,7 @@ def report(name: str, version: int | None, open_: bool, bucket: str) -> None:
 # --- promote / rollback --------------------------------------------------------------------
 def move_current(bucket: str, broker: str, name: str, version: int, reason: str) -> None:
     """Move the pointer (compare-and-swap) and announce model.published like train does."""
+    _auth_headers()  # a token setting that cannot be read fails before anything moves
     registry = Registry(_storage(bucket))
     moved, previous = registry.move_pointer(name, version, reason=reason)
     if not moved:
@@ -395,12 +463,16 @@ def move_current(bucket: str, broker: str, name: str, version: int, reason: str)
         return
     click.echo(f"{name}: current version {previous} -> {version}")
     event = registry.published_event(name, "registry")
+    response = None
     try:
         response = events.post(broker.rstrip("/"), event)
         delivered = response.status_code < 300
     except requests.RequestException:
         delivered = False
-    if not delivered:
+    if response is not None and response.status_code == 401:
+        click.echo(f"{_unauthorized('the broker', broker, response).format_message()}; "
+                   "predict replicas still switch on their next poll of the pointer")
+    elif not delivered:
         click.echo(f"the broker at {broker} did not take the model.published event; "
                    f"predict replicas still switch on their next poll of the pointer")
 
@@ -459,9 +531,11 @@ def predict(name: str, payload: str, version: int | None, url: str) -> None:
     if version is not None:
         body["version"] = version
     try:
-        response = requests.post(url.rstrip("/") + "/predict", json=body, timeout=30)
+        response = requests.post(url.rstrip("/") + "/predict", json=body, headers=_auth_headers(), timeout=30)
     except requests.RequestException:
         raise Failure(f"the predict function is not running at {url}; start the platform with `bucketml dev`") from None
+    if response.status_code == 401:
+        raise _unauthorized("the predict function", url, response)
     if response.status_code != 200:
         try:
             message = response.json()["error"]
@@ -472,21 +546,16 @@ def predict(name: str, payload: str, version: int | None, url: str) -> None:
 
 
 # --- events --------------------------------------------------------------------------------
-@cli.command("events")
+@cli.group("events", invoke_without_command=True)
 @click.option("--model", "-m", help="Only events of this model.")
 @click.option("--type", "type_", help="Only events of this type.")
 @click.option("--limit", default=50, show_default=True, help="Show the newest N.")
-@click.option("--dead", is_flag=True, help="List the dead-letter store instead.")
 @broker_option
-def events_command(model: str | None, type_: str | None, limit: int, dead: bool, broker: str) -> None:
-    """Show the events the broker accepted (or could not deliver)."""
-    if dead:
-        try:
-            response = requests.get(broker.rstrip("/") + "/deadletters", timeout=10)
-        except requests.RequestException:
-            raise Failure(f"the platform is not running at {broker}; start it with `bucketml dev`") from None
-        for item in response.json().get("deadletters", []):
-            click.echo(json.dumps(item))
+@click.pass_context
+def events_command(ctx: click.Context, model: str | None, type_: str | None, limit: int, broker: str) -> None:
+    """Show the events the broker accepted; `events dead` and `events replay` handle the
+    events no subscriber could take."""
+    if ctx.invoked_subcommand is not None:
         return
     filters = {k: v for k, v in {"model": model, "type": type_}.items() if v}
     found, after = [], 0
@@ -501,6 +570,52 @@ def events_command(model: str | None, type_: str | None, limit: int, dead: bool,
         click.echo(f"{event['seq']:>6}  {event.get('time') or '':<28} {event['type']:<44} {event.get('subject') or ''}")
         if event["type"] != events.OBJECT_FINALIZED:
             click.echo(f"        {describe(event['type'], data).strip()}")
+
+
+@events_command.command("dead")
+@click.argument("dead_letter_id", required=False)
+@bucket_option
+def events_dead(dead_letter_id: str | None, bucket: str) -> None:
+    """List the dead-letter store (deadletters/ in the bucket), or show one record in full."""
+    from . import dead_letters
+
+    storage = _storage(bucket)
+    if dead_letter_id:
+        try:
+            click.echo(json.dumps(dead_letters.get(storage, dead_letter_id).record, indent=2))
+        except dead_letters.DeadLetterNotFound as exc:
+            raise Failure(str(exc)) from None
+        return
+    found = list(dead_letters.summaries(storage))
+    if not found:
+        click.echo("no dead letters: every event reached its subscribers")
+        return
+    for item in found:
+        replays = f", replayed {item['replays']}x" if item["replays"] else ""
+        died = f", dead {item['times']}x" if item["times"] > 1 else ""
+        click.echo(f"{item['id']}  {item['first_dead_at']}  {item['type']:<44} {item['subject'] or ''}")
+        click.echo(f"        to {item['destination'] or '?'}: HTTP {item['code'] or '-'}{died}{replays}")
+    click.echo("show one with `bucketml events dead ID`; send one again with `bucketml events replay ID`")
+
+
+@events_command.command("replay")
+@click.argument("dead_letter_id")
+@bucket_option
+@broker_option
+def events_replay(dead_letter_id: str, bucket: str, broker: str) -> None:
+    """Send a dead letter to the broker again; it is routed by the Triggers as on first arrival
+    (every bucketml handler is idempotent). The record stays, with the replay noted."""
+    from . import dead_letters
+
+    storage = _storage(bucket)
+    try:
+        letter = dead_letters.replay(storage, dead_letter_id, broker)
+    except dead_letters.DeadLetterNotFound as exc:
+        raise Failure(str(exc)) from None
+    except events.SinkUnavailable as exc:
+        raise Failure(f"{exc}; is the platform running (`bucketml dev`)?") from None
+    attrs = letter.attributes
+    click.echo(f"replayed {letter.id}: {attrs.get('type')} {attrs.get('subject') or ''} (event id {attrs.get('id')}) to {broker}")
 
 
 # --- deploy ------------------------------------------------------------------------------
@@ -533,6 +648,7 @@ def deploy(gcs_bucket: str, registry: str, tag: str, project: str, namespace: st
 
     api = _kubernetes(context)
     try:
+        deployment.ensure_token_secret(settings.namespace, api, echo=click.echo)
         deployment.apply(objects, api, echo=click.echo)
         urls = deployment.wait_ready(objects, api, timeout=wait_seconds)
     except deployment.DeployError as exc:

@@ -8,6 +8,7 @@ import time
 
 import requests
 
+from .auth import client_headers
 from .cli import Failure, wait_for_outcome
 from .storage import open_storage
 
@@ -38,7 +39,7 @@ def run_demo(settings, say) -> None:
         say("demo", f"POST {settings.predict_url}/predict {json.dumps(body)}")
         # The published event may reach predict a moment after the broker records it.
         for _ in range(50):
-            response = requests.post(settings.predict_url + "/predict", json=body, timeout=10)
+            response = requests.post(settings.predict_url + "/predict", json=body, headers=client_headers(), timeout=10)
             if response.status_code == 200:
                 break
             time.sleep(0.2)

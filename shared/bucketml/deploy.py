@@ -22,7 +22,7 @@ import yaml
 from . import config
 
 SERVING = "serving.knative.dev/v1"
-FUNCTIONS = ("preprocess", "train", "predict")
+FUNCTIONS = ("preprocess", "train", "predict", "deadletter")
 BUCKET = re.compile(r"^gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 NAMESPACE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
@@ -133,6 +133,36 @@ def apply(objects: list[dict[str, Any]], api_client, echo=print) -> None:
         except client.ApiException as exc:
             raise DeployError(f"{kind} {namespace}/{name}: the API server refused it: HTTP {exc.status} {_reason(exc)}") from None
         echo(f"applied {kind} {namespace}/{name}")
+
+
+TOKEN_SECRET = "bucketml-predict-token"  # mounted by predict (infra/knative/services.yaml)
+
+
+def ensure_token_secret(namespace: str, api_client, echo=print) -> bool:
+    """Create predict's bearer-token Secret with a random token unless it exists (an existing
+    token is never replaced: clients hold it). True when it was created."""
+    import secrets
+
+    from kubernetes import client
+
+    core = client.CoreV1Api(api_client)
+    try:
+        core.read_namespaced_secret(TOKEN_SECRET, namespace)
+        return False
+    except client.ApiException as exc:
+        if exc.status != 404:
+            raise DeployError(f"Secret {namespace}/{TOKEN_SECRET}: the API server refused to read it: HTTP {exc.status} {_reason(exc)}") from None
+    secret = client.V1Secret(
+        metadata=client.V1ObjectMeta(name=TOKEN_SECRET, namespace=namespace, labels={"app.kubernetes.io/part-of": "bucketml"}),
+        string_data={"token": secrets.token_urlsafe(32)},
+    )
+    try:
+        core.create_namespaced_secret(namespace, secret)
+    except client.ApiException as exc:
+        raise DeployError(f"Secret {namespace}/{TOKEN_SECRET}: the API server refused it: HTTP {exc.status} {_reason(exc)}") from None
+    echo(f"created Secret {namespace}/{TOKEN_SECRET} with a new predict token; clients send it as a bearer token:")
+    echo(f"  export BUCKETML_TOKEN=\"$(kubectl get secret {TOKEN_SECRET} -n {namespace} -o jsonpath='{{.data.token}}' | base64 -d)\"")
+    return True
 
 
 def wait_ready(objects: list[dict[str, Any]], api_client, timeout: float = 300.0, poll: float = 2.0) -> dict[str, str]:

@@ -1,7 +1,7 @@
 """`bucketml dev`: the whole platform on one machine, each part a real process on loopback.
 
 Processes: the broker (routes by infra/knative), the bucket watcher (local GCS notifications)
-and the three functions under functions-framework. Their output is merged into one log, a
+and the functions (preprocess, train, predict and the dead-letter sink) under functions-framework. Their output is merged into one log, a
 part that dies is restarted, and Ctrl-C stops everything; undelivered events stay in the
 broker's SQLite file and are delivered after the next start.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -20,11 +21,14 @@ from pathlib import Path
 import click
 import requests
 
-from . import config
+from . import auth, config
 
 RESTART_DELAY = 1.0
+CRASH_LOOP_SECONDS = 10.0  # a part that ends sooner after its start is restarted ever more slowly
+MAX_RESTART_DELAY = 30.0
+FUNCTIONS_START_TIMEOUT = 60.0  # the broker starts once the functions listen, or after this
 STOP_TIMEOUT = 10.0
-COLOURS = {"broker": 35, "watcher": 36, "preprocess": 33, "train": 32, "predict": 34, "dev": 1}
+COLOURS = {"broker": 35, "watcher": 36, "preprocess": 33, "train": 32, "predict": 34, "deadletter": 31, "dev": 1}
 
 
 @dataclasses.dataclass
@@ -36,6 +40,7 @@ class Settings:
     broker_port: int
     preprocess_port: int
     train_port: int
+    deadletter_port: int = config.DEFAULT_DEADLETTER_PORT
 
     def url(self, port: int) -> str:
         return f"http://{self.host}:{port}"
@@ -56,6 +61,8 @@ class Part:
     env: dict[str, str]
     health_url: str | None
     process: subprocess.Popen | None = None
+    started: float = 0.0  # time.monotonic() of the last start
+    quick_failures: int = 0  # ends in a row, each within CRASH_LOOP_SECONDS of its start
 
 
 class Supervisor:
@@ -63,6 +70,7 @@ class Supervisor:
         self.settings = settings
         self.parts = self._parts()
         self._stopping = threading.Event()
+        self._lifecycle = threading.Lock()  # a restart never races stop()
         self._print_lock = threading.Lock()
         self._colour = sys.stdout.isatty()
 
@@ -79,7 +87,8 @@ class Supervisor:
             # gunicorn defaults to cpu*4 threads; say what each function needs.
             return Part(name, argv, dict(env, WORKERS="1", THREADS=str(threads)), None)
 
-        subscribers = {"preprocess": s.preprocess_port, "train": s.train_port, "predict": s.predict_port}
+        subscribers = {"preprocess": s.preprocess_port, "train": s.train_port, "predict": s.predict_port,
+                       "deadletter": s.deadletter_port}
         broker = [sys.executable, "-m", "bucketml.broker", "--manifests", str(config.manifests_dir()),
                   "--db", str(s.state_dir / "broker.sqlite"), "--host", s.host, "--port", str(s.broker_port)]
         for name, port in subscribers.items():
@@ -91,6 +100,7 @@ class Supervisor:
             function("preprocess", s.preprocess_port, 2),
             function("train", s.train_port, 2),
             function("predict", s.predict_port, None),
+            function("deadletter", s.deadletter_port, 2),
             Part("watcher", watcher, env, None),
         ]
 
@@ -113,21 +123,42 @@ class Supervisor:
             part.argv, env=part.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True, cwd=str(config.functions_dir().parent),
         )
+        part.started = time.monotonic()
         threading.Thread(target=self._pump, args=(part, part.process), daemon=True).start()
+
+    @staticmethod
+    def _kill_leftovers(process: subprocess.Popen) -> None:
+        """Kill what is left of an ended part's process group: a gunicorn worker whose master was
+        killed keeps serving (and holding the port) until it notices, so it goes first."""
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def start(self) -> None:
         s = self.settings
         s.bucket.mkdir(parents=True, exist_ok=True)
         s.state_dir.mkdir(parents=True, exist_ok=True)
-        for part in self.parts:
+        # Functions first: a broker restarted with deliveries pending would otherwise spend their
+        # retries on connection refusals while the functions import their libraries.
+        functions = [part for part in self.parts if "--port" in part.argv and part.name != "broker"]
+        for part in functions:
             self._start(part)
+        deadline = time.monotonic() + FUNCTIONS_START_TIMEOUT
+        for part in functions:
+            port = int(part.argv[part.argv.index("--port") + 1])
+            while time.monotonic() < deadline and part.process.poll() is None and not _listening(s.host, port):
+                time.sleep(0.1)
+        for part in self.parts:
+            if part not in functions:
+                self._start(part)
         threading.Thread(target=self._keep_alive, daemon=True).start()
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Until the broker answers and every function accepts connections."""
         s = self.settings
         urls = [s.broker_url + "/healthz", s.predict_url + "/v2/health/live",
-                s.url(s.preprocess_port), s.url(s.train_port)]
+                s.url(s.preprocess_port), s.url(s.train_port), s.url(s.deadletter_port)]
         deadline = time.monotonic() + timeout
         for url in urls:
             while True:
@@ -140,27 +171,50 @@ class Supervisor:
                     time.sleep(0.1)
 
     def _keep_alive(self) -> None:
+        """Restart a part that ended, after RESTART_DELAY; one that keeps failing within
+        CRASH_LOOP_SECONDS of its start waits twice as long each time, up to MAX_RESTART_DELAY."""
         while not self._stopping.wait(0.5):
             for part in self.parts:
                 code = part.process.poll() if part.process else None
-                if code is not None and not self._stopping.is_set():
-                    self.say("dev", f"{part.name} exited with code {code}; restarting in {RESTART_DELAY:.0f}s")
-                    time.sleep(RESTART_DELAY)
+                if code is None or self._stopping.is_set():
+                    continue
+                self._kill_leftovers(part.process)
+                how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+                if time.monotonic() - part.started >= CRASH_LOOP_SECONDS:
+                    part.quick_failures = 0
+                delay = min(RESTART_DELAY * 2 ** part.quick_failures, MAX_RESTART_DELAY)
+                part.quick_failures += 1
+                self.say("dev", f"{part.name} {how}; restarting it in {delay:.0f}s")
+                if self._stopping.wait(delay):
+                    return
+                with self._lifecycle:
                     if not self._stopping.is_set():
                         self._start(part)
+                        self.say("dev", f"{part.name} restarted (pid {part.process.pid})")
 
     def stop(self) -> None:
-        self._stopping.set()
-        # Watcher first (no new events), broker last (it records what is still undelivered).
-        for part in sorted(self.parts, key=lambda p: {"watcher": 0, "broker": 2}.get(p.name, 1)):
-            if part.process and part.process.poll() is None:
+        with self._lifecycle:
+            self._stopping.set()
+        # Watcher first (no new events), the functions together, broker last (it records what is
+        # still undelivered).
+        stages = [[p for p in self.parts if p.name == "watcher"],
+                  [p for p in self.parts if p.name not in ("watcher", "broker")],
+                  [p for p in self.parts if p.name == "broker"]]
+        for stage in stages:
+            running = [part for part in stage if part.process and part.process.poll() is None]
+            for part in running:
                 part.process.terminate()
+            deadline = time.monotonic() + STOP_TIMEOUT
+            for part in running:
                 try:
-                    part.process.wait(STOP_TIMEOUT)
+                    part.process.wait(max(0.0, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
                     self.say("dev", f"{part.name} did not stop in {STOP_TIMEOUT:.0f}s; killing it")
                     part.process.kill()
                     part.process.wait()
+            for part in stage:
+                if part.process:
+                    self._kill_leftovers(part.process)
 
     def banner(self) -> None:
         s = self.settings
@@ -171,18 +225,35 @@ class Supervisor:
             f"broker ingress   {s.broker_url}",
             f"preprocess       {s.url(s.preprocess_port)}",
             f"train            {s.url(s.train_port)}",
+            f"deadletter       {s.url(s.deadletter_port)}",
             f"triggers         {config.manifests_dir()}",
         ):
             self.say("dev", line)
 
 
+def _listening(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
 def run(settings: Settings, after_ready=None) -> None:
     """Start everything, optionally run `after_ready(settings)`, serve until interrupted."""
+    try:  # the parts check this too; refusing here starts nothing that would only keep failing
+        access = auth.server_policy(settings.host, "bucketml dev", f"--host {settings.host}")
+        config.max_request_bytes(), config.max_event_bytes()
+    except config.ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
     supervisor = Supervisor(settings)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     supervisor.banner()
+    supervisor.say("dev", "access           " + (
+        "broker and predict require 'Authorization: Bearer <token>' (the token set in BUCKETML_TOKEN/BUCKETML_TOKEN_FILE)"
+        if access.required else "open to this machine (set BUCKETML_TOKEN to require a bearer token)"))
     supervisor.start()
     try:
         supervisor.wait_ready()

@@ -90,7 +90,13 @@ class InferenceLogger:
     def _send_forever(self) -> None:
         import requests  # here: predict's cold start should not pay for an HTTP client it may never use
 
+        from .auth import ConfigError, client_headers
+
         with requests.Session() as session:
+            try:  # a token-protected broker as the sink needs the platform's token
+                session.headers.update(client_headers())
+            except ConfigError as exc:
+                log.warning("the inference log is sent without a token: %s", exc)
             while True:
                 event = self._queue.get()
                 headers, body = to_binary(event)

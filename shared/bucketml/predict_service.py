@@ -17,7 +17,7 @@ import prometheus_client
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import Map, Rule
 
-from . import __version__, config, events, open_inference
+from . import __version__, auth, config, events, open_inference
 from .inference_log import InferenceLogger
 from .registry import Registry, RegistryError, check_model_name
 from .serving import (
@@ -35,7 +35,13 @@ from .storage import open_storage
 
 log = logging.getLogger("bucketml.predict")
 
-MAX_BODY_BYTES = 20 * 1024 * 1024
+MAX_BODY_BYTES = config.DEFAULT_MAX_REQUEST_BYTES  # BUCKETML_MAX_REQUEST_BYTES sets a service's own
+# The token (self.access) is checked by asgi_adapter.respond before a body is read.
+# Open whatever the token policy: Kubernetes probes (through Knative's queue-proxy) carry no
+# credentials; /reload is where a Knative Trigger, which cannot add headers, delivers
+# model.published (it only makes the replica re-read a pointer it polls anyway); the OpenAPI
+# document is public. A request without a valid token gets only `ready` from /v2/health/ready.
+OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/reload", "/openapi.json"})
 # A datetime column is one client-facing input of ISO 8601 text; the model's part inputs are internal.
 V2_TYPES = {"number": "FP32", "string": "BYTES", "boolean": "BYTES", "datetime": "BYTES"}
 
@@ -103,14 +109,33 @@ def _named_model(request, args: dict) -> str:
 
 
 class PredictService:
-    def __init__(self, manager: ModelManager, inference_log: InferenceLogger | None = None):
+    def __init__(self, manager: ModelManager, inference_log: InferenceLogger | None = None,
+                 access: auth.Policy | None = None, max_body_bytes: int = MAX_BODY_BYTES):
         self.manager = manager
         self.inference_log = inference_log
+        self.access = access if access is not None and access.required else None  # None: no token checked
+        self.max_body_bytes = max_body_bytes
 
     @classmethod
     def from_environment(cls) -> "PredictService":
+        """Raises config.ConfigError when the settings do not allow starting (e.g. reachable
+        beyond loopback with no token; the message says what to set)."""
+        host, how = auth.function_listen_host()
+        access = auth.server_policy(host, "the predict function", how)
+        max_body_bytes = config.max_request_bytes()
         registry = Registry(open_storage(config.bucket_url()))
-        return cls(ModelManager(registry, config.pointer_poll_seconds()), InferenceLogger.from_environment())
+        return cls(ModelManager(registry, config.pointer_poll_seconds()), InferenceLogger.from_environment(), access,
+                   max_body_bytes)
+
+    def unauthorized(self, method: str, path: str, refusal: auth.Refusal):
+        """The 401 for a request without a valid token (its body is never read)."""
+        try:
+            endpoint = ROUTER.match(path, method)[0]
+        except HTTPException:
+            endpoint = "unknown"
+        _metric(REQUESTS, endpoint, "401", "", "").inc()
+        return orjson.dumps({"error": refusal.message}), 401, {
+            "Content-Type": "application/json", "WWW-Authenticate": refusal.challenge}
 
     def handle(self, request):
         started = time.perf_counter()
@@ -118,8 +143,9 @@ class PredictService:
         endpoint, args = "unknown", {}
         try:
             endpoint, args = ROUTER.match(request.path, request.method)
-            if request.content_length and request.content_length > MAX_BODY_BYTES:
-                raise InputError(f"request body over {MAX_BODY_BYTES} bytes; send fewer rows per request", 413)
+            if request.content_length and request.content_length > self.max_body_bytes:
+                raise InputError(f"request body over {self.max_body_bytes} bytes, this function's limit "
+                                 "(BUCKETML_MAX_REQUEST_BYTES); send fewer rows per request", 413)
             response = getattr(self, endpoint)(request, **args)
         except InputError as exc:
             response = _json({"error": str(exc)}, exc.status)
@@ -228,6 +254,8 @@ class PredictService:
 
     def v2_ready(self, request):
         ready = self.manager.ready()
+        if not getattr(request, "authenticated", True):  # open to probes; what is served only with the token
+            return _json({"ready": ready}, 200 if ready else 503)
         body = {"ready": ready, "models": {m: x.version for m, x in self.manager.loaded().items()}}
         errors = self.manager.errors()
         if errors:  # a current version that failed to load: the previous one serves meanwhile

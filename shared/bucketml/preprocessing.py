@@ -36,26 +36,50 @@ def upload_from_event(data: dict[str, Any]) -> tuple[str, str, int]:
     bucket, name, generation = data.get("bucket"), data.get("name"), data.get("generation")
     if not isinstance(bucket, str) or not isinstance(name, str):
         raise events.MalformedEvent("storage event data needs string 'bucket' and 'name'")
-    try:
-        return bucket, name, int(generation)
-    except (TypeError, ValueError):
-        raise events.MalformedEvent(f"storage event data has no valid 'generation': {generation!r}") from None
+    # GCS sends the generation as a string of digits; int() alone would also take 1.9, True or " 7".
+    if isinstance(generation, str) and generation.isascii() and generation.isdigit() and len(generation) <= 19:  # int64
+        generation = int(generation)
+    if isinstance(generation, bool) or not isinstance(generation, int) or generation <= 0:
+        raise events.MalformedEvent(f"storage event data has no valid 'generation' (a positive whole number): {repr(generation)[:60]}")
+    return bucket, name, generation
+
+
+class WrongBucket(events.MalformedEvent):
+    """The event is about another bucket than the one this function serves (answered with 400)."""
 
 
 def handle_finalized(storage: Storage, data: dict[str, Any]) -> CloudEvent | None:
-    """Returns the reply event, or None when the object is not ours to process."""
+    """Returns the reply event, or None when there is nothing to do.
+
+    The event only says which object to look at; everything else comes from the bucket
+    (Eventarc and Knative deliver at least once, late and out of order, and anyone who can
+    reach the function can post an event):
+    - data without a string bucket and name and an integer generation: MalformedEvent (400,
+      dead-lettered: a retry cannot help);
+    - another bucket than this function's: WrongBucket (400, dead-lettered), a misrouted
+      Trigger that an operator must see rather than a silent acknowledgement;
+    - an object that no longer exists, or whose live generation is not the event's (overwritten
+      since, or a generation that never existed): None (202, nothing done; a newer generation
+      has its own event);
+    - otherwise the bytes, size, MD5 and metadata are those of the named generation as the
+      bucket reports them, never the event's `size`, `md5Hash` or `metadata`, and the bytes
+      are read at that generation only.
+    """
     bucket, name, generation = upload_from_event(data)
+    if bucket != storage.bucket_name:
+        raise WrongBucket(f"the event is about bucket '{bucket}', but this function serves bucket "
+                          f"'{storage.bucket_name}' (BUCKETML_BUCKET): check the Trigger or notification that sent it")
     if not dataset_object(name):
         log.info("ignored %s: not a dataset upload (datasets/<model>/<file>.csv)", name)
-        return None
-    if bucket != storage.bucket_name:
-        log.warning("ignored %s: event for bucket %s, this function serves %s", name, bucket, storage.bucket_name)
         return None
     # Trust the bucket, not the event: the object must still be this generation.
     try:
         info = storage.stat(name)
     except NotFound:
         log.info("ignored %s#%s: the object no longer exists", name, generation)
+        return None
+    if info.generation < generation:
+        log.warning("ignored %s#%s: no such generation (the live one is %s, older)", name, generation, info.generation)
         return None
     if info.generation != generation:
         log.info("ignored %s#%s: replaced by generation %s, which has its own event", name, generation, info.generation)

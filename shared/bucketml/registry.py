@@ -3,12 +3,18 @@
 Layout (design.md §3):
     models/<model>/versions/<n>/model.onnx   written first, create-only (claims number n)
     models/<model>/versions/<n>/report.html  extra files (`register(artifacts=)`), create-only, before the card
+    models/<model>/uploads/<key>.json        the registration of one upload (`register(upload=)`): the
+                                             version it made, its card, and whether the pointer step is done;
+                                             create-only, just before the card: one version per upload
     models/<model>/versions/<n>/card.json    written last, create-only: the version is complete
     models/<model>/current.json              {"version": n, ...}, moved only with if_generation_match
 
 A version without card.json is an unfinished write (a crash) and is invisible to readers, so
-no reader ever sees a half-written version. Used by train, predict and the CLI; imports no
-machine-learning library.
+no reader ever sees a half-written version. Two trainers of the same upload (a redelivery
+while the first still runs) race for the upload record: the loser removes its unfinished
+version and answers with the winner's. A crash after the record and before the card, or before
+the pointer moved, is finished by the next delivery of the same upload (`complete_upload`).
+Used by train, predict and the CLI; imports no machine-learning library.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import Any, Callable
 from cloudevents.http import CloudEvent
 
 from . import events
-from .storage import NotFound, PreconditionFailed, Storage
+from .storage import NotFound, PreconditionFailed, Storage, StorageError
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
@@ -32,12 +38,31 @@ class RegistryError(Exception):
     pass
 
 
+class UploadRegistered(RegistryError):
+    """Another registration of the same upload won: `version` is the one it made."""
+
+    def __init__(self, version: int):
+        super().__init__(f"this upload is already version {version}")
+        self.version = version
+
+
+class InvalidModelName(RegistryError, ValueError):
+    """A model name or version that could not be a folder of its own under models/."""
+
+
 def check_model_name(name: str) -> str:
     if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):  # match() lets "x\n" through
-        raise RegistryError(
+        raise InvalidModelName(
             f"invalid model name {name!r}: use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
     return name
+
+
+def check_version(version: int) -> int:
+    # Only what register() can have made: bool is an int, and -1 would still make a path.
+    if isinstance(version, bool) or not isinstance(version, int) or not 0 < version < 2**63:
+        raise InvalidModelName(f"invalid version {version!r}: versions are whole numbers from 1")
+    return version
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,24 +89,30 @@ class Registry:
     def __init__(self, storage: Storage):
         self.storage = storage
 
-    # --- paths -------------------------------------------------------------------------
+    # --- paths: every object name built from a model name or version goes through these ----
+    @staticmethod
+    def model_prefix(model: str) -> str:
+        """`models/<model>/`; refuses a name that could reach another model's files ('../x', 'a/b')."""
+        return f"models/{check_model_name(model)}/"
+
     @staticmethod
     def version_prefix(model: str, version: int) -> str:
-        return f"models/{model}/versions/{version}/"
+        return f"{Registry.model_prefix(model)}versions/{check_version(version)}/"
 
     @staticmethod
     def pointer_name(model: str) -> str:
-        return f"models/{model}/current.json"
+        return Registry.model_prefix(model) + "current.json"
 
     # --- reading -----------------------------------------------------------------------
     def models(self) -> list[str]:
-        """Model names (folders under models/): one delimited listing, cheap enough to poll."""
-        return self.storage.children("models/")
+        """Model names (folders under models/): one delimited listing, cheap enough to poll.
+        A folder whose name is no model name (put there by hand) is not a model."""
+        return [name for name in self.storage.children("models/") if MODEL_NAME.fullmatch(name)]
 
     def versions(self, model: str) -> list[int]:
         """Complete versions (with a card), oldest first."""
         found = []
-        for info in self.storage.list(f"models/{model}/versions/"):
+        for info in self.storage.list(self.model_prefix(model) + "versions/"):
             parts = info.name.split("/")
             if len(parts) == 5 and parts[4] == "card.json" and parts[3].isdigit():
                 found.append(int(parts[3]))
@@ -113,13 +144,61 @@ class Registry:
             return 0
 
     def find_by_upload(self, model: str, upload: dict[str, Any]) -> int | None:
-        """The version already made from this upload (bucket, name, generation), if any."""
-        key = (upload["bucket"], upload["name"], str(upload["generation"]))
+        """The version already made from this upload (bucket, name, generation), if any; a
+        registration that crashed between its upload record and its card is completed first."""
+        record = self.upload_record(model, upload)
+        if record is not None:
+            return self.complete_upload(model, record[0])
+        key = (upload["bucket"], upload["name"], str(upload["generation"]))  # versions made before upload records
         for version in reversed(self.versions(model)):
             lineage = self.card(model, version).get("lineage", {}).get("upload", {})
             if (lineage.get("bucket"), lineage.get("name"), str(lineage.get("generation"))) == key:
                 return version
         return None
+
+    @classmethod
+    def upload_record_name(cls, model: str, upload: dict[str, Any]) -> str:
+        key = f"{upload['bucket']}\n{upload['name']}\n{upload['generation']}".encode()
+        return f"{cls.model_prefix(model)}uploads/{hashlib.sha256(key).hexdigest()[:32]}.json"
+
+    def upload_record(self, model: str, upload: dict[str, Any]) -> tuple[dict[str, Any], int] | None:
+        """(record, generation) of the registration of `upload`, or None."""
+        name = self.upload_record_name(model, upload)
+        try:
+            info = self.storage.stat(name)
+            return json.loads(self.storage.read(name, generation=info.generation)), info.generation
+        except NotFound:
+            return None
+
+    def complete_upload(self, model: str, record: dict[str, Any]) -> int:
+        """Write the card the record holds if a crash left it unwritten; the version number."""
+        version = record["version"]
+        prefix = self.version_prefix(model, version)
+        if not self.storage.exists(prefix + "card.json"):
+            try:
+                self.storage.write(prefix + "card.json", _json(record["card"]), if_generation_match=0,
+                                   content_type="application/json")
+            except PreconditionFailed:
+                pass  # its first writer was only slow
+        return version
+
+    def pointer_pending(self, model: str, upload: dict[str, Any]) -> bool:
+        """Whether the version of `upload` is to become current and that step is not done yet."""
+        found = self.upload_record(model, upload)
+        return found is not None and found[0].get("pointer") == "pending"
+
+    def pointer_settled(self, model: str, upload: dict[str, Any]) -> None:
+        """Record that the pointer step of `upload` is done (moved, or a newer version was current),
+        so a later redelivery does not move it again (after a rollback, say)."""
+        found = self.upload_record(model, upload)
+        if found is None or found[0].get("pointer") != "pending":
+            return
+        record, generation = found
+        try:
+            self.storage.write(self.upload_record_name(model, upload), _json(dict(record, pointer="done")),
+                               if_generation_match=generation, content_type="application/json")
+        except PreconditionFailed:
+            pass  # a concurrent redelivery settled it
 
     def version_events(self, model: str, version: int, function: str) -> list[CloudEvent]:
         """What a version announces: model.trained always, then model.published if it is current.
@@ -173,8 +252,16 @@ class Registry:
         card: dict[str, Any],
         *,
         artifacts: dict[str, Callable[[int], bytes | None]] | None = None,
+        upload: dict[str, Any] | None = None,
+        promote: bool = False,
     ) -> int:
         """Store a new version create-only and return its number.
+
+        With `upload` (bucket, name, generation), at most one version is ever made from that
+        upload: its record is written create-only before the card, and the registration that
+        finds one already there removes its own unfinished files and raises UploadRegistered
+        with the version the record names (completing that version's card if needed).
+        `promote` marks the pointer step as pending in the record (see `pointer_settled`).
 
         `build_model(n)` returns the ONNX bytes for version n (the number is inside the file's
         metadata); if another writer took n first, the next number is tried.
@@ -211,12 +298,37 @@ class Registry:
             bytes=len(onnx_bytes),
             model_md5=info.md5_hash,
         )
-        self.storage.write(prefix + "card.json", _json(card), if_generation_match=0, content_type="application/json")
+        if upload is not None:
+            record = {"upload": upload, "version": version, "pointer": "pending" if promote else "none", "card": card}
+            try:
+                self.storage.write(self.upload_record_name(model, upload), _json(record), if_generation_match=0,
+                                   content_type="application/json")
+            except PreconditionFailed:
+                self._abandon(prefix, ["model.onnx", *(artifacts or {})])
+                found = self.upload_record(model, upload)
+                if found is None:  # removed by hand meanwhile: let the retry start over
+                    raise
+                raise UploadRegistered(self.complete_upload(model, found[0])) from None
+        try:
+            self.storage.write(prefix + "card.json", _json(card), if_generation_match=0, content_type="application/json")
+        except PreconditionFailed:
+            if upload is None:
+                raise
+            # A duplicate delivery found our record first and wrote this card from it.
         return version
+
+    def _abandon(self, prefix: str, filenames: list[str]) -> None:
+        """Remove the files of a version that will never get a card (best effort: without a card
+        nobody reads them; the number stays claimed while any of them is left)."""
+        for filename in reversed(filenames):  # model.onnx, which claims the number, last
+            try:
+                self.storage.delete(prefix + filename)
+            except StorageError:
+                pass
 
     def _claimed_numbers(self, model: str) -> list[int]:
         numbers = set()
-        for info in self.storage.list(f"models/{model}/versions/"):
+        for info in self.storage.list(self.model_prefix(model) + "versions/"):
             part = info.name.split("/")[3]
             if part.isdigit():
                 numbers.add(int(part))

@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 import orjson
 
+from .onnx_guard import refuse_external_data
 from .registry import Registry, RegistryError, check_model_name
-from .storage import NotFound
+from .storage import InvalidObjectName, NotFound, StorageError
 
 log = logging.getLogger("bucketml.serving")
 
@@ -29,6 +30,9 @@ MAX_ROWS = 10_000
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # the models take float32
 VERSION_CACHE = 8  # explicitly requested (non-current) versions kept loaded per replica
 RETRY_FAILED_SECONDS = 30.0  # a version that failed to load is tried again this often, not every poll
+# A look at the pointers that has not come back after this long (a storage client retrying through
+# an outage, a hung mount) shows in readiness as the bucket being unreachable, until it comes back.
+STALLED_SECONDS = 3.0
 
 
 class InputError(ValueError):
@@ -70,6 +74,7 @@ def onnxruntime():
 
 
 def new_session(onnx_bytes: bytes):
+    refuse_external_data(onnx_bytes)  # before onnxruntime could read a file the model names
     ort = onnxruntime()
     return ort.InferenceSession(onnx_bytes, sess_options=session_options(), providers=["CPUExecutionProvider"])
 
@@ -83,6 +88,7 @@ def session_options():
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    options.add_session_config_entry("session.load_model_format", "ONNX")  # never the ORT format
     return options
 
 
@@ -405,6 +411,8 @@ class ModelManager:
         self._pinned: OrderedDict[tuple[str, int], LoadedModel] = OrderedDict()
         self._errors: dict[str, str] = {}
         self._failed: dict[str, tuple[int, float]] = {}  # model -> (pointer generation, when it failed)
+        self._outage: str | None = None  # why the bucket cannot be read now; what is loaded serves on
+        self._asking_since: float | None = None  # when the look at the pointers under way began
         self._lock = threading.Lock()
         self._refresh_lock = threading.Lock()
         self._watcher_pid: int | None = None
@@ -443,11 +451,14 @@ class ModelManager:
 
     def refresh(self, model: str | None = None) -> None:
         with self._refresh_lock:
-            models = [model] if model else self.registry.models()
+            try:
+                models = [model] if model else self._ask(self.registry.models)
+            except StorageError as exc:
+                return self._unreachable(exc)
             for name in models:
                 generation, version = 0, None
                 try:
-                    generation = self.registry.pointer_generation(name)
+                    generation = self._ask(self.registry.pointer_generation, name)
                     if generation == 0 or generation == self._generations.get(name):
                         continue
                     failed = self._failed.get(name)
@@ -465,11 +476,32 @@ class ModelManager:
                     self._errors.pop(name, None)
                     self._failed.pop(name, None)
                 except Exception as exc:  # a bad version must never take down what is serving
+                    if isinstance(exc, StorageError) and not isinstance(exc, (NotFound, InvalidObjectName)):
+                        return self._unreachable(exc)  # the bucket, not the version: no verdict on the version
                     message = f"version {version}: {exc}" if version is not None else str(exc)
                     if self._errors.get(name) != message:
                         log.error("could not load the current version of %s (%s); the previous one keeps serving", name, message)
                     self._errors[name] = message
                     self._failed[name] = (generation, time.monotonic())
+            if self._outage is not None:
+                log.info("the bucket answers again; following the current versions as before")
+                self._outage = None
+
+    def _ask(self, question, *args):
+        """A look at the bucket's metadata, timed so that errors() can tell one that hangs."""
+        self._asking_since = time.monotonic()
+        try:
+            return question(*args)
+        finally:
+            self._asking_since = None
+
+    def _unreachable(self, exc: StorageError) -> None:
+        """The bucket cannot be read (an outage, a moved folder): keep serving what is loaded,
+        say why in readiness (errors), log it once, and look again at the next poll."""
+        message = f"cannot reach the bucket to look for a new version, serving what is loaded: {exc}"
+        if self._outage is None:
+            log.error("%s (%d model(s) loaded)", message, len(self._current))
+        self._outage = message
 
     def _load(self, model: str, version: int) -> LoadedModel:
         card = self.registry.card(model, version)
@@ -482,12 +514,22 @@ class ModelManager:
         return dict(self._current)
 
     def errors(self) -> dict[str, str]:
-        return dict(self._errors)
+        errors = dict(self._errors)
+        outage, asking = self._outage, self._asking_since
+        if outage is None and asking is not None and time.monotonic() - asking > STALLED_SECONDS:
+            waited = time.monotonic() - asking
+            outage = f"cannot reach the bucket to look for a new version, serving what is loaded: no answer for {waited:.0f}s"
+        if outage is not None:  # every loaded model is stuck on its version until the bucket answers
+            for name in self._current:
+                errors.setdefault(name, outage)
+        return errors
 
     def get(self, model: str | None, version: int | None = None) -> LoadedModel:
         current = self._current
         if model is None:
             if not current:
+                if self._outage is not None:
+                    raise InputError(f"no model is loaded yet: {self._outage}", 503)
                 raise InputError("no model is being served yet; upload a dataset first", 503)
             if len(current) > 1:
                 raise InputError(f"several models are served ({', '.join(sorted(current))}); name one with 'model'", 400)
@@ -510,8 +552,16 @@ class ModelManager:
         try:
             check_model_name(model)  # never a storage path from an arbitrary string
             loaded = self._load(model, version)
-        except (NotFound, RegistryError):
+        except RegistryError as exc:
+            raise UnknownModel(str(exc)) from None
+        except NotFound:
             raise UnknownModel(f"model '{model}' has no version {version}") from None
+        except StorageError as exc:
+            if not isinstance(exc, InvalidObjectName):  # not a symlink leading outside: an outage
+                raise InputError(f"the bucket is unavailable: {exc}", 503) from None
+            raise InputError(f"model '{model}' version {version} cannot be served: {exc}", 409) from None
+        except Exception as exc:  # stored but not loadable (refused external data, corrupt): no retry helps
+            raise InputError(f"model '{model}' version {version} cannot be served: {exc}", 409) from None
         with self._lock:
             self._pinned[key] = loaded
             while len(self._pinned) > VERSION_CACHE:

@@ -20,10 +20,10 @@ from . import events
 from .columns import with_categories
 from .dataset import load_prepared
 from .export import ParityError, check_parity, served_columns, to_onnx, with_metadata
-from .registry import Registry, RegistryError, check_model_name
+from .registry import Registry, RegistryError, UploadRegistered, check_model_name
 from .serving import feeds_from_columns, new_session
 from .spec import better, metric_for, with_defaults
-from .storage import NotFound, Storage
+from .storage import InvalidObjectName, NotFound, Storage
 from .training import TrainingError, score, select
 
 log = logging.getLogger("bucketml.train")
@@ -38,15 +38,22 @@ def handle_prepared(storage: Storage, data: dict[str, Any]) -> list[CloudEvent]:
     model, prefix, upload = data.get("model"), data.get("prepared"), data.get("upload")
     if not isinstance(model, str) or not isinstance(prefix, str) or not isinstance(upload, dict):
         raise events.MalformedEvent("dataset.prepared data needs 'model', 'prepared' and 'upload'")
+    if not (isinstance(upload.get("bucket"), str) and isinstance(upload.get("name"), str)
+            and isinstance(upload.get("generation"), (str, int)) and not isinstance(upload.get("generation"), bool)):
+        raise events.MalformedEvent("dataset.prepared data's 'upload' needs string 'bucket' and 'name' and a 'generation'")
     try:
         check_model_name(model)
     except RegistryError as exc:
         raise events.MalformedEvent(str(exc)) from None
+    if not (prefix.startswith(f"prepared/{model}/") and prefix.endswith("/")):  # train reads only what preprocess wrote
+        raise events.MalformedEvent(
+            f"dataset.prepared data's 'prepared' must be a folder under prepared/{model}/, got {prefix[:100]!r}"
+        )
     registry = Registry(storage)
     existing = registry.find_by_upload(model, upload)
     if existing is not None:
         log.info("duplicate delivery for %s#%s: version %s exists", upload.get("name"), upload.get("generation"), existing)
-        return registry.version_events(model, existing, FUNCTION)
+        return finish_pointer_step(registry, model, existing, upload)
     started = time.perf_counter()
     try:
         schema, train, test = load_prepared(storage, prefix)
@@ -55,13 +62,16 @@ def handle_prepared(storage: Storage, data: dict[str, Any]) -> list[CloudEvent]:
         candidates, failures, skipped = selection.candidates, selection.failures, selection.skipped
         chosen, onnx_bytes, schema, parity, rejected = export_first_that_agrees(candidates, schema, test[0])
     except NotFound as exc:
-        return failed(model, upload, "prepared_data_missing", f"the prepared data is gone: {exc}")
+        return failed(storage, model, upload, "prepared_data_missing", f"the prepared data is gone: {exc}")
     except (TrainingError, ParityError) as exc:
-        return failed(model, upload, "no_model", str(exc))
+        return failed(storage, model, upload, "no_model", str(exc))
     schema = dict(schema, columns=with_categories(schema["columns"], train[0]))
     metric = metric_for(spec, schema["task"])
     # Decided before the version is registered, so the card can say what happened.
     promotion = decide_promotion(registry, model, spec, schema, chosen.metrics[metric], test, metric, onnx_bytes)
+    newer = newer_generation(storage, upload)
+    if promotion["promoted"] and newer is not None:  # a late delivery: the newer upload's training decides
+        promotion.update(promoted=False, reason=f"{upload['name']} was replaced by generation {newer} after this upload")
     card = {
         "task": schema["task"],
         "target": schema["target"],
@@ -105,17 +115,53 @@ def handle_prepared(storage: Storage, data: dict[str, Any]) -> list[CloudEvent]:
         card["report"] = Registry.version_prefix(model, version) + "report.html"
         return page
 
-    version = registry.register(model, stamped, card, artifacts={"report.html": report})
+    try:
+        version = registry.register(model, stamped, card, artifacts={"report.html": report}, upload=upload,
+                                    promote=promotion["promoted"])
+    except UploadRegistered as exc:  # a concurrent delivery of the same upload registered it first
+        log.info("duplicate delivery for %s#%s: version %s was made meanwhile", upload.get("name"),
+                 upload.get("generation"), exc.version)
+        return finish_pointer_step(registry, model, exc.version, upload)
     if promotion["promoted"]:
         moved, previous = registry.move_pointer(
             model, version, reason=f"trained from {upload.get('name')}", only_if_newer=True
         )
+        registry.pointer_settled(model, upload)
         state = f", now current (was {previous})" if moved else f", not current (version {previous} is newer)"
     else:
         state = f", not current: {promotion['reason']}"
     value = chosen.metrics[metric]
     log.info("%s version %s: %s %s=%s%s", model, version, chosen.name, metric, "undefined" if value is None else f"{value:.4f}", state)
     return registry.version_events(model, version, FUNCTION)
+
+
+def finish_pointer_step(registry: Registry, model: str, version: int, upload: dict[str, Any]) -> list[CloudEvent]:
+    """The events of a version made from `upload` before (a redelivery), after doing the pointer
+    step if the delivery that made it crashed between registering the version and moving the
+    pointer: the old version stayed current until now, and no second version is made."""
+    if registry.pointer_pending(model, upload):
+        moved, previous = registry.move_pointer(
+            model, version, reason=f"trained from {upload.get('name')}", only_if_newer=True
+        )
+        registry.pointer_settled(model, upload)
+        if moved:
+            log.info("%s version %s: now current (was %s); its pointer step had not been done", model, version, previous)
+    return registry.version_events(model, version, FUNCTION)
+
+
+def newer_generation(storage: Storage, upload: dict[str, Any]) -> int | None:
+    """The live generation of the uploaded object if it replaced this upload's (its prepared event
+    arrived late, or out of order with the newer one's), else None."""
+    if upload.get("bucket") != storage.bucket_name:
+        return None
+    try:
+        live = storage.stat(upload["name"]).generation
+    except (NotFound, InvalidObjectName):
+        return None
+    try:
+        return live if live > int(upload["generation"]) else None
+    except (TypeError, ValueError):
+        return None
 
 
 def decide_promotion(
@@ -223,8 +269,16 @@ def onnx_metadata(model: str, version: int, card: dict[str, Any]) -> dict[str, A
     return {"bucketml.model": model, "bucketml.version": str(version), "bucketml.schema": card["schema"]}
 
 
-def failed(model: str, upload: dict[str, Any], reason: str, message: str) -> list[CloudEvent]:
+def failure_object(model: str, upload: dict[str, Any]) -> str:
+    """failed/<model>/<file>.<generation>.json, beside rejected/ (one record per upload generation)."""
+    return f"failed/{model}/{str(upload.get('name')).rsplit('/', 1)[-1]}.{upload.get('generation')}.json"
+
+
+def failed(storage: Storage, model: str, upload: dict[str, Any], reason: str, message: str) -> list[CloudEvent]:
     log.warning("training %s from %s failed: %s", model, upload.get("name"), message)
-    data = {"model": model, "upload": upload, "reason": reason, "message": message}
+    data = {"model": model, "upload": upload, "reason": reason, "message": message, "report": failure_object(model, upload)}
+    # Kept in the bucket as rejections are, so `bucketml models NAME` shows it after the event is gone.
+    record = dict(data, time=events.now_rfc3339())
+    storage.write(data["report"], json.dumps(record, indent=2).encode(), content_type="application/json")
     key = f"{upload.get('name')}-{upload.get('generation')}"
     return [events.platform_event(events.TRAINING_FAILED, FUNCTION, model, data, id_=f"failed-{key}")]

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import datetime
 import json
 import logging
 import queue
+import re
 import signal
 import sqlite3
 import threading
@@ -17,14 +19,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import requests
-from cloudevents.conversion import to_binary
 from cloudevents.http import CloudEvent
-from werkzeug.exceptions import BadRequest, HTTPException, NotFound
+from werkzeug.exceptions import BadRequest, HTTPException, NotFound, RequestEntityTooLarge
 from werkzeug.routing import Map, Rule
 from werkzeug.serving import WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
 
-from bucketml import logs
+from bucketml import auth, config, logs
 from bucketml.broker.store import (
     DeliveryRecord,
     NewEvent,
@@ -33,15 +34,18 @@ from bucketml.broker.store import (
     StoredEvent,
 )
 from bucketml.broker.triggers import ManifestError, Topology, Trigger, load_topology
-from bucketml.events import MODEL_ATTRIBUTE, MalformedEvent, parse_request
+from bucketml.events import MODEL_ATTRIBUTE, MalformedEvent, parse_request, to_binary_http
 
 log = logging.getLogger("bucketml.broker")
 
-MAX_BODY = 10 * 1024 * 1024
+MAX_BODY = config.DEFAULT_MAX_EVENT_BYTES  # BUCKETML_MAX_EVENT_BYTES sets a broker's own
 CONNECT_TIMEOUT = 10.0
 MAX_LIMIT = 1000
 # Knative retries these statuses, every 5xx and connection failures; any other 4xx means the event is unwanted.
 RETRYABLE_STATUS = frozenset({404, 408, 409, 429})
+# A delivery to a trigger's dead-letter sink is queued under the trigger's name plus this
+# (Trigger names are DNS labels, so no real trigger ends with it).
+DEAD_LETTER_SUFFIX = "/dead-letter-sink"
 
 
 class _Request(Request):
@@ -76,8 +80,13 @@ class Broker:
         *,
         workers: int = 8,
         shutdown_grace: float = 5.0,
+        access: auth.Policy | None = None,
+        max_body: int = MAX_BODY,
     ):
         self.topology: Topology = load_topology(manifest_dir, subscribers)
+        # Every route but /healthz needs the token when the policy requires one (docs/http-api.md).
+        self._access = access if access is not None and access.required else None
+        self._max_body = max_body
         self.store = Store(db_path)
         self._urls = Map(
             [
@@ -224,42 +233,66 @@ class Broker:
 
     def _deliver(self, record: DeliveryRecord, event: StoredEvent) -> None:
         seq, name, attempts = record.event_seq, record.trigger, record.attempts + 1
-        trigger = self.topology.trigger(name)
-        if trigger is None:
-            error = f"trigger {name!r} is no longer in the manifests"
+        trigger_name, to_sink = _dead_letter_of(name)
+        trigger = self.topology.trigger(trigger_name)
+        # The current URL, not the stored one: a restart may have moved the subscriber.
+        url = (trigger.delivery.dead_letter_sink if to_sink else trigger.subscriber) if trigger else None
+        if trigger is None or url is None:
+            what = "its dead-letter sink is" if trigger else f"trigger {trigger_name!r} is"
+            error = f"{what} no longer in the manifests"
             self.store.mark_dead(record.id, record.subscriber, error)
             log.error("dead seq=%d -> %s: %s", seq, name, error)
             return
         started = time.monotonic()
         try:
-            outcome = self._send(trigger, event)
+            outcome = self._send(trigger, url, self._dead_letter(event, trigger_name) if to_sink else event)
         except Exception as exc:  # a broker bug must not turn into a hot loop of instant retries
             log.exception("delivery seq=%d -> %s raised", seq, name)
             outcome = _Outcome(error=f"broker error: {exc!r}", retryable=True)
         elapsed = time.monotonic() - started
+        if to_sink and outcome.reply:
+            outcome = _Outcome(outcome.status)  # a dead-letter sink's reply goes nowhere, as in Knative
 
         if outcome.error is None:
-            reply_seq = self.store.mark_delivered(record.id, trigger.subscriber, outcome.reply)
+            reply_seq = self.store.mark_delivered(record.id, url, outcome.reply)
             reply = f", reply {outcome.reply.attributes['type']} seq={reply_seq}" if outcome.reply else ""
             log.info("delivered seq=%d -> %s (%d%s) in %.2fs", seq, name, outcome.status, reply, elapsed)
             if outcome.reply:
                 self._accepted(reply_seq, outcome.reply)
         elif outcome.retryable and attempts <= trigger.delivery.retry:
             delay = trigger.delivery.backoff(attempts)
-            self.store.mark_retry(record.id, trigger.subscriber, time.time() + delay, outcome.error)
+            self.store.mark_retry(record.id, url, time.time() + delay, outcome.error)
             log.warning("retry seq=%d -> %s attempt %d in %.2fs: %s", seq, name, attempts + 1, delay, outcome.error)
         else:
-            self.store.mark_dead(record.id, trigger.subscriber, outcome.error)
-            log.error("dead seq=%d -> %s after %d attempt(s): %s", seq, name, attempts, outcome.error)
+            sink = trigger.delivery.dead_letter_sink
+            route = (name + DEAD_LETTER_SUFFIX, sink) if sink and not to_sink else None
+            self.store.mark_dead(record.id, url, outcome.error, route)
+            log.error("dead seq=%d -> %s after %d attempt(s): %s%s", seq, name, attempts, outcome.error,
+                      f"; sending it to the dead-letter sink {sink}" if route else "")
 
-    def _send(self, trigger: Trigger, event: StoredEvent) -> _Outcome:
+    def _dead_letter(self, event: StoredEvent, trigger_name: str) -> StoredEvent:
+        """The event as Knative hands it to a dead-letter sink: with where it failed and why."""
+        found = self.store.get_event(event.seq)
+        failed = next((d for d in (found[1] if found else []) if d.trigger == trigger_name), None)
+        extensions = {}
+        if failed is not None:
+            extensions["knativeerrordest"] = failed.subscriber
+            code = re.match(r"HTTP (\d{3})", failed.last_error or "")
+            if code:
+                extensions["knativeerrorcode"] = code.group(1)
+            if failed.last_error:
+                extensions["knativeerrordata"] = base64.b64encode(failed.last_error.encode()[:1024]).decode()
+        return dataclasses.replace(event, attributes={**event.attributes, **extensions})
+
+    def _send(self, trigger: Trigger, url: str, event: StoredEvent) -> _Outcome:
         """POST the event in binary content mode and classify the answer the way Knative does."""
-        headers, body = to_binary(CloudEvent(event.attributes, event.data or None))
+        # Attribute headers percent-encoded (the HTTP binding's rule): any Unicode value can travel.
+        headers, body = to_binary_http(CloudEvent(event.attributes, event.data or None))
         timeout = trigger.delivery.timeout
         try:
             # requests' read timeout bounds the wait for the reply, which is what a slow function needs.
             response = requests.post(
-                trigger.subscriber, headers=headers, data=body,
+                url, headers=headers, data=body,
                 timeout=(min(CONNECT_TIMEOUT, timeout or CONNECT_TIMEOUT), timeout),
             )
         except requests.RequestException as exc:
@@ -286,6 +319,12 @@ class Broker:
 
     def _app(self, environ: dict, start_response: Any) -> Any:
         request = _Request(environ)
+        request.max_content_length = self._max_body
+        if self._access is not None and request.path != "/healthz":
+            refusal = self._access.refusal(request.headers.get("Authorization"))
+            if refusal is not None:  # before routing or reading the body
+                response = _json({"error": refusal.message}, 401, [("WWW-Authenticate", refusal.challenge)])
+                return response(environ, start_response)
         try:
             endpoint, args = self._urls.bind_to_environ(environ).match()
             response = getattr(self, f"_on_{endpoint}")(request, **args)
@@ -302,7 +341,12 @@ class Broker:
         name = broker or self.topology.default_broker
         if name not in self.topology.brokers:
             raise NotFound(f"no Broker named {name!r} in the manifests")
-        body = request.get_data(cache=False)  # raises 413 past MAX_BODY
+        try:
+            body = request.get_data(cache=False)  # stops reading past the limit
+        except RequestEntityTooLarge:
+            raise RequestEntityTooLarge(
+                f"the request is over {self._max_body} bytes, the broker's limit for one event (BUCKETML_MAX_EVENT_BYTES)"
+            ) from None
         try:
             event = self._new_event(name, request.headers, body)
         except MalformedEvent as exc:
@@ -333,6 +377,13 @@ class Broker:
 
     def _on_healthz(self, request: Request) -> Response:
         return _json({"status": "ok"})
+
+
+def _dead_letter_of(delivery_name: str) -> tuple[str, bool]:
+    """(trigger name, whether the delivery goes to its dead-letter sink)."""
+    if delivery_name.endswith(DEAD_LETTER_SUFFIX):
+        return delivery_name[: -len(DEAD_LETTER_SUFFIX)], True
+    return delivery_name, False
 
 
 def _data_bytes(event: CloudEvent, headers: Mapping[str, str], body: bytes) -> bytes:
@@ -386,7 +437,7 @@ def _event_json(event: StoredEvent) -> dict:
     elif _is_json_type(attrs.get("datacontenttype")):
         try:
             out["data"] = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deep to read: shown as text
             out["data"] = data.decode()
     else:
         out["data"] = data.decode()
@@ -453,8 +504,10 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(args.log_level)
 
     try:
-        broker = Broker(args.manifests, dict(args.subscriber), args.db, args.host, args.port)
-    except (ManifestError, OSError, sqlite3.Error) as exc:
+        access = auth.server_policy(args.host, "the broker")  # before binding: refuse to listen unprotected
+        broker = Broker(args.manifests, dict(args.subscriber), args.db, args.host, args.port, access=access,
+                        max_body=config.max_event_bytes())
+    except (ManifestError, OSError, sqlite3.Error, config.ConfigError) as exc:
         log.error("cannot start: %s", exc)
         return 1
     stop = threading.Event()

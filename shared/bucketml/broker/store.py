@@ -134,9 +134,18 @@ class Store:
         with self._transaction():
             self._update(delivery_id, subscriber, PENDING, at, error, _now_iso())
 
-    def mark_dead(self, delivery_id: int, subscriber: str, error: str) -> None:
+    def mark_dead(self, delivery_id: int, subscriber: str, error: str, dead_letter_route: tuple[str, str] | None = None) -> None:
+        """Give up on a delivery; with `dead_letter_route` (trigger name, URL) the event is queued
+        for the dead-letter sink in the same transaction, so it cannot fall between the two."""
         with self._transaction():
-            self._update(delivery_id, subscriber, DEAD, None, error, _now_iso())
+            now = _now_iso()
+            self._update(delivery_id, subscriber, DEAD, None, error, now)
+            if dead_letter_route:
+                self._db.execute(
+                    "INSERT INTO deliveries (event_seq, trigger_name, subscriber, status, attempts, next_attempt_at, updated_at)"
+                    " SELECT event_seq, ?, ?, 'pending', 0, 0, ? FROM deliveries WHERE id = ?",
+                    (*dead_letter_route, now, delivery_id),
+                )
 
     def list_events(self, *, after: int | None = None, type_: str | None = None, model: str | None = None, limit: int = 100) -> list[StoredEvent]:
         clauses, params = [], []

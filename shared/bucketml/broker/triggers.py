@@ -45,6 +45,7 @@ class Delivery:
     backoff_policy: str = "exponential"
     backoff_delay: float = 0.0
     timeout: float | None = None
+    dead_letter_sink: str | None = None  # URL; where an event goes once its retries are spent
 
     def backoff(self, retry_number: int) -> float:
         """Seconds to wait before retry number `retry_number` (1 for the first retry)."""
@@ -112,7 +113,7 @@ def load_topology(manifest_dir: str | Path, subscribers: Mapping[str, str]) -> T
             delivery = _mapping(spec.get("delivery"), path, f"Broker {name!r}: spec.delivery")
             if name in brokers:
                 raise ManifestError(f"{path}: Broker {name!r} is defined twice")
-            brokers[name] = _delivery(delivery, path, f"Broker {name!r}")
+            brokers[name] = _delivery(delivery, path, f"Broker {name!r}", subscribers)
             broker_specs[name] = delivery
 
     triggers: list[Trigger] = []
@@ -141,21 +142,23 @@ def _trigger(path: Path, doc: dict, broker_specs: Mapping[str, dict], subscriber
     subscriber = _subscriber_url(_mapping(spec.get("subscriber"), path, f"{where}: spec.subscriber"), subscribers, path, where)
     # Trigger settings override the Broker's field by field.
     delivery = {**broker_specs[broker], **_mapping(spec.get("delivery"), path, f"{where}: spec.delivery")}
-    return Trigger(name, broker, dict(attributes), subscriber, _delivery(delivery, path, where))
+    return Trigger(name, broker, dict(attributes), subscriber, _delivery(delivery, path, where, subscribers))
 
 
-def _subscriber_url(subscriber: Mapping, subscribers: Mapping[str, str], path: Path, where: str) -> str:
+def _subscriber_url(subscriber: Mapping, subscribers: Mapping[str, str], path: Path, where: str,
+                    field: str = "spec.subscriber") -> str:
+    """A Knative Destination (ref and/or uri) as a URL."""
     ref, uri = subscriber.get("ref"), subscriber.get("uri")
     if uri is not None and not isinstance(uri, str):
-        raise ManifestError(f"{path}: {where}: spec.subscriber.uri must be a string")
+        raise ManifestError(f"{path}: {where}: {field}.uri must be a string")
     if ref is None:
         parts = urlsplit(uri or "")
         if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ManifestError(f"{path}: {where}: spec.subscriber needs a ref or an absolute http(s) uri, got {uri!r}")
+            raise ManifestError(f"{path}: {where}: {field} needs a ref or an absolute http(s) uri, got {uri!r}")
         return uri
-    ref = _mapping(ref, path, f"{where}: spec.subscriber.ref")
+    ref = _mapping(ref, path, f"{where}: {field}.ref")
     if ref.get("kind") != "Service":
-        raise ManifestError(f"{path}: {where}: subscriber ref kind {ref.get('kind')!r} is not supported locally (only Service)")
+        raise ManifestError(f"{path}: {where}: {field} ref kind {ref.get('kind')!r} is not supported locally (only Service)")
     service = ref.get("name")
     if service not in subscribers:
         known = ", ".join(sorted(subscribers)) or "none"
@@ -164,7 +167,7 @@ def _subscriber_url(subscriber: Mapping, subscribers: Mapping[str, str], path: P
     return urljoin(subscribers[service], uri) if uri else subscribers[service]
 
 
-def _delivery(spec: Mapping, path: Path, where: str) -> Delivery:
+def _delivery(spec: Mapping, path: Path, where: str, subscribers: Mapping[str, str]) -> Delivery:
     try:
         retry = spec.get("retry", 0)
         if not isinstance(retry, int) or isinstance(retry, bool) or retry < 0:
@@ -178,7 +181,11 @@ def _delivery(spec: Mapping, path: Path, where: str) -> Delivery:
             raise ValueError("timeout must be longer than zero")
     except ValueError as exc:
         raise ManifestError(f"{path}: {where}: delivery: {exc}") from exc
-    return Delivery(retry, policy, delay, timeout)
+    sink = spec.get("deadLetterSink")
+    if sink is not None:
+        sink = _subscriber_url(_mapping(sink, path, f"{where}: delivery.deadLetterSink"), subscribers, path, where,
+                               "delivery.deadLetterSink")
+    return Delivery(retry, policy, delay, timeout, sink)
 
 
 def _name(path: Path, doc: dict) -> str:

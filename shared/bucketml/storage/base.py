@@ -65,14 +65,25 @@ class ObjectInfo:
         return data
 
 
+MAX_NAME_BYTES = 1024  # GCS's limit, in UTF-8 bytes
+
+
 def check_object_name(name: str) -> str:
-    """Refuse names that GCS refuses or that could escape a local folder."""
+    """Refuse names that GCS refuses or that could escape a local folder. The same rules hold
+    for both backends, so a name that works locally works on GCS and the other way round."""
     if not isinstance(name, str) or not name:
-        raise InvalidObjectName("object name must be a non-empty string")
-    if len(name.encode("utf-8")) > 1024:
-        raise InvalidObjectName(f"object name is longer than 1024 bytes: {name[:60]}...")
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
-        raise InvalidObjectName(f"object name contains a control character: {name!r}")
+        raise InvalidObjectName(f"object name must be a non-empty string, got {name!r}")
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate, e.g. from JSON "\udc80": no UTF-8 spelling, no GCS name
+        raise InvalidObjectName(f"object name is not valid Unicode (it has a lone surrogate): {name!r}") from None
+    if size > MAX_NAME_BYTES:
+        raise InvalidObjectName(f"object name is {size} bytes long; the limit is {MAX_NAME_BYTES} bytes of UTF-8: {name[:60]!r}...")
+    # C0 controls, DEL and the C1 controls (GCS forbids CR/LF and advises against the rest).
+    if any(ord(c) < 32 or 127 <= ord(c) <= 159 for c in name):
+        raise InvalidObjectName(f"object name contains a control character (NUL, newline, ...): {name!r}")
+    if "\\" in name:  # a path separator on Windows and for some tools: the name would mean two things
+        raise InvalidObjectName(f"object name contains a backslash; use '/' to separate its parts: {name!r}")
     parts = name.split("/")
     if name.startswith("/") or any(p in ("", ".", "..") for p in parts):
         raise InvalidObjectName(f"object name has an empty, '.' or '..' segment or is absolute: {name!r}")

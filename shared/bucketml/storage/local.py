@@ -17,6 +17,7 @@ import datetime
 import fcntl
 import hashlib
 import json
+import logging
 import mimetypes
 import os
 import tempfile
@@ -36,7 +37,12 @@ from .base import (
     rfc3339,
 )
 
+log = logging.getLogger("bucketml.storage")
+
 INTERNAL_DIR = ".bucketml"
+# Each '/'-separated part of a name is one file name: 255 bytes on common file systems, less
+# the '.json' its metadata file adds.
+MAX_SEGMENT_BYTES = 250
 
 
 class LocalStorage(Storage):
@@ -48,6 +54,13 @@ class LocalStorage(Storage):
         self._meta_dir = internal / "meta"
         self._tmp_dir = internal / "tmp"
         self._lock_path = internal / "lock"
+        self._refused: set[str] = set()  # names list() skipped and said so, once each
+        for folder in (internal, self._meta_dir, self._tmp_dir):  # checked before mkdir creates anything
+            if not _resolves_inside(folder, self.root):
+                raise StorageError(
+                    f"{folder} leads outside the bucket folder {self.root} (a symlink?); bucketml keeps its "
+                    "bookkeeping inside the bucket folder only: remove the link"
+                )
         self._meta_dir.mkdir(parents=True, exist_ok=True)
         self._tmp_dir.mkdir(parents=True, exist_ok=True)
 
@@ -72,11 +85,7 @@ class LocalStorage(Storage):
             return f.read()
 
     def open(self, name: str, *, generation: int | None = None) -> BinaryIO:
-        path = self._path(name)
-        try:
-            f = open(path, "rb")
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            raise self._not_found(name) from None
+        f = self._open_file(name, self._path(name))
         live = _generation(os.fstat(f.fileno()))  # of the very bytes this handle reads
         if generation is not None and live != generation:
             f.close()
@@ -134,7 +143,12 @@ class LocalStorage(Storage):
         for name in self._names(prefix):
             try:
                 yield self.stat(name)
-            except (NotFound, InvalidObjectName):  # removed meanwhile, or a symlink leading outside
+            except NotFound:  # removed meanwhile
+                continue
+            except InvalidObjectName as exc:  # a symlink leading outside, a name too long for a file
+                if name not in self._refused:
+                    self._refused.add(name)
+                    log.warning("skipped %s: %s", name, exc)
                 continue
 
     def children(self, prefix: str) -> list[str]:
@@ -142,22 +156,58 @@ class LocalStorage(Storage):
             folder = self._path(prefix.rstrip("/")) if prefix.strip("/") else self.root
             entries = list(os.scandir(folder))
         except (InvalidObjectName, FileNotFoundError, NotADirectoryError):
+            if not self.root.is_dir():
+                raise self._unreachable() from None
             return []
         # A folder counts once it holds an object (an empty folder is no object prefix in GCS).
-        return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith(".") and _holds_a_file(e.path))
+        # A symlinked folder is no prefix: what it leads to may lie outside the bucket folder.
+        return sorted(
+            e.name for e in entries
+            if e.is_dir(follow_symlinks=False) and not e.name.startswith(".") and _holds_a_file(e.path)
+        )
 
     # -- names and paths -------------------------------------------------------------------
 
     def _path(self, name: str) -> Path:
         check_object_name(name)
+        for part in name.split("/"):
+            if len(part.encode("utf-8")) > MAX_SEGMENT_BYTES:
+                raise InvalidObjectName(
+                    f"{name[:80]!r}...: a folder bucket stores each '/'-separated part of a name as a file name, "
+                    f"at most {MAX_SEGMENT_BYTES} bytes of UTF-8; {part[:40]!r}... has {len(part.encode('utf-8'))}"
+                )
         path = self.root / name
         # Defence in depth: a symlink inside the folder must not lead outside it.
-        if not Path(os.path.realpath(path)).is_relative_to(self.root):
-            raise InvalidObjectName(f"{name} resolves to a path outside the bucket folder {self.root}")
+        if not _resolves_inside(path, self.root):
+            raise InvalidObjectName(f"{name} resolves to a path outside the bucket folder {self.root} (a symlink?)")
         return path
 
     def _sidecar_path(self, name: str) -> Path:
-        return self._meta_dir / f"{name}.json"
+        path = self._meta_dir / f"{name}.json"
+        if not _resolves_inside(path, self._meta_dir):  # a symlink planted in .bucketml/meta
+            raise InvalidObjectName(f"the metadata of {name} resolves to a path outside {self._meta_dir} (a symlink?)")
+        return path
+
+    def _open_file(self, name: str, path: Path) -> BinaryIO:
+        """`path` opened for reading, if it is a regular file inside the folder (NotFound otherwise)."""
+        try:
+            # O_NONBLOCK: a FIFO put under an object's name must not hang the reader (files ignore the flag).
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise self._not_found(name) from None
+        f = os.fdopen(fd, "rb")
+        try:
+            if not S_ISREG(os.fstat(fd).st_mode):  # a folder, a FIFO, a device: not an object
+                raise self._not_found(name)
+            # Checked on what was opened, not on what the name resolved to a moment before: a
+            # symlink swapped in between must not lead the read outside the folder.
+            opened = _opened_path(fd)
+            if opened is not None and not opened.is_relative_to(self.root):
+                raise InvalidObjectName(f"{name} resolves to a path outside the bucket folder {self.root} (a symlink?)")
+        except BaseException:
+            f.close()
+            raise
+        return f
 
     def _names(self, prefix: str) -> list[str]:
         """Names of the files under root that are valid object names, in name order."""
@@ -209,12 +259,9 @@ class LocalStorage(Storage):
 
     def _describe_foreign_file(self, name: str, path: Path) -> tuple[os.stat_result, dict]:
         """Metadata for a file put there without this API, cached in its sidecar. Needs the lock."""
-        try:
-            with open(path, "rb") as f:
-                st = os.fstat(f.fileno())  # of the very bytes we hash
-                digest = _md5(f.read())
-        except (FileNotFoundError, IsADirectoryError):
-            raise self._not_found(name) from None
+        with self._open_file(name, path) as f:
+            st = os.fstat(f.fileno())  # of the very bytes we hash
+            digest = _md5(f.read())
         meta = {
             "generation": _generation(st),
             "size": st.st_size,
@@ -240,8 +287,15 @@ class LocalStorage(Storage):
             metadata=dict(meta["metadata"]),
         )
 
-    def _not_found(self, name: str) -> NotFound:
+    def _not_found(self, name: str) -> StorageError:
+        """NotFound, unless the bucket folder itself is gone (moved, unmounted): that is the bucket
+        being unreachable, which a retry may get past, as a GCS outage is."""
+        if not self.root.is_dir():
+            return self._unreachable()
         return NotFound(f"{name} does not exist in bucket '{self.bucket_name}'")
+
+    def _unreachable(self) -> StorageError:
+        return StorageError(f"the bucket folder {self.root} is not there (moved or unmounted?)")
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -316,6 +370,19 @@ def _generation(st: os.stat_result) -> int:
 
 def _md5(data: bytes) -> str:
     return base64.b64encode(hashlib.md5(data).digest()).decode("ascii")
+
+
+def _resolves_inside(path: Path, folder: Path) -> bool:
+    """Whether `path`, with every symlink along it followed, lies in `folder` (itself resolved)."""
+    return Path(os.path.realpath(path)).is_relative_to(folder)
+
+
+def _opened_path(fd: int) -> Path | None:
+    """Where an open file really is (Linux's /proc), or None where the system cannot say."""
+    try:
+        return Path(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:
+        return None
 
 
 def _valid(name: str) -> bool:

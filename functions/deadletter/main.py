@@ -1,0 +1,18 @@
+"""deadletter: any event no subscriber could take -> kept in the bucket under deadletters/.
+
+The Broker's delivery.deadLetterSink names this function (infra/knative/broker.yaml), in Knative
+and in the local broker alike; `bucketml events dead` lists what it kept.
+Run: functions-framework --source functions/deadletter/main.py --target deadletter
+"""
+
+import functions_framework
+
+from bucketml import dead_letters
+from bucketml.function_adapter import configure_logging, handle_any
+
+configure_logging()
+
+
+@functions_framework.http
+def deadletter(request):
+    return handle_any(request, dead_letters.keep)

@@ -73,10 +73,11 @@ def canonical(objects: list[dict]) -> list[str]:
 def test_dry_run_renders_what_kubectl_kustomize_builds_for_the_same_settings(tmp_path):
     built = subprocess.run(["kubectl", "kustomize", str(overlay(tmp_path / "overlay", SETTINGS))],
                            capture_output=True, text=True, check=True).stdout
-    printed = subprocess.run([BUCKETML, "deploy", "--bucket", SETTINGS.bucket, "--registry", SETTINGS.registry,
-                              "--tag", SETTINGS.tag, "--project", SETTINGS.project, "--namespace", SETTINGS.namespace,
-                              "--google-service-account", SETTINGS.google_service_account, "--dry-run"],
-                             capture_output=True, text=True, check=True).stdout
+    flags = ["--bucket", SETTINGS.bucket, "--registry", SETTINGS.registry, "--tag", SETTINGS.tag, "--project", SETTINGS.project,
+             "--namespace", SETTINGS.namespace, "--google-service-account", SETTINGS.google_service_account]
+    printed = subprocess.run([BUCKETML, "deploy", *flags, "--dry-run"], capture_output=True, text=True, check=True).stdout
+    # Without --apply, deploy only renders: the same YAML, and nothing is sent anywhere.
+    assert subprocess.run([BUCKETML, "deploy", *flags], capture_output=True, text=True, check=True).stdout == printed
     rendered = [d for d in yaml.safe_load_all(printed) if d]
     assert canonical(rendered) == canonical([d for d in yaml.safe_load_all(built) if d])
     services = {o["metadata"]["name"]: o for o in rendered if o["kind"] == "Service" and o["apiVersion"] == deploy.SERVING}
@@ -166,7 +167,7 @@ class StubKubernetes:
 def run_deploy(kubeconfig: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run([BUCKETML, "deploy", "--bucket", SETTINGS.bucket, "--registry", SETTINGS.registry,
                            "--tag", SETTINGS.tag, "--project", SETTINGS.project, "--namespace", SETTINGS.namespace,
-                           "--google-service-account", SETTINGS.google_service_account, *extra],
+                           "--google-service-account", SETTINGS.google_service_account, "--apply", *extra],
                           capture_output=True, text=True, check=False, env=dict(os.environ, KUBECONFIG=str(kubeconfig)))
 
 
@@ -232,7 +233,7 @@ def test_apply_names_what_the_cluster_refused_or_what_never_became_ready(tmp_pat
 
 def test_apply_without_a_cluster_configuration_is_one_clear_line(tmp_path):
     done = run_deploy(tmp_path / "missing-kubeconfig")
-    assert done.returncode == 1 and "no usable Kubernetes configuration" in done.stderr and "--dry-run" in done.stderr
+    assert done.returncode == 1 and "no usable Kubernetes configuration" in done.stderr and "leave out --apply" in done.stderr
 
 
 def test_apply_to_an_unreachable_api_server_is_one_clear_line(tmp_path):

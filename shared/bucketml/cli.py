@@ -627,13 +627,15 @@ def events_replay(dead_letter_id: str, bucket: str, broker: str) -> None:
 @click.option("--project", required=True, help="The Google Cloud project of the bucket's Pub/Sub notifications.")
 @click.option("--namespace", default="bucketml", show_default=True)
 @click.option("--google-service-account", help="Workload Identity: the Google service account with access to the bucket.")
-@click.option("--dry-run", is_flag=True, help="Print the manifests (YAML) instead of applying them.")
+@click.option("--apply/--dry-run", "apply_", default=False,
+              help="Apply the manifests to the cluster; without it (or with --dry-run) print them as YAML.")
 @click.option("--context", help="The kubeconfig context to apply to (default: the current one).")
 @click.option("--wait", "wait_seconds", default=300.0, show_default=True, help="Seconds to wait for the Services to be Ready.")
-def deploy(gcs_bucket: str, registry: str, tag: str, project: str, namespace: str, google_service_account: str | None, dry_run: bool,
+def deploy(gcs_bucket: str, registry: str, tag: str, project: str, namespace: str, google_service_account: str | None, apply_: bool,
            context: str | None, wait_seconds: float) -> None:
-    """Apply the Knative manifests (infra/knative) for one environment: Broker, Triggers,
-    Services; then wait for the Services to be Ready and print their URLs."""
+    """Render the Knative manifests (infra/knative) for one environment: Broker, Triggers,
+    Services, the GCS source. With --apply, apply them, wait for the Services to be Ready and
+    print their URLs."""
     from . import deploy as deployment  # PyYAML only; nothing the other commands need
 
     settings = deployment.Settings(gcs_bucket, registry, tag, project, namespace, google_service_account)
@@ -641,7 +643,7 @@ def deploy(gcs_bucket: str, registry: str, tag: str, project: str, namespace: st
         objects = deployment.render(settings)
     except deployment.DeployError as exc:
         raise Failure(str(exc)) from None
-    if dry_run:
+    if not apply_:
         click.echo(deployment.to_yaml(objects), nl=False)
         return
     from urllib3.exceptions import HTTPError
@@ -665,7 +667,7 @@ def _kubernetes(context: str | None):
     try:
         return kube_config.new_client_from_config(context=context)
     except (kube_config.ConfigException, OSError) as exc:
-        raise Failure(f"no usable Kubernetes configuration ({exc}); set KUBECONFIG or use --dry-run") from None
+        raise Failure(f"no usable Kubernetes configuration ({exc}); set KUBECONFIG, or leave out --apply to print the manifests") from None
 
 
 @cli.command()

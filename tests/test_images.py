@@ -5,6 +5,7 @@ no scikit-learn, skl2onnx or pandas in it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -40,6 +41,35 @@ def predict_venv(tmp_path_factory) -> Path:
     return venv
 
 
+@contextlib.contextmanager
+def image_function(venv: Path, function: str, tmp_path: Path, ready_path: str, ready_status: int, **variables: str):
+    """functions/<function> run from `venv` the way the image runs it: functions-framework with
+    the target, source and mode in variables (infra/images/Dockerfile); yields its URL once
+    `ready_path` answers `ready_status`, and checks its log has no traceback after it stops."""
+    port = free_port()
+    env = dict(os.environ, PATH=f"{venv / 'bin'}:{os.environ['PATH']}", FUNCTION_SOURCE=str(ROOT / f"functions/{function}/main.py"),
+               FUNCTION_TARGET=function, PORT=str(port), HOST="127.0.0.1", **variables)
+    log = tmp_path / f"{function}.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen([str(venv / "bin" / "functions-framework")], env=env, cwd=tmp_path,
+                                   stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def ready() -> bool:
+            assert process.poll() is None, log.read_text()
+            try:
+                return requests.get(url + ready_path, timeout=2).status_code == ready_status
+            except requests.ConnectionError:
+                return False
+
+        wait_until(ready, f"{function} on the image's package set to answer", timeout=60)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(15)
+    assert "Traceback" not in log.read_text(), log.read_text()
+
+
 def test_the_predict_image_set_serves_a_model_without_training_libraries(predict_venv, tmp_path):
     python = str(predict_venv / "bin" / "python")
     missing = subprocess.run([python, "-c", "import sklearn"], capture_output=True, check=False)
@@ -47,34 +77,13 @@ def test_the_predict_image_set_serves_a_model_without_training_libraries(predict
 
     storage = LocalStorage(tmp_path / "bucket")
     version = publish(storage, "churn", churn_frame(seed=0), "data.csv", {"algorithms": "logistic_regression"})
-    port = free_port()
-    # The image's environment (infra/images/Dockerfile): target, source and mode from variables.
-    env = dict(os.environ, PATH=f"{predict_venv / 'bin'}:{os.environ['PATH']}", FUNCTION_SOURCE=str(ROOT / "functions/predict/main.py"),
-               FUNCTION_TARGET="predict", FUNCTION_USE_ASGI="true", PORT=str(port), HOST="127.0.0.1",
-               BUCKETML_BUCKET=str(storage.root), BUCKETML_LOG_FORMAT="json", WORKERS="1")
-    log = tmp_path / "predict.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen([str(predict_venv / "bin" / "functions-framework")], env=env, cwd=tmp_path,
-                                   stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        def ready() -> bool:
-            assert process.poll() is None, log.read_text()
-            try:
-                return requests.get(url + "/v2/health/ready", timeout=2).status_code == 200
-            except requests.ConnectionError:
-                return False
-
-        wait_until(ready, "the predict image set to serve", timeout=60)
+    with image_function(predict_venv, "predict", tmp_path, "/v2/health/ready", 200, FUNCTION_USE_ASGI="true",
+                        BUCKETML_BUCKET=str(storage.root), BUCKETML_LOG_FORMAT="json", WORKERS="1") as url:
         record = {"tenure": 3, "monthly": 99.5, "plan": "basic", "region": "north"}
         answer = requests.post(url + "/predict", json={"model": "churn", "records": [record]}, timeout=10)
         assert answer.status_code == 200, answer.text
         assert answer.json()["version"] == version and answer.json()["predictions"][0] in ("yes", "no")
         assert requests.get(url + "/openapi.json", timeout=10).status_code == 200  # its YAML is package data
-    finally:
-        process.terminate()
-        process.wait(15)
-    assert "Traceback" not in log.read_text(), log.read_text()
 
 
 def test_the_dead_letter_sink_runs_on_the_predict_image_set(predict_venv, tmp_path):
@@ -83,29 +92,11 @@ def test_the_dead_letter_sink_runs_on_the_predict_image_set(predict_venv, tmp_pa
 
     from bucketml import events
 
-    port = free_port()
-    env = dict(os.environ, PATH=f"{predict_venv / 'bin'}:{os.environ['PATH']}", FUNCTION_SOURCE=str(ROOT / "functions/deadletter/main.py"),
-               FUNCTION_TARGET="deadletter", PORT=str(port), HOST="127.0.0.1", BUCKETML_BUCKET=str(tmp_path / "bucket"))
-    log = tmp_path / "deadletter.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen([str(predict_venv / "bin" / "functions-framework")], env=env, cwd=tmp_path,
-                                   stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        def listening() -> bool:
-            assert process.poll() is None, log.read_text()
-            try:
-                return requests.get(url, timeout=2).status_code == 405
-            except requests.ConnectionError:
-                return False
-
-        wait_until(listening, "the deadletter function to listen", timeout=60)
+    # The event functions answer a GET with 405: listening.
+    with image_function(predict_venv, "deadletter", tmp_path, "/", 405, BUCKETML_BUCKET=str(tmp_path / "bucket")) as url:
         event = events.platform_event(events.MODEL_PUBLISHED, "train", "churn", {"model": "churn", "version": 1})
         event["knativeerrordest"] = "http://notifier.example/"
         headers, body = to_binary(event)
         answer = requests.post(url, headers=dict(headers), data=body, timeout=10)
         assert answer.status_code == 202, answer.text
         assert len(list((tmp_path / "bucket" / "deadletters").glob("*.json"))) == 1
-    finally:
-        process.terminate()
-        process.wait(15)

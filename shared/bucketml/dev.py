@@ -9,6 +9,7 @@ broker's SQLite file and are delivered after the next start.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import socket
@@ -28,6 +29,7 @@ CRASH_LOOP_SECONDS = 10.0  # a part that ends sooner after its start is restarte
 MAX_RESTART_DELAY = 30.0
 FUNCTIONS_START_TIMEOUT = 60.0  # the broker starts once the functions listen, or after this
 STOP_TIMEOUT = 10.0
+PIDS_FILE = "dev.pids.json"  # in the state folder: which processes this `bucketml dev` started
 COLOURS = {"broker": 35, "watcher": 36, "preprocess": 33, "train": 32, "predict": 34, "deadletter": 31, "dev": 1}
 
 
@@ -125,6 +127,44 @@ class Supervisor:
         )
         part.started = time.monotonic()
         threading.Thread(target=self._pump, args=(part, part.process), daemon=True).start()
+        self._record_pids()
+
+    # --- parts left behind by a `bucketml dev` that was killed ---------------------------
+    # Each part runs in its own session (so Ctrl-C reaches only the supervisor); a supervisor
+    # killed with SIGKILL therefore leaves them running, holding their ports and the state.
+    # The pids file lets the next start find and stop them.
+    def _record_pids(self) -> None:
+        path = self.settings.state_dir / PIDS_FILE
+        parts = {p.name: p.process.pid for p in self.parts if p.process is not None}
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps({"dev": os.getpid(), "parts": parts}))
+        temporary.replace(path)  # atomic: a reader never sees half a file
+
+    def stop_leftovers(self) -> None:
+        """Stop the parts a previous `bucketml dev` on this state folder left running; refuse to
+        start beside one that is still running."""
+        path = self.settings.state_dir / PIDS_FILE
+        try:
+            recorded = json.loads(path.read_text())
+            previous, parts = int(recorded["dev"]), {str(k): int(v) for k, v in recorded["parts"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return  # none, or unreadable: nothing known to stop
+        if previous != os.getpid() and _is_ours(previous):
+            raise click.ClickException(
+                f"another `bucketml dev` (pid {previous}) is running with the state folder {self.settings.state_dir}; "
+                "stop it first (Ctrl-C in its terminal), or give this one another --state-dir and --bucket"
+            )
+        for name, group in parts.items():
+            members = [pid for pid in _group_members(group) if _is_ours(pid)]
+            if not members:
+                continue
+            self.say("dev", f"stopping {name} (process group {group}), left running by a `bucketml dev` that did not stop")
+            _signal_group(group, signal.SIGTERM)
+            deadline = time.monotonic() + STOP_TIMEOUT
+            while time.monotonic() < deadline and _group_members(group):
+                time.sleep(0.1)
+            _signal_group(group, signal.SIGKILL)
+        path.unlink(missing_ok=True)
 
     @staticmethod
     def _kill_leftovers(process: subprocess.Popen) -> None:
@@ -139,6 +179,7 @@ class Supervisor:
         s = self.settings
         s.bucket.mkdir(parents=True, exist_ok=True)
         s.state_dir.mkdir(parents=True, exist_ok=True)
+        self.stop_leftovers()
         # Functions first: a broker restarted with deliveries pending would otherwise spend their
         # retries on connection refusals while the functions import their libraries.
         functions = [part for part in self.parts if "--port" in part.argv and part.name != "broker"]
@@ -215,6 +256,7 @@ class Supervisor:
             for part in stage:
                 if part.process:
                     self._kill_leftovers(part.process)
+        (self.settings.state_dir / PIDS_FILE).unlink(missing_ok=True)
 
     def banner(self) -> None:
         s = self.settings
@@ -229,6 +271,44 @@ class Supervisor:
             f"triggers         {config.manifests_dir()}",
         ):
             self.say("dev", line)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _is_ours(pid: int) -> bool:
+    """Alive and a bucketml process: a recorded pid may have been reused by anything since."""
+    text = _cmdline(pid)
+    return "bucketml" in text or "functions_framework" in text or "functions-framework" in text
+
+
+def _group_members(group: int) -> list[int]:
+    """Live processes in process group `group` (its leader may be gone while a worker lives on);
+    zombies do not count (an orphan's may never be reaped where PID 1 is no init)."""
+    members = []
+    if not Path("/proc").is_dir():  # not Linux: leftovers are not found (nor stopped)
+        return members
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                # Field 5 of /proc/<pid>/stat is the process group; the command name before it is in parentheses.
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[2]) == group and fields[0] != "Z":
+                members.append(int(entry.name))
+    return members
+
+
+def _signal_group(group: int, signum: int) -> None:
+    try:
+        os.killpg(group, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _listening(host: str, port: int) -> bool:

@@ -95,7 +95,7 @@ def cli() -> None:
 @click.option("--deadletter-port", envvar="BUCKETML_DEADLETTER_PORT", default=config.DEFAULT_DEADLETTER_PORT, show_default=True)
 @click.option("--demo", is_flag=True, help="Once ready, upload a demo dataset and print a prediction.")
 def dev(bucket, state_dir, host, predict_port, broker_port, preprocess_port, train_port, deadletter_port, demo) -> None:
-    """Run the whole platform locally: broker, bucket watcher and the three functions."""
+    """Run the whole platform locally: broker, bucket watcher, the three functions and the dead-letter sink."""
     from . import dev as dev_runtime
 
     settings = dev_runtime.Settings(

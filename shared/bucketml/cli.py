@@ -13,7 +13,7 @@ import requests
 
 from . import auth, config, events
 from .registry import Registry, RegistryError, check_model_name
-from .rejections import Rejection
+from .rejections import OUTCOME_FOLDERS, Rejection
 from .spec import FIELDS, spec_from_metadata
 from .storage import StorageError, open_storage
 
@@ -296,9 +296,9 @@ def models(name: str | None, bucket: str) -> None:
 def outcome_records(storage, model: str) -> dict[str, list[dict]]:
     """The model's rejected uploads and failed trainings, oldest first (their records in the bucket)."""
     found: dict[str, list[dict]] = {}
-    for title, prefix in (("rejected uploads", f"rejected/{model}/"), ("failed trainings", f"failed/{model}/")):
+    for title, folder in OUTCOME_FOLDERS.items():
         records = []
-        for info in storage.list(prefix):
+        for info in storage.list(f"{folder}/{check_model_name(model)}/"):
             try:
                 records.append(json.loads(storage.read(info.name)))
             except (StorageError, ValueError):

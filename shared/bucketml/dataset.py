@@ -16,7 +16,7 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from .columns import build_profile, normalise, type_columns, with_datetime_parts
-from .rejections import Rejection
+from .rejections import Rejection, outcome_object
 from .storage import Storage
 
 TARGET_CONVENTIONS = ("target", "label", "class", "y")
@@ -74,7 +74,7 @@ def prepared_prefix(model: str, run_id: str) -> str:
 
 
 def rejection_object(upload: Upload) -> str:
-    return f"rejected/{upload.model}/{upload.filename}.{upload.generation}.json"
+    return outcome_object("rejected", upload.model, upload.filename, upload.generation)
 
 
 def find_target(frame: pd.DataFrame, upload: Upload, spec: dict[str, Any]) -> tuple[str, str]:

@@ -152,15 +152,12 @@ def _data_field(event: CloudEvent) -> dict[str, Any]:
         return {"data": None}
     if isinstance(data, (bytes, bytearray)):
         try:
-            return {"data": json.loads(data)} if _is_json(event) else {"data_base64": base64.b64encode(data).decode()}
+            if events.is_json_content_type(event.get("datacontenttype")):
+                return {"data": json.loads(data)}
+            return {"data_base64": base64.b64encode(data).decode()}
         except (ValueError, RecursionError):  # not JSON, or nested too deep to read: kept as bytes
             return {"data_base64": base64.b64encode(data).decode()}
     return {"data": data}
-
-
-def _is_json(event: CloudEvent) -> bool:
-    kind = (event.get("datacontenttype") or "application/json").split(";")[0].strip().lower()
-    return kind in ("application/json", "text/json") or kind.endswith("+json")
 
 
 def _decoded(value: Any) -> str | None:

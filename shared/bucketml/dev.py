@@ -170,10 +170,7 @@ class Supervisor:
     def _kill_leftovers(process: subprocess.Popen) -> None:
         """Kill what is left of an ended part's process group: a gunicorn worker whose master was
         killed keeps serving (and holding the port) until it notices, so it goes first."""
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        _signal_group(process.pid, signal.SIGKILL)  # each part leads its own process group
 
     def start(self) -> None:
         s = self.settings

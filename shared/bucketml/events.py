@@ -222,7 +222,8 @@ def _shorten(value: Any, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _is_json(content_type: str | None) -> bool:
+def is_json_content_type(content_type: str | None) -> bool:
+    """Whether a datacontenttype (or Content-Type) names JSON; none at all means JSON."""
     if not content_type:
         return True  # no datacontenttype: JSON, as the CloudEvents JSON format implies
     mimetype = content_type.split(";")[0].strip().lower()
@@ -232,7 +233,7 @@ def _is_json(content_type: str | None) -> bool:
 def event_data(event: CloudEvent) -> dict:
     """The event's data as a JSON object; MalformedEvent if it is something else."""
     content_type = event.get("datacontenttype")
-    if not _is_json(content_type):
+    if not is_json_content_type(content_type):
         raise MalformedEvent(f"event data must be JSON (datacontenttype application/json), not {_shorten(content_type)}")
     data = event.data
     if isinstance(data, bytes):  # binary mode

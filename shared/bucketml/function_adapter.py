@@ -28,7 +28,7 @@ from .storage import (
 
 log = logging.getLogger("bucketml.function")
 
-MAX_EVENT_BYTES = config.DEFAULT_MAX_EVENT_BYTES  # one CloudEvent, as the broker ingress takes by default
+MAX_EVENT_BYTES = config.max_event_bytes()  # one CloudEvent: the broker ingress's limit (BUCKETML_MAX_EVENT_BYTES)
 
 
 def configure_logging() -> None:

@@ -30,3 +30,13 @@ class Rejection(Exception):
         super().__init__(message)
         self.reason = reason
         self.message = message
+
+
+# Where the outcome of an upload that made no version is kept: one record per upload generation,
+# written by preprocess (rejected) or train (failed), read by `bucketml models NAME`.
+OUTCOME_FOLDERS = {"rejected uploads": "rejected", "failed trainings": "failed"}
+
+
+def outcome_object(folder: str, model: str, filename: str, generation: int | str) -> str:
+    """`<folder>/<model>/<file>.<generation>.json` (folder: rejected or failed)."""
+    return f"{folder}/{model}/{filename}.{generation}.json"

@@ -21,6 +21,7 @@ from .columns import with_categories
 from .dataset import load_prepared
 from .export import ParityError, check_parity, served_columns, to_onnx, with_metadata
 from .registry import Registry, RegistryError, UploadRegistered, check_model_name
+from .rejections import outcome_object
 from .serving import feeds_from_columns, new_session
 from .spec import better, metric_for, with_defaults
 from .storage import InvalidObjectName, NotFound, Storage
@@ -123,10 +124,7 @@ def handle_prepared(storage: Storage, data: dict[str, Any]) -> list[CloudEvent]:
                  upload.get("generation"), exc.version)
         return finish_pointer_step(registry, model, exc.version, upload)
     if promotion["promoted"]:
-        moved, previous = registry.move_pointer(
-            model, version, reason=f"trained from {upload.get('name')}", only_if_newer=True
-        )
-        registry.pointer_settled(model, upload)
+        moved, previous = pointer_step(registry, model, version, upload)
         state = f", now current (was {previous})" if moved else f", not current (version {previous} is newer)"
     else:
         state = f", not current: {promotion['reason']}"
@@ -140,13 +138,18 @@ def finish_pointer_step(registry: Registry, model: str, version: int, upload: di
     step if the delivery that made it crashed between registering the version and moving the
     pointer: the old version stayed current until now, and no second version is made."""
     if registry.pointer_pending(model, upload):
-        moved, previous = registry.move_pointer(
-            model, version, reason=f"trained from {upload.get('name')}", only_if_newer=True
-        )
-        registry.pointer_settled(model, upload)
+        moved, previous = pointer_step(registry, model, version, upload)
         if moved:
             log.info("%s version %s: now current (was %s); its pointer step had not been done", model, version, previous)
     return registry.version_events(model, version, FUNCTION)
+
+
+def pointer_step(registry: Registry, model: str, version: int, upload: dict[str, Any]) -> tuple[bool, int | None]:
+    """Make the version of `upload` current unless a newer one is, and record that the step is
+    done; (whether the pointer moved, the version current before)."""
+    moved, previous = registry.move_pointer(model, version, reason=f"trained from {upload.get('name')}", only_if_newer=True)
+    registry.pointer_settled(model, upload)
+    return moved, previous
 
 
 def newer_generation(storage: Storage, upload: dict[str, Any]) -> int | None:
@@ -270,8 +273,8 @@ def onnx_metadata(model: str, version: int, card: dict[str, Any]) -> dict[str, A
 
 
 def failure_object(model: str, upload: dict[str, Any]) -> str:
-    """failed/<model>/<file>.<generation>.json, beside rejected/ (one record per upload generation)."""
-    return f"failed/{model}/{str(upload.get('name')).rsplit('/', 1)[-1]}.{upload.get('generation')}.json"
+    """failed/<model>/<file>.<generation>.json, beside rejected/."""
+    return outcome_object("failed", model, str(upload.get("name")).rsplit("/", 1)[-1], upload.get("generation"))
 
 
 def failed(storage: Storage, model: str, upload: dict[str, Any], reason: str, message: str) -> list[CloudEvent]:

@@ -34,7 +34,7 @@ from bucketml.broker.store import (
     StoredEvent,
 )
 from bucketml.broker.triggers import ManifestError, Topology, Trigger, load_topology
-from bucketml.events import MODEL_ATTRIBUTE, MalformedEvent, parse_request, to_binary_http
+from bucketml.events import MODEL_ATTRIBUTE, MalformedEvent, is_json_content_type, parse_request, to_binary_http
 
 log = logging.getLogger("bucketml.broker")
 
@@ -395,7 +395,7 @@ def _data_bytes(event: CloudEvent, headers: Mapping[str, str], body: bytes) -> b
         return b""
     if isinstance(data, (bytes, bytearray)):  # data_base64
         return bytes(data)
-    if isinstance(data, str) and not _is_json_type(event.get("datacontenttype")):
+    if isinstance(data, str) and not is_json_content_type(event.get("datacontenttype")):
         return data.encode()
     return json.dumps(data).encode()
 
@@ -403,13 +403,6 @@ def _data_bytes(event: CloudEvent, headers: Mapping[str, str], body: bytes) -> b
 def _carries_event(headers: Mapping[str, str]) -> bool:
     mimetype = headers.get("content-type", "").split(";")[0].strip().lower()
     return bool(headers.get("ce-specversion")) or mimetype == "application/cloudevents+json"
-
-
-def _is_json_type(content_type: str | None) -> bool:
-    if not content_type:
-        return True  # the CloudEvents JSON format implies application/json
-    mimetype = content_type.split(";")[0].strip().lower()
-    return mimetype in ("application/json", "text/json") or mimetype.endswith("+json")
 
 
 def _excerpt(body: bytes, limit: int = 200) -> str:
@@ -434,7 +427,7 @@ def _event_json(event: StoredEvent) -> dict:
         out["data"] = None
     elif not _is_utf8(data):
         out["data_base64"] = base64.b64encode(data).decode()
-    elif _is_json_type(attrs.get("datacontenttype")):
+    elif is_json_content_type(attrs.get("datacontenttype")):
         try:
             out["data"] = json.loads(data)
         except (ValueError, RecursionError):  # not JSON, or nested too deep to read: shown as text

@@ -109,6 +109,17 @@ def running_platform(root: Path, ports: dict[str, int], env: dict[str, str] | No
         assert code == 0, f"bucketml dev did not stop cleanly ({code})"
 
 
+def stop(process: subprocess.Popen, timeout: float = 15.0) -> int | None:
+    """SIGTERM `process` and wait up to `timeout` seconds; if it is still running, SIGKILL it
+    and wait for it. Returns its exit code (negative: the signal that ended it)."""
+    process.terminate()
+    try:
+        return process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
+
+
 def free_ports() -> dict[str, int]:
     return {name: free_port() for name in ("predict", "broker", "preprocess", "train", "deadletter")}
 
@@ -254,13 +265,7 @@ def function_server(function: str, bucket: Path, log_dir: Path, env: dict[str, s
         wait_for_http(url + "/v2/health/live", process, f"{function} to listen", log_path, timeout=30, statuses=(200, 405))
         yield Server(url, process, log_path)
     finally:
-        process.terminate()
-        try:
-            code = process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            code = "killed after 15 s"
+        code = stop(process)
         log = log_path.read_text()
         print(log[-5000:])
     assert code == 0, f"{function} did not exit cleanly on SIGTERM ({code})"

@@ -15,9 +15,8 @@ import pytest
 import requests
 
 from bucketml.storage import LocalStorage
-from helpers import churn_frame, free_port, publish, wait_until
+from helpers import ROOT, churn_frame, free_port, publish, wait_for_http
 
-ROOT = Path(__file__).resolve().parents[1]
 RENDER = ROOT / "infra" / "images" / "render_requirements.py"
 
 
@@ -55,18 +54,16 @@ def image_function(venv: Path, function: str, tmp_path: Path, ready_path: str, r
                                    stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        def ready() -> bool:
-            assert process.poll() is None, log.read_text()
-            try:
-                return requests.get(url + ready_path, timeout=2).status_code == ready_status
-            except requests.ConnectionError:
-                return False
-
-        wait_until(ready, f"{function} on the image's package set to answer", timeout=60)
+        wait_for_http(url + ready_path, process, f"{function} on the image's package set to answer", log, timeout=60,
+                      statuses=(ready_status,))
         yield url
     finally:
         process.terminate()
-        process.wait(15)
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
     assert "Traceback" not in log.read_text(), log.read_text()
 
 

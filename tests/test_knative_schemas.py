@@ -8,15 +8,14 @@ from __future__ import annotations
 import shutil
 import subprocess
 import warnings
-from pathlib import Path
 
 import pydantic
 import pytest
 import yaml
 
+from helpers import ROOT
 from test_manifests import differences
 
-ROOT = Path(__file__).resolve().parents[1]
 BUILDS = ["infra/overlays/dev", "infra/overlays/prod", "infra/variants/prod-jobsink"]
 # Fields the manifests set that the published CRD schemas do not have. Knative's API server
 # prunes them, so on a cluster they have no effect; each is listed in docs/deploy.md.
@@ -45,8 +44,9 @@ def models() -> dict[tuple[str, str], type]:
 def test_knative_objects_match_the_published_crd_schemas(build):
     built = subprocess.run(["kubectl", "kustomize", str(ROOT / build)], capture_output=True, text=True, check=True).stdout
     checked = 0
+    known = models()
     for doc in (d for d in yaml.safe_load_all(built) if d):
-        model = models().get((doc["apiVersion"], doc["kind"]))
+        model = known.get((doc["apiVersion"], doc["kind"]))
         if model is None:
             assert doc["apiVersion"] == "v1", f"{doc['apiVersion']} {doc['kind']}: no schema to check it against"
             continue  # core objects: tests/test_manifests.py checks them with the Kubernetes models

@@ -342,7 +342,7 @@ def test_v2_datatypes_shapes_and_binary_framing_errors_name_the_input(server, mo
         assert_json_error(response, 400, mention)
 
 
-def test_tritonclient_http_drives_the_v2_endpoints(server, storage, models):
+def test_tritonclient_http_drives_the_v2_endpoints(server, models):
     """The Triton HTTP client, with its defaults (binary tensor data both ways) and with JSON."""
     import tritonclient.http as triton
 

@@ -37,8 +37,7 @@ def test_rollback_and_promote_reach_every_replica(tmp_path):
         started = time.monotonic()
         wait_until(lambda: all(r.version_of("churn") == 1 for r in replicas), "both replicas on version 1", timeout=5)
         assert time.monotonic() - started < 5
-        record = {"tenure": 3, "monthly": 99.5, "plan": "basic", "region": "north"}
-        assert all(r.predict({"model": "churn", "records": [record]}).json()["version"] == 1 for r in replicas)
+        assert all(r.predict({"model": "churn", "records": [RECORD]}).json()["version"] == 1 for r in replicas)
         pointer = Registry(storage).current("churn")
         assert pointer.version == 1 and pointer.data["previous"] == 2 and "rolled back" in pointer.data["reason"]
 

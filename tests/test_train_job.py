@@ -19,10 +19,9 @@ from bucketml import events
 from bucketml.preprocessing import handle_finalized
 from bucketml.registry import Registry
 from bucketml.storage import LocalStorage
-from helpers import Sink, churn_frame, free_port
+from helpers import ROOT, Sink, churn_frame, free_port
 from test_manifests import check_schema
 
-ROOT = Path(__file__).resolve().parents[1]
 VARIANT = ROOT / "infra" / "variants" / "prod-jobsink"
 
 

@@ -12,21 +12,16 @@ import base64
 import json
 import os
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
-import requests
-from cloudevents.conversion import to_binary
 from cloudevents.http import CloudEvent
-from helpers import Sink, function_server, wait_until
+from helpers import BUCKETML, Sink, function_server, wait_until
 
 from bucketml import dead_letters, events
 from bucketml.broker import Broker
 from bucketml.storage import open_storage
-
-BUCKETML = str(Path(sys.executable).with_name("bucketml"))
 
 MANIFESTS = """\
 apiVersion: eventing.knative.dev/v1
@@ -118,8 +113,7 @@ def test_what_keeps_failing_reaches_the_dead_letter_function_and_the_cli_replays
         broker = Broker(folder, {"notifier": notifier.url, "deadletter": deadletter.url}, tmp_path / "broker.db", port=0).start()
         try:
             event = published()
-            headers, body = to_binary(event)
-            assert requests.post(broker.url, headers=headers, data=body, timeout=5).status_code == 202
+            assert events.post(broker.url, event, timeout=5).status_code == 202
 
             listing = wait_until(lambda: (out := cli("dead", bucket=bucket)).stdout.count("bucketml.model.published.v1") and out,
                                  "the event to reach the dead-letter store")

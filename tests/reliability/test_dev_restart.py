@@ -7,15 +7,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import requests
 from platform_support import alive_in_group, parts
 
-from helpers import free_ports, running_platform, wait_until
+from helpers import BUCKETML, free_ports, running_platform, wait_until
 
-BUCKETML = str(Path(sys.executable).with_name("bucketml"))
 
 
 def start_dev(root: Path, ports: dict[str, int]) -> tuple[subprocess.Popen, Path]:

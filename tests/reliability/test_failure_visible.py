@@ -6,17 +6,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
-import requests
-from cloudevents.conversion import to_binary
-from helpers import churn_frame, function_server, publish
+from helpers import BUCKETML, churn_frame, function_server, publish
 
 from bucketml import events, preprocessing, trainer
 from bucketml.storage import LocalStorage
 
-BUCKETML = str(Path(sys.executable).with_name("bucketml"))
 
 
 def models(bucket: Path, name: str) -> subprocess.CompletedProcess:
@@ -60,8 +56,7 @@ def test_a_rejection_is_logged_with_the_id_of_the_event_that_caused_it(tmp_path)
     info = storage.write("datasets/churn/empty.csv", b"a,b\n", content_type="text/csv")
     event = events.finalized_event(storage.bucket_name, info.event_data(), id_="upload-event-42")
     with function_server("preprocess", bucket, tmp_path) as preprocess:
-        headers, body = to_binary(event)
-        answer = requests.post(preprocess.url, headers=dict(headers), data=body, timeout=30)
+        answer = events.post(preprocess.url, event, timeout=30)
         assert answer.status_code == 200 and answer.headers["ce-type"] == events.DATASET_REJECTED
     log = preprocess.log.read_text()
     line = next(line for line in log.splitlines() if "upload-event-42" in line)

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 import requests
-from cloudevents.conversion import to_binary
 from cloudevents.http import from_http
 
 from bucketml import events
@@ -31,21 +30,13 @@ from bucketml.preprocessing import handle_finalized
 from bucketml.registry import Registry
 from bucketml.storage import LocalStorage
 from helpers import Sink, check_bucket, churn_frame, function_server, wait_until
+from platform_support import cheap_spec, children
 
 pytestmark = pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace to hold the train process at the crash point")
 
 
-def children(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        text = (task / "children").read_text().split()
-        found += [int(child) for child in text]
-    return found
-
-
 def deliver(url: str, event) -> requests.Response:
-    headers, body = to_binary(event)
-    return requests.post(url, data=body, headers=dict(headers), timeout=120)
+    return events.post(url, event, timeout=120)
 
 
 def prepare(storage: LocalStorage, name: str, seed: int):
@@ -96,7 +87,7 @@ def bucket_and_train(tmp_path_factory):
 
 def test_crash_between_version_and_pointer_is_finished_by_the_redelivery(bucket_and_train, tmp_path):
     storage, train, sink = bucket_and_train
-    storage.write("datasets/crash/bucketml.yaml", b"algorithms: [logistic_regression]\n")
+    storage.write("datasets/crash/bucketml.yaml", cheap_spec().encode())
     first, second = prepare(storage, "datasets/crash/one.csv", 1), prepare(storage, "datasets/crash/two.csv", 2)
     pointer = storage.root / "models/crash/current.json"
     versions = storage.root / "models/crash/versions"
@@ -135,7 +126,7 @@ def test_crash_between_upload_record_and_card_is_finished_by_the_redelivery(buck
     and holds its card) and before card.json (held creating card.json). Version 2 stays invisible
     until the redelivery writes its card from the record, moves the pointer, announces it."""
     storage, train, sink = bucket_and_train
-    storage.write("datasets/early/bucketml.yaml", b"algorithms: [logistic_regression]\n")
+    storage.write("datasets/early/bucketml.yaml", cheap_spec().encode())
     first, second = prepare(storage, "datasets/early/one.csv", 3), prepare(storage, "datasets/early/two.csv", 4)
     record = storage.root / Registry.upload_record_name("early", second.data["upload"])
     card = storage.root / "models/early/versions/2/card.json"

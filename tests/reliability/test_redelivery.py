@@ -15,14 +15,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from cloudevents.conversion import to_binary
 from cloudevents.http import CloudEvent, from_http
 
 from bucketml import events
 from bucketml.storage import LocalStorage
 from helpers import Sink, check_bucket, churn_frame, function_server, versions_by_upload
+from platform_support import cheap_spec
 
-CHEAP = b"algorithms: [logistic_regression]\n"  # datasets/<model>/bucketml.yaml: one candidate, fast
+CHEAP = cheap_spec().encode()  # datasets/<model>/bucketml.yaml: one candidate, fast
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +49,7 @@ def finalized(storage: LocalStorage, info) -> CloudEvent:
 
 
 def post(url: str, event: CloudEvent) -> requests.Response:
-    headers, body = to_binary(event)
-    return requests.post(url, data=body, headers=dict(headers), timeout=300)
+    return events.post(url, event, timeout=300)
 
 
 def reply_of(response: requests.Response) -> CloudEvent | None:

@@ -32,7 +32,7 @@ import requests
 
 from bucketml.registry import Registry
 from bucketml.storage import LocalStorage
-from helpers import BUCKETML, churn_frame, free_port, predict_server, publish, wait_until
+from helpers import BUCKETML, churn_frame, free_port, predict_server, publish, stop, wait_until
 
 POLL_SECONDS = 0.2
 PICKUP_SECONDS = 2.0  # a pointer poll plus loading and checking a small model, with room for a busy machine
@@ -252,12 +252,7 @@ class FakeGCS:
         wait_until(answers, "fake-gcs-server to listen", timeout=15)
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop(self.process, timeout=10)
 
 
 def test_serving_holds_while_the_gcs_bucket_is_unreachable(tmp_path):

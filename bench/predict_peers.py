@@ -132,11 +132,11 @@ def prepare(folder: Path, algorithm: str) -> Setup:
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from bucketml.preprocessing import handle_finalized
-    from bucketml.registry import Registry
+    from bucketml.steps.preprocess import handle_finalized
+    from bucketml.registry.model_registry import Registry
     from bucketml.storage import LocalStorage
-    from bucketml.trainer import handle_prepared
-    from bucketml.training import estimators
+    from bucketml.steps.train import handle_prepared
+    from bucketml.training.search import estimators
 
     frame = load_breast_cancer(as_frame=True).frame
     frame["target"] = frame["target"].map({0: "malignant", 1: "benign"})

@@ -28,10 +28,10 @@ CANDIDATES = ["logistic_regression", "svm", "gradient_boosting", "random_forest"
 
 BUCKETML = """
 import json, resource, time
-from bucketml.preprocessing import handle_finalized
-from bucketml.registry import Registry
+from bucketml.steps.preprocess import handle_finalized
+from bucketml.registry.model_registry import Registry
 from bucketml.storage import LocalStorage
-from bucketml.trainer import handle_prepared
+from bucketml.steps.train import handle_prepared
 storage = LocalStorage(BUCKET)
 info = storage.write("datasets/bench/data.csv", open(CSV, "rb").read(),
                      metadata={"target": "label", "algorithms": CANDIDATE, "max_training_seconds": "3600"})

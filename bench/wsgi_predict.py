@@ -7,7 +7,7 @@ Run: functions-framework --source bench/wsgi_predict.py --target predict  (WORKE
 import functions_framework
 
 from bucketml.logs import configure
-from bucketml.predict_service import PredictService
+from bucketml.serving.app import PredictService
 
 configure()
 service = PredictService.from_environment()

@@ -154,7 +154,8 @@ def wait_for_http(url: str, process: subprocess.Popen, what: str, log: Path | No
 def publish(storage, model: str, frame: pd.DataFrame, filename: str, metadata: dict[str, str] | None = None) -> int:
     """Upload a CSV (with a dataset spec as object `metadata`) and run preprocess and train on it
     in-process; returns the new current version."""
-    from bucketml import preprocessing, trainer
+    from bucketml.steps import preprocess as preprocessing
+    from bucketml.steps import train as trainer
 
     info = storage.write(f"datasets/{model}/{filename}", frame.to_csv(index=False).encode(), content_type="text/csv",
                          metadata=metadata)

@@ -17,9 +17,9 @@ from typing import Callable
 
 import pytest
 import requests
-from bucketml import events
-from bucketml.broker import Broker, ManifestError, load_topology, parse_duration
-from bucketml.broker.triggers import Delivery
+from bucketml.contracts import events
+from bucketml.local.broker import Broker, ManifestError, load_topology, parse_duration
+from bucketml.local.broker.triggers import Delivery
 from cloudevents.conversion import to_binary, to_structured
 from cloudevents.http import CloudEvent
 from werkzeug.serving import make_server
@@ -414,7 +414,7 @@ def test_cli_runs_and_stops_cleanly_on_sigterm(tmp_path):
         port = probe.getsockname()[1]
     folder = write_manifests(tmp_path / "m", trigger("a", "a"))
     process = subprocess.Popen(
-        [sys.executable, "-m", "bucketml.broker", "--manifests", str(folder), "--db", str(tmp_path / "cli.db"),
+        [sys.executable, "-m", "bucketml.local.broker", "--manifests", str(folder), "--db", str(tmp_path / "cli.db"),
          "--port", str(port), "--subscriber", "a=http://127.0.0.1:9"],
         stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )

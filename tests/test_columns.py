@@ -18,13 +18,13 @@ import numpy as np
 import onnx
 import pandas as pd
 import pytest
-from bucketml import events
-from bucketml.columns import MAX_LISTED_CATEGORIES, normalise, with_categories, with_datetime_parts
-from bucketml.dataset import load_prepared
-from bucketml.predict_service import PredictService
-from bucketml.preprocessing import handle_finalized
-from bucketml.registry import Registry
-from bucketml.serving import (
+from bucketml.contracts import events
+from bucketml.training.column_types import MAX_LISTED_CATEGORIES, normalise, with_categories, with_datetime_parts
+from bucketml.training.preparation import load_prepared
+from bucketml.serving.app import PredictService
+from bucketml.steps.preprocess import handle_finalized
+from bucketml.registry.model_registry import Registry
+from bucketml.serving.runtime import (
     InputError,
     ModelManager,
     boolean_label,
@@ -32,8 +32,8 @@ from bucketml.serving import (
     datetime_parts,
 )
 from bucketml.storage import LocalStorage
-from bucketml.trainer import handle_prepared
-from bucketml.training import fit_candidates
+from bucketml.steps.train import handle_prepared
+from bucketml.training.search import fit_candidates
 
 BUCKETML = str(Path(sys.executable).parent / "bucketml")
 DROPPED_KINDS = {
@@ -320,7 +320,7 @@ def test_profile_numbers_of_a_known_frame(tmp_path):
 
 
 def test_spec_drop_and_id_columns_are_dropped(tmp_path):
-    from bucketml.dataset import Upload, prepare
+    from bucketml.training.preparation import Upload, prepare
 
     frame = known_frame()
     spec = {"drop": ["color"], "id": ["flag"], "task": "classification", "test_size": 0.25}

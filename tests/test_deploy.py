@@ -17,7 +17,7 @@ import yaml
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
-from bucketml import deploy
+from bucketml.cloud import deploy
 from helpers import BUCKETML, ROOT, free_port
 
 BASE = ROOT / "infra" / "knative"

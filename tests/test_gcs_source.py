@@ -2,7 +2,7 @@
 
 The path is the production one with emulators standing in for Google: fake-gcs-server publishes
 bucket notifications to a topic of the Pub/Sub emulator, the adapter pulls them and posts the
-finalized CloudEvent to the real local broker (`python -m bucketml.broker`), and a recording
+finalized CloudEvent to the real local broker (`python -m bucketml.local.broker`), and a recording
 subscriber behind a Trigger receives what the broker delivers.
 """
 
@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from bucketml import events
-from bucketml.gcs_source import to_cloud_event
+from bucketml.contracts import events
+from bucketml.cloud.gcs_source import to_cloud_event
 from helpers import ROOT, Sink, churn_frame, free_port, function_server, predict_server, wait_for_http, wait_until
 
 PROJECT = "bucketml-test"
@@ -187,13 +187,13 @@ def broker(tmp_path, recorder) -> Iterator[str]:
 
 @contextlib.contextmanager
 def running_broker(manifests: Path, subscribers: dict[str, str], tmp_path: Path, port: int | None = None) -> Iterator[str]:
-    """`python -m bucketml.broker` routing by `manifests` to `subscribers` (Service name -> URL)."""
+    """`python -m bucketml.local.broker` routing by `manifests` to `subscribers` (Service name -> URL)."""
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     routes = [arg for name, target in subscribers.items() for arg in ("--subscriber", f"{name}={target}")]
     with open(tmp_path / "broker.log", "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "bucketml.broker", "--manifests", str(manifests), "--db", str(tmp_path / "broker.db"),
+            [sys.executable, "-m", "bucketml.local.broker", "--manifests", str(manifests), "--db", str(tmp_path / "broker.db"),
              "--port", str(port), *routes],
             stdout=log, stderr=subprocess.STDOUT,
         )
@@ -205,7 +205,7 @@ def running_broker(manifests: Path, subscribers: dict[str, str], tmp_path: Path,
 
 
 class Adapter:
-    """`python -m bucketml.gcs_source` as a Knative ContainerSource runs it (settings in the environment)."""
+    """`python -m bucketml.cloud.gcs_source` as a Knative ContainerSource runs it (settings in the environment)."""
 
     def __init__(self, emulator: str, subscription: str, sink: str, log_dir: Path):
         self.env = dict(os.environ, PUBSUB_EMULATOR_HOST=emulator, GOOGLE_CLOUD_PROJECT=PROJECT,
@@ -217,7 +217,7 @@ class Adapter:
     def start(self) -> None:
         self.starts += 1
         with open(self.log_dir / f"adapter-{self.starts}.log", "wb") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "bucketml.gcs_source"], env=self.env,
+            self.process = subprocess.Popen([sys.executable, "-m", "bucketml.cloud.gcs_source"], env=self.env,
                                             stdout=log, stderr=subprocess.STDOUT)
 
     def logs(self) -> str:

@@ -9,7 +9,7 @@ import time
 
 import requests
 
-from bucketml.registry import Registry
+from bucketml.registry.model_registry import Registry
 from bucketml.storage import LocalStorage
 from helpers import churn_frame, predict_server, publish, wait_until
 

@@ -87,7 +87,7 @@ def test_the_dead_letter_sink_runs_on_the_predict_image_set(predict_venv, tmp_pa
     """The deadletter image is the predict package set with functions/deadletter."""
     from cloudevents.conversion import to_binary
 
-    from bucketml import events
+    from bucketml.contracts import events
 
     # The event functions answer a GET with 405: listening.
     with image_function(predict_venv, "deadletter", tmp_path, "/", 405, BUCKETML_BUCKET=str(tmp_path / "bucket")) as url:

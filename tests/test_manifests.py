@@ -20,7 +20,7 @@ import yaml
 from kubernetes import client as k8s
 from kubernetes.utils import parse_quantity
 
-from bucketml.broker import load_topology, parse_duration
+from bucketml.local.broker import load_topology, parse_duration
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "infra" / "knative"

@@ -1,10 +1,10 @@
-"""The predict function's OpenAPI document (shared/bucketml/openapi.yaml): valid OpenAPI 3.1,
+"""The predict function's OpenAPI document (shared/bucketml/serving/openapi.yaml): valid OpenAPI 3.1,
 covering every route in ROUTES and nothing else, served at /openapi.json, and copied in
 docs/openapi.json. (tests/test_predict_fuzz.py fuzzes a real process from it.)
 
 After editing the YAML, regenerate docs/openapi.json with:
 
-    .venv/bin/python -c "import json, yaml; doc = yaml.safe_load(open('shared/bucketml/openapi.yaml', encoding='utf-8')); \\
+    .venv/bin/python -c "import json, yaml; doc = yaml.safe_load(open('shared/bucketml/serving/openapi.yaml', encoding='utf-8')); \\
         open('docs/openapi.json', 'w', encoding='utf-8').write(json.dumps(doc, indent=2, ensure_ascii=False) + '\\n')"
 """
 
@@ -20,10 +20,10 @@ import yaml
 from werkzeug.test import EnvironBuilder
 from werkzeug.wrappers import Request
 
-from bucketml.predict_service import ROUTES, PredictService
+from bucketml.serving.app import ROUTES, PredictService
 from helpers import ROOT
 
-YAML = ROOT / "shared" / "bucketml" / "openapi.yaml"
+YAML = ROOT / "shared" / "bucketml" / "serving" / "openapi.yaml"
 DOCS_JSON = ROOT / "docs" / "openapi.json"
 METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 
@@ -90,7 +90,7 @@ def test_openapi_json_is_served_and_equals_docs_openapi_json(document):
     assert status == 200 and headers["Content-Type"] == "application/json"
     assert json.loads(body) == document
     assert json.loads(DOCS_JSON.read_text(encoding="utf-8")) == json.loads(body), (
-        "docs/openapi.json is stale: regenerate it from shared/bucketml/openapi.yaml (see this module's docstring)"
+        "docs/openapi.json is stale: regenerate it from shared/bucketml/serving/openapi.yaml (see this module's docstring)"
     )
     assert served("/openapi.json", "POST")[1] == 405
 

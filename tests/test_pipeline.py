@@ -17,12 +17,12 @@ import numpy as np
 import onnx
 import pandas as pd
 import pytest
-from bucketml import events
-from bucketml.preprocessing import handle_finalized
-from bucketml.registry import Registry
-from bucketml.serving import ModelManager, columns_from_records
+from bucketml.contracts import events
+from bucketml.steps.preprocess import handle_finalized
+from bucketml.registry.model_registry import Registry
+from bucketml.serving.runtime import ModelManager, columns_from_records
 from bucketml.storage import LocalStorage, ObjectInfo
-from bucketml.trainer import handle_prepared
+from bucketml.steps.train import handle_prepared
 from sklearn.datasets import load_diabetes, load_iris
 
 # --- helpers ---------------------------------------------------------------------------------

@@ -30,8 +30,8 @@ import requests
 import schemathesis
 from schemathesis.checks import not_a_server_error
 
-from bucketml.predict_service import PredictService
-from bucketml.registry import Registry
+from bucketml.serving.app import PredictService
+from bucketml.registry.model_registry import Registry
 from bucketml.storage.local import LocalStorage
 from helpers import churn_frame, predict_server, publish, wait_until
 

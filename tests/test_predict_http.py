@@ -23,7 +23,7 @@ from cloudevents.conversion import to_binary
 from cloudevents.http import CloudEvent
 from sklearn.datasets import load_diabetes
 
-from bucketml.registry import Registry
+from bucketml.registry.model_registry import Registry
 from bucketml.storage.local import LocalStorage
 from helpers import churn_frame, predict_server, publish, wait_until
 

@@ -6,7 +6,7 @@ import json
 import threading
 
 import pytest
-from bucketml.registry import Registry, RegistryError, check_model_name
+from bucketml.registry.model_registry import Registry, RegistryError, check_model_name
 from bucketml.storage import LocalStorage, NotFound, PreconditionFailed
 
 

@@ -23,14 +23,14 @@ from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassif
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 
-from bucketml import events
-from bucketml.dataset import load_prepared
-from bucketml.preprocessing import handle_finalized
-from bucketml.registry import Registry
-from bucketml.report import feature_importance
+from bucketml.contracts import events
+from bucketml.training.preparation import load_prepared
+from bucketml.steps.preprocess import handle_finalized
+from bucketml.registry.model_registry import Registry
+from bucketml.training.report import feature_importance
 from bucketml.storage import LocalStorage
-from bucketml.trainer import handle_prepared
-from bucketml.training import preprocessor
+from bucketml.steps.train import handle_prepared
+from bucketml.training.search import preprocessor
 from helpers import churn_frame
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,12 +164,12 @@ def test_feature_importance_maps_back_to_the_uploaded_columns(bucket):
 
 
 def test_a_report_that_fails_to_render_does_not_block_the_version(tmp_path, monkeypatch):
-    import bucketml.report
+    import bucketml.training.report
 
     def broken(*args, **kwargs):
         raise RuntimeError("plotting exploded")
 
-    monkeypatch.setattr(bucketml.report, "render_report", broken)
+    monkeypatch.setattr(bucketml.training.report, "render_report", broken)
     storage = LocalStorage(tmp_path / "bucket")
     _, reply = train(storage, "churn", churn_frame(120), {"algorithms": "logistic_regression"})
     card = Registry(storage).card("churn", reply.data["version"])

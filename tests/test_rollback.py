@@ -11,7 +11,7 @@ import time
 
 from helpers import BUCKETML, churn_frame, free_port, predict_server, publish, wait_until
 
-from bucketml.registry import Registry
+from bucketml.registry.model_registry import Registry
 from bucketml.storage import LocalStorage
 
 RECORD = {"tenure": 3, "monthly": 99.5, "plan": "basic", "region": "north"}

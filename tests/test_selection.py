@@ -11,14 +11,16 @@ import numpy as np
 import onnx
 import pandas as pd
 import pytest
-from bucketml import events, trainer, training
-from bucketml.dataset import load_prepared
-from bucketml.export import PROBABILITY_TOLERANCE, TIE_MARGIN, check_parity, served_columns, to_onnx
-from bucketml.preprocessing import handle_finalized
-from bucketml.registry import Registry
-from bucketml.serving import ModelManager, columns_from_records
+from bucketml.contracts import events
+from bucketml.steps import train as trainer
+from bucketml.training import search as training
+from bucketml.training.preparation import load_prepared
+from bucketml.training.export import PROBABILITY_TOLERANCE, TIE_MARGIN, check_parity, served_columns, to_onnx
+from bucketml.steps.preprocess import handle_finalized
+from bucketml.registry.model_registry import Registry
+from bucketml.serving.runtime import ModelManager, columns_from_records
 from bucketml.storage import LocalStorage
-from bucketml.trainer import handle_prepared
+from bucketml.steps.train import handle_prepared
 from sklearn.datasets import load_breast_cancer, load_diabetes, load_digits, load_iris, load_wine
 from sklearn.ensemble import (
     HistGradientBoostingClassifier,

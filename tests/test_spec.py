@@ -14,13 +14,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from bucketml import events, spec
-from bucketml.preprocessing import handle_finalized
-from bucketml.registry import Registry
-from bucketml.rejections import Rejection
+from bucketml.contracts import events
+from bucketml.contracts import spec
+from bucketml.steps.preprocess import handle_finalized
+from bucketml.registry.model_registry import Registry
+from bucketml.contracts.rejections import Rejection
 from bucketml.storage import LocalStorage
-from bucketml.trainer import handle_prepared
-from bucketml.training import estimators, fit_candidates
+from bucketml.steps.train import handle_prepared
+from bucketml.training.search import estimators, fit_candidates
 from helpers import free_port
 from sklearn.datasets import load_diabetes
 

@@ -11,9 +11,9 @@ import requests
 from cloudevents.conversion import to_binary
 from cloudevents.http import from_http
 
-from bucketml import events
-from bucketml.preprocessing import handle_finalized
-from bucketml.registry import Registry
+from bucketml.contracts import events
+from bucketml.steps.preprocess import handle_finalized
+from bucketml.registry.model_registry import Registry
 from bucketml.storage import LocalStorage
 
 from helpers import Sink, churn_frame, free_port, function_server

@@ -1,4 +1,4 @@
-"""Training as a Job (Knative JobSink): `python -m bucketml.train_job` on the event file a
+"""Training as a Job (Knative JobSink): `python -m bucketml.cloud.train_job` on the event file a
 JobSink mounts trains once and sends what it announces to the event sink; the prod-jobsink
 variant routes prepared data to such Jobs instead of the train Service."""
 
@@ -15,9 +15,9 @@ import yaml
 from cloudevents.conversion import to_structured
 from kubernetes import client as k8s
 
-from bucketml import events
-from bucketml.preprocessing import handle_finalized
-from bucketml.registry import Registry
+from bucketml.contracts import events
+from bucketml.steps.preprocess import handle_finalized
+from bucketml.registry.model_registry import Registry
 from bucketml.storage import LocalStorage
 from helpers import ROOT, Sink, churn_frame, free_port
 from test_manifests import check_schema
@@ -27,7 +27,7 @@ VARIANT = ROOT / "infra" / "variants" / "prod-jobsink"
 
 def train_job(event_file: Path, bucket: Path, sink: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, BUCKETML_BUCKET=str(bucket), K_SINK=sink)
-    return subprocess.run([sys.executable, "-m", "bucketml.train_job", str(event_file)], env=env,
+    return subprocess.run([sys.executable, "-m", "bucketml.cloud.train_job", str(event_file)], env=env,
                           capture_output=True, text=True, timeout=300, check=False)
 
 
@@ -68,7 +68,7 @@ def test_the_jobsink_variant_routes_prepared_data_to_jobs():
     check_schema(k8s.V1JobSpec, jobsink["spec"]["job"]["spec"], "JobSink train: job spec")
     container = jobsink["spec"]["job"]["spec"]["template"]["spec"]["containers"][0]
     assert container["image"] == "registry.example.com/bucketml/bucketml-train:0.1.0"
-    assert container["command"] == ["python", "-m", "bucketml.train_job"]
+    assert container["command"] == ["python", "-m", "bucketml.cloud.train_job"]
     prod = [d for d in yaml.safe_load_all(subprocess.run(["kubectl", "kustomize", str(ROOT / "infra/overlays/prod")],
                                                           capture_output=True, text=True, check=True).stdout) if d]
     bucket = next(e["value"] for d in prod if d["kind"] == "Service" and d["metadata"]["name"] == "train"

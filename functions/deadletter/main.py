@@ -7,8 +7,8 @@ Run: functions-framework --source functions/deadletter/main.py --target deadlett
 
 import functions_framework
 
-from bucketml import dead_letters
-from bucketml.function_adapter import configure_logging, handle_any
+from bucketml.steps import deadletter as dead_letters
+from bucketml.steps.cloudevent_http import configure_logging, handle_any
 
 configure_logging()
 

@@ -9,10 +9,10 @@ import os
 
 import functions_framework.aio
 
-from bucketml.asgi_adapter import respond
-from bucketml.config import ConfigError
+from bucketml.serving.asgi_adapter import respond
+from bucketml.settings import ConfigError
 from bucketml.logs import configure
-from bucketml.predict_service import PredictService
+from bucketml.serving.app import PredictService
 
 configure()
 try:

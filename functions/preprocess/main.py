@@ -5,9 +5,9 @@ Run: functions-framework --source functions/preprocess/main.py --target preproce
 
 import functions_framework
 
-from bucketml import events
-from bucketml.function_adapter import configure_logging, handle
-from bucketml.preprocessing import handle_finalized
+from bucketml.contracts import events
+from bucketml.steps.cloudevent_http import configure_logging, handle
+from bucketml.steps.preprocess import handle_finalized
 
 configure_logging()
 

@@ -5,9 +5,9 @@ Run: functions-framework --source functions/train/main.py --target train
 
 import functions_framework
 
-from bucketml import events
-from bucketml.function_adapter import configure_logging, handle
-from bucketml.trainer import handle_prepared
+from bucketml.contracts import events
+from bucketml.steps.cloudevent_http import configure_logging, handle
+from bucketml.steps.train import handle_prepared
 
 configure_logging()
 

@@ -15,8 +15,8 @@ import ipaddress
 import os
 from dataclasses import dataclass
 
-from . import config
-from .config import ConfigError
+from bucketml import settings as config
+from bucketml.settings import ConfigError
 
 __all__ = ["ConfigError", "Policy", "Refusal", "client_headers", "function_listen_host", "is_loopback", "server_policy"]
 

@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 
-from . import config
+from bucketml import settings as config
 
 
 def configure(level: int | str = logging.INFO) -> None:

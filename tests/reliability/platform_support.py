@@ -55,9 +55,9 @@ def cmdline(pid: int) -> list[str]:
 
 def kind_of(pid: int) -> str | None:
     argv = cmdline(pid)
-    if "bucketml.broker" in argv:
+    if "bucketml.local.broker" in argv:
         return "broker"
-    if "bucketml.watcher" in argv:
+    if "bucketml.local.watcher" in argv:
         return "watcher"
     if "--target" in argv:
         return argv[argv.index("--target") + 1]

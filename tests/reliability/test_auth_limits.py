@@ -25,7 +25,7 @@ import pytest
 import requests
 from cloudevents.conversion import to_binary
 
-from bucketml import events
+from bucketml.contracts import events
 from helpers import (
     BUCKETML,
     ROOT,
@@ -231,7 +231,7 @@ def start_broker(tmp_path: Path, subscriber: str, env: dict[str, str], host: str
     log = tmp_path / f"broker-{port}.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "bucketml.broker", "--manifests", str(manifests), "--db", str(tmp_path / "broker.db"),
+            [sys.executable, "-m", "bucketml.local.broker", "--manifests", str(manifests), "--db", str(tmp_path / "broker.db"),
              "--host", host, "--port", str(port), "--subscriber", f"recorder={subscriber}"],
             env=clean_env(**env), stdout=out, stderr=subprocess.STDOUT,
         )

@@ -93,7 +93,7 @@ def platform(tmp_path_factory):
                 [
                     sys.executable,
                     "-m",
-                    "bucketml.broker",
+                    "bucketml.local.broker",
                     "--manifests",
                     str(MANIFESTS),
                     "--db",

@@ -12,7 +12,7 @@ import time
 
 import pytest
 from cloudevents.http import CloudEvent
-from bucketml import events
+from bucketml.contracts import events
 from platform_support import Ledger, broker_events, cheap_spec, dead_letters, junk, numbers_frame, platform
 
 from helpers import check_bucket, churn_frame, free_ports, versions_by_upload, wait_until

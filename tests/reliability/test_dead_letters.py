@@ -19,8 +19,9 @@ import pytest
 from cloudevents.http import CloudEvent
 from helpers import BUCKETML, Sink, function_server, wait_until
 
-from bucketml import dead_letters, events
-from bucketml.broker import Broker
+from bucketml.steps import deadletter as dead_letters
+from bucketml.contracts import events
+from bucketml.local.broker import Broker
 from bucketml.storage import open_storage
 
 MANIFESTS = """\

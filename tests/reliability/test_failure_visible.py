@@ -10,7 +10,9 @@ from pathlib import Path
 
 from helpers import BUCKETML, churn_frame, function_server, publish
 
-from bucketml import events, preprocessing, trainer
+from bucketml.contracts import events
+from bucketml.steps import preprocess as preprocessing
+from bucketml.steps import train as trainer
 from bucketml.storage import LocalStorage
 
 

@@ -25,9 +25,9 @@ import pytest
 import requests
 from cloudevents.http import from_http
 
-from bucketml import events
-from bucketml.preprocessing import handle_finalized
-from bucketml.registry import Registry
+from bucketml.contracts import events
+from bucketml.steps.preprocess import handle_finalized
+from bucketml.registry.model_registry import Registry
 from bucketml.storage import LocalStorage
 from helpers import Sink, check_bucket, churn_frame, function_server, wait_until
 from platform_support import cheap_spec, children

@@ -17,7 +17,7 @@ import pytest
 import requests
 from cloudevents.http import CloudEvent, from_http
 
-from bucketml import events
+from bucketml.contracts import events
 from bucketml.storage import LocalStorage
 from helpers import Sink, check_bucket, churn_frame, function_server, versions_by_upload
 from platform_support import cheap_spec

@@ -36,12 +36,13 @@ import yaml
 from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import set_external_data
 
-from bucketml import events, serving
+from bucketml.contracts import events
+from bucketml.serving import runtime as serving
 from bucketml.onnx_guard import UnsafeModel
-from bucketml.registry import InvalidModelName, Registry
+from bucketml.registry.model_registry import InvalidModelName, Registry
 from bucketml.storage import InvalidObjectName, LocalStorage, NotFound, StorageError
 from bucketml.storage import local as local_backend
-from bucketml.watcher import Announced, BucketWatcher
+from bucketml.local.watcher import Announced, BucketWatcher
 from helpers import BUCKETML, ROOT, Sink, function_server, predict_server, wait_until
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import requests
 
-from bucketml.registry import Registry
+from bucketml.registry.model_registry import Registry
 from bucketml.storage import LocalStorage
 from helpers import BUCKETML, churn_frame, free_port, predict_server, publish, stop, wait_until
 

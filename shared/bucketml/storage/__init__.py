@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import urllib.parse
 
-from .base import (
+from bucketml.storage.base import (
     InvalidObjectName,
     NotFound,
     ObjectInfo,
@@ -17,7 +17,7 @@ from .base import (
     StorageError,
     check_object_name,
 )
-from .local import LocalStorage
+from bucketml.storage.local import LocalStorage
 
 __all__ = [
     "InvalidObjectName",
@@ -38,7 +38,7 @@ def open_storage(url: str) -> Storage:
     if parsed.scheme == "gs":
         if not parsed.netloc or parsed.path.strip("/"):
             raise ValueError(f"expected gs://<bucket> with no path after the bucket name, got {url!r}")
-        from .gcs import GCSStorage
+        from bucketml.storage.gcs import GCSStorage
 
         return GCSStorage(parsed.netloc)
     if parsed.scheme == "file":

@@ -16,7 +16,7 @@ from google.auth import exceptions as auth_exceptions
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
-from .base import (
+from bucketml.storage.base import (
     NotFound,
     ObjectInfo,
     Storage,

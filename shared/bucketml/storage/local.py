@@ -26,7 +26,7 @@ from pathlib import Path
 from stat import S_ISREG
 from typing import BinaryIO, Iterator
 
-from .base import (
+from bucketml.storage.base import (
     InvalidObjectName,
     NotFound,
     ObjectInfo,

@@ -1,0 +1,700 @@
+"""The `bucketml` command line."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+import requests
+
+from bucketml import auth
+from bucketml import settings as config
+from bucketml.contracts import events
+from bucketml.registry.model_registry import Registry, RegistryError, check_model_name
+from bucketml.contracts.rejections import OUTCOME_FOLDERS, Rejection
+from bucketml.contracts.spec import FIELDS, spec_from_metadata
+from bucketml.storage import StorageError, open_storage
+
+
+class Failure(click.ClickException):
+    """One clear line on stderr, exit code 1."""
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+def _storage(bucket: str):
+    return open_storage(bucket)
+
+
+def _auth_headers() -> dict[str, str]:
+    """Authorization for the broker and predict when BUCKETML_TOKEN or BUCKETML_TOKEN_FILE is set."""
+    try:
+        return auth.client_headers()
+    except config.ConfigError as exc:
+        raise Failure(str(exc)) from None
+
+
+def _unauthorized(what: str, url: str, response: requests.Response) -> Failure:
+    """The one-line error for a 401 from the broker or predict: which variable to set."""
+    try:
+        detail = response.json()["error"]
+    except (ValueError, KeyError, TypeError):
+        detail = response.text[:200]
+    if _auth_headers():
+        return Failure(f"{what} at {url} refused the token in BUCKETML_TOKEN/BUCKETML_TOKEN_FILE (HTTP 401: {detail}); "
+                       "set the token the platform was started with")
+    return Failure(f"{what} at {url} requires a token (HTTP 401); set BUCKETML_TOKEN (or BUCKETML_TOKEN_FILE, "
+                   "a file holding it) to the token the platform was started with")
+
+
+def _broker_events(broker: str, **params) -> list[dict]:
+    try:
+        response = requests.get(broker.rstrip("/") + "/events", params=params, headers=_auth_headers(), timeout=10)
+    except requests.RequestException:
+        raise Failure(f"the platform is not running at {broker}; start it with `bucketml dev`") from None
+    if response.status_code == 401:
+        raise _unauthorized("the broker", broker, response)
+    if response.status_code != 200:
+        raise Failure(f"broker answered HTTP {response.status_code}: {response.text[:200]}")
+    return response.json()["events"]
+
+
+def _running(broker: str) -> bool:
+    try:
+        return requests.get(broker.rstrip("/") + "/healthz", timeout=3).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+bucket_option = click.option("--bucket", envvar="BUCKETML_BUCKET", default=config.DEFAULT_BUCKET, show_default=True,
+                             help="Local bucket folder, or gs://BUCKET.")
+broker_option = click.option("--broker", envvar="BUCKETML_BROKER_URL", default=config.broker_url(), show_default=True,
+                             help="Broker ingress URL.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="bucketml")
+def cli() -> None:
+    """bucketml: drop a CSV into a bucket, get a versioned ONNX model served over HTTP."""
+
+
+# --- dev -----------------------------------------------------------------------------------
+@cli.command()
+@click.option("--bucket", envvar="BUCKETML_BUCKET", default=config.DEFAULT_BUCKET, show_default=True,
+              type=click.Path(file_okay=False), help="Local bucket folder.")
+@click.option("--state-dir", envvar="BUCKETML_STATE_DIR", default=config.DEFAULT_STATE_DIR, show_default=True,
+              type=click.Path(file_okay=False), help="Broker and watcher state (SQLite).")
+@click.option("--host", envvar="BUCKETML_HOST", default="127.0.0.1", show_default=True)
+@click.option("--predict-port", envvar="BUCKETML_PREDICT_PORT", default=config.DEFAULT_PREDICT_PORT, show_default=True)
+@click.option("--broker-port", envvar="BUCKETML_BROKER_PORT", default=config.DEFAULT_BROKER_PORT, show_default=True)
+@click.option("--preprocess-port", envvar="BUCKETML_PREPROCESS_PORT", default=config.DEFAULT_PREPROCESS_PORT, show_default=True)
+@click.option("--train-port", envvar="BUCKETML_TRAIN_PORT", default=config.DEFAULT_TRAIN_PORT, show_default=True)
+@click.option("--deadletter-port", envvar="BUCKETML_DEADLETTER_PORT", default=config.DEFAULT_DEADLETTER_PORT, show_default=True)
+@click.option("--demo", is_flag=True, help="Once ready, upload a demo dataset and print a prediction.")
+def dev(bucket, state_dir, host, predict_port, broker_port, preprocess_port, train_port, deadletter_port, demo) -> None:
+    """Run the whole platform locally: broker, bucket watcher, the three functions and the dead-letter sink."""
+    from bucketml.local import supervisor as dev_runtime
+
+    settings = dev_runtime.Settings(
+        Path(bucket).resolve(), Path(state_dir).resolve(), host, predict_port, broker_port, preprocess_port, train_port,
+        deadletter_port,
+    )
+    after_ready = None
+    if demo:
+        from bucketml.local.demo import run_demo
+
+        after_ready = run_demo
+    dev_runtime.run(settings, after_ready)
+
+
+# --- upload --------------------------------------------------------------------------------
+def wait_for_outcome(broker: str, name: str, generation: int, timeout: float, echo=click.echo) -> dict:
+    """Follow the events of one upload until it is published, trained, rejected or failed."""
+    deadline = time.monotonic() + timeout
+    after = 0
+    while time.monotonic() < deadline:
+        for event in _broker_events(broker, after=after, limit=1000):
+            after = max(after, event["seq"])
+            data = event.get("data") if isinstance(event.get("data"), dict) else {}
+            upload = data if event["type"] == events.OBJECT_FINALIZED else data.get("upload") or {}
+            if upload.get("name") != name or str(upload.get("generation")) != str(generation):
+                continue
+            echo(describe(event["type"], data))
+            # A trained version that is already current is followed by its model.published.
+            promoted = event["type"] == events.MODEL_TRAINED and data.get("current_version") == data.get("version")
+            if event["type"] in events.UPLOAD_OUTCOMES and not promoted:
+                return event
+        time.sleep(0.3)
+    raise Failure(f"no outcome within {timeout:.0f}s; follow it with `bucketml events`")
+
+
+def describe(type_: str, data: dict) -> str:
+    if type_ == events.OBJECT_FINALIZED:
+        return f"  finalized  {data.get('name')} ({data.get('size')} bytes)"
+    if type_ == events.DATASET_PREPARED:
+        rows = data.get("rows", {})
+        return (f"  prepared   {data.get('task')} on target '{data.get('target')}': {rows.get('train')} train / "
+                f"{rows.get('test')} test rows, {data.get('columns')} feature columns")
+    if type_ in (events.MODEL_PUBLISHED, events.MODEL_TRAINED):
+        metric = data.get("metric")
+        score = data.get("metrics", {}).get(metric)
+        state = "published" if type_ == events.MODEL_PUBLISHED else "trained  "
+        current = data.get("current_version")
+        suffix = "" if type_ == events.MODEL_PUBLISHED or current == data.get("version") else f" (current stays {current})"
+        return f"  {state}  {data.get('model')} version {data.get('version')}: {data.get('algorithm')} {metric}={_score(score)}{suffix}"
+    if type_ == events.DATASET_REJECTED:
+        return f"  rejected   {data.get('reason')}: {data.get('message')}  (report: {data.get('report')})"
+    if type_ == events.TRAINING_FAILED:
+        return f"  failed     {data.get('reason')}: {data.get('message')}"
+    return f"  {type_}"
+
+
+@cli.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--model", "-m", required=True, help="Model name (datasets/<model>/ in the bucket).")
+@click.option("--target", "-t", help="Target column, if not named target/label/class/y.")
+@click.option("--task", type=click.Choice(["auto", "classification", "regression"]),
+              help="Learning task (default: auto, detected from the target).")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="A dataset spec field for this upload (repeatable), e.g. --set drop=id,notes --set metric=f1_macro; "
+                   "overrides datasets/<model>/bucketml.yaml.")
+@click.option("--wait/--no-wait", default=True, show_default=True, help="Wait for the outcome.")
+@click.option("--timeout", default=900.0, show_default=True, help="Seconds to wait for the outcome.")
+@bucket_option
+@broker_option
+def upload(file: Path, model: str, target: str | None, task: str | None, settings: tuple[str, ...], wait: bool,
+           timeout: float, bucket: str, broker: str) -> None:
+    """Upload FILE as a dataset for a model and wait until it is published or rejected.
+
+    --target, --task and --set are stored as the object's custom metadata, where they take
+    precedence over the model's bucketml.yaml."""
+    try:
+        check_model_name(model)
+    except RegistryError as exc:
+        raise Failure(str(exc)) from None
+    metadata = upload_metadata(target, task, settings)
+    check_upload_size(file)
+    name = f"datasets/{model}/{file.name}"
+    info = _storage(bucket).write(name, file.read_bytes(), content_type="text/csv", metadata=metadata)
+    click.echo(f"uploaded   {name} (generation {info.generation}, {info.size} bytes)")
+    if not wait:
+        return
+    if not _running(broker):
+        click.echo(f"the platform is not running at {broker}; `bucketml dev` will process the upload when it starts")
+        return
+    outcome = wait_for_outcome(broker, name, info.generation, timeout)
+    if outcome["type"] in (events.DATASET_REJECTED, events.TRAINING_FAILED):
+        sys.exit(1)
+
+
+def check_upload_size(file: Path) -> None:
+    """Refuse, before uploading, a file the preprocess function would reject as file_too_large
+    (BUCKETML_MAX_UPLOAD_BYTES, read here from this command's environment)."""
+    from bucketml.training.reading import Limits
+
+    try:
+        limit = Limits.from_environment().max_upload_bytes
+    except ValueError as exc:
+        raise Failure(f"an upload limit variable is not a number: {exc}") from None
+    size = file.stat().st_size
+    if size > limit:
+        raise Failure(f"{file} is {size} bytes, over the upload limit of {limit} bytes (BUCKETML_MAX_UPLOAD_BYTES); "
+                      "nothing was uploaded: split the file, compress it (.csv.gz), or raise the limit "
+                      "where preprocess runs and here")
+
+
+def upload_metadata(target: str | None, task: str | None, settings: tuple[str, ...]) -> dict[str, str]:
+    """Object metadata from --target, --task and --set KEY=VALUE, validated with the dataset
+    spec's schema so a mistake fails here, before anything is uploaded."""
+    metadata: dict[str, str] = {}
+
+    def put(key: str, value: str, option: str) -> None:
+        if key in metadata and metadata[key] != value:
+            raise Failure(f"{option} contradicts an earlier value for '{key}' ({metadata[key]!r})")
+        metadata[key] = value
+
+    if target:
+        put("target", target, "--target")
+    if task:
+        put("task", task, "--task")
+    for item in settings:
+        key, sep, value = item.partition("=")
+        field = key.strip().lower().replace("-", "_")
+        if not sep or not field:
+            raise Failure(f"--set expects KEY=VALUE, got {item!r}")
+        if field not in FIELDS:
+            close = difflib.get_close_matches(field, FIELDS, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise Failure(f"--set {key.strip()}: not a dataset spec field; {hint}the fields are {', '.join(FIELDS)}")
+        if value.strip():  # an empty value means "not set"
+            put(field, value.strip(), f"--set {item}")
+    try:
+        spec_from_metadata(metadata)
+    except Rejection as exc:
+        raise Failure(exc.message) from None
+    return metadata
+
+
+def _score(value: float | None) -> str:
+    """A metric can be undefined (ROC AUC when a class has no held-out row)."""
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+# --- models --------------------------------------------------------------------------------
+@cli.command()
+@click.argument("name", required=False)
+@bucket_option
+def models(name: str | None, bucket: str) -> None:
+    """List models, or the versions of model NAME (* marks the current one)."""
+    registry = Registry(_storage(bucket))
+    if name is None:
+        names = registry.models()
+        if not names:
+            click.echo("no models yet; upload a dataset with `bucketml upload FILE --model NAME`")
+        for model in names:
+            pointer = registry.current(model)
+            versions = registry.versions(model)
+            if pointer.version is None:
+                click.echo(f"{model:<24} no current version ({_plural(len(versions), 'version')})")
+                continue
+            card = registry.card(model, pointer.version)
+            click.echo(f"{model:<24} v{pointer.version:<4} {card['algorithm']:<20} "
+                       f"{card['metric']}={_score(card['metrics'][card['metric']])}  ({_plural(len(versions), 'version')})")
+        return
+    versions = registry.versions(name)
+    refused = outcome_records(registry.storage, name)
+    if not versions and not any(refused.values()):
+        raise Failure(f"model '{name}' has no versions, and no upload of it was rejected or failed")
+    if versions:
+        current = registry.current(name).version
+        click.echo(f"{'':2}{'version':<9}{'created':<22}{'algorithm':<22}{'score':<18}{'rows':<7}upload")
+    else:
+        click.echo(f"model '{name}' has no versions yet")
+    for version in versions:
+        card = registry.card(name, version)
+        score = f"{card['metric']}={_score(card['metrics'][card['metric']])}"
+        mark = "*" if version == current else " "
+        rows = card.get("data", {}).get("rows", {}).get("train", "")
+        click.echo(f"{mark:2}{version:<9}{card['created']:<22}{card['algorithm']:<22}{score:<18}{rows!s:<7}"
+                   f"{card['lineage']['upload']['name']}")
+    for title, records in refused.items():
+        if records:
+            click.echo(f"{title} ({len(records)}):")
+        for record in records:
+            upload = record.get("upload", {})
+            click.echo(f"  {record.get('time') or '':<28}{upload.get('name')}#{upload.get('generation')}  {record.get('reason')}")
+            click.echo(f"      {record.get('message')}")
+
+
+def outcome_records(storage, model: str) -> dict[str, list[dict]]:
+    """The model's rejected uploads and failed trainings, oldest first (their records in the bucket)."""
+    found: dict[str, list[dict]] = {}
+    for title, folder in OUTCOME_FOLDERS.items():
+        records = []
+        for info in storage.list(f"{folder}/{check_model_name(model)}/"):
+            try:
+                records.append(json.loads(storage.read(info.name)))
+            except (StorageError, ValueError):
+                continue  # removed meanwhile, or not a record
+        found[title] = sorted(records, key=lambda r: str(r.get("time", "")))
+    return found
+
+
+# --- profile -------------------------------------------------------------------------------
+def _share(value) -> str:
+    return "" if value is None else f"{100 * value:.1f}%"
+
+
+def _figure(value) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def _column_summary(col: dict) -> str:
+    if col.get("type") == "datetime":
+        text = f"{col.get('min')} .. {col.get('max')}; parts {', '.join(col.get('parts', []))}"
+        return text + (f"; {col['unparsed']} not dates" if col.get("unparsed") else "")
+    if "mean" in col:
+        return (f"min {_figure(col.get('min'))}, max {_figure(col.get('max'))}, mean {_figure(col.get('mean'))}, "
+                f"std {_figure(col.get('std'))}, p25/p50/p75 {_figure(col.get('p25'))}/{_figure(col.get('p50'))}/"
+                f"{_figure(col.get('p75'))}")
+    if col.get("top"):
+        shown = ", ".join(f"{t['value'][:20]} ({t['count']})" for t in col["top"][:4])
+        return shown + (", ..." if len(col["top"]) > 4 else "")
+    if col.get("examples"):
+        return "e.g. " + ", ".join(e[:20] for e in col["examples"])
+    return ""
+
+
+def render_profile(model: str, version: int, card: dict, profile: dict) -> list[str]:
+    """The profile of a version as readable text lines (`bucketml profile`)."""
+    rows = profile.get("rows", {})
+    target = profile.get("target", {})
+    upload = card.get("lineage", {}).get("upload", {}).get("name", "?")
+    lines = [
+        f"{model} version {version}: {target.get('task', card.get('task'))} on '{target.get('name', card.get('target'))}', from {upload}",
+        (f"rows: {rows.get('uploaded', '?')} uploaded, {rows.get('used', '?')} used, "
+         f"{rows.get('train', '?')} train / {rows.get('test', '?')} test"),
+        "",
+    ]
+    columns = profile.get("columns", [])
+    width = min(32, max([len("column")] + [len(c["name"]) for c in columns]))
+    lines.append(f"{'column':<{width}}  {'type':<9} {'missing':>8} {'distinct':>9}  summary")
+    for col in columns:
+        name = col["name"] if len(col["name"]) <= width else col["name"][: width - 1] + "~"
+        lines.append(f"{name:<{width}}  {col['type']:<9} {_share(col.get('missing_share')):>8} "
+                     f"{col.get('distinct', ''):>9}  {_column_summary(col)}")
+    dropped = profile.get("dropped", [])
+    if dropped:
+        lines += ["", "dropped columns:"]
+        lines += [f"  {d['column']:<{width}}  {d['reason']}" for d in dropped]
+    if profile.get("warnings"):
+        lines += ["", "warnings:"] + [f"  ! {w}" for w in profile["warnings"]]
+    if profile.get("notes"):
+        lines += ["", "notes:"] + [f"  - {n}" for n in profile["notes"]]
+    lines += ["", f"target '{target.get('name')}' ({target.get('task')}):"]
+    if "classes" in target:
+        counts = target["classes"]
+        total = sum(counts.values()) or 1
+        label_width = max([5] + [len(k) for k in counts])
+        lines.append(f"  {'class':<{label_width}}  {'rows':>7}  {'share':>6}")
+        for label, count in sorted(counts.items(), key=lambda item: -item[1]):  # the card's keys are sorted
+            lines.append(f"  {label:<{label_width}}  {count:>7}  {_share(count / total):>6}")
+        if target.get("imbalance_ratio") is not None:
+            lines.append(f"  largest/smallest class ratio: {target['imbalance_ratio']:.2f}")
+        if target.get("training_only_classes"):
+            lines.append(f"  used for training only (too few rows to test): {', '.join(target['training_only_classes'])}")
+    else:
+        lines.append("  " + _column_summary(target) + f", distinct {target.get('distinct', '?')}")
+    return lines
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--version", type=int, help="A specific version instead of the current one.")
+@bucket_option
+def profile(name: str, version: int | None, bucket: str) -> None:
+    """Show the data profile of model NAME's current version: columns, types, missing values,
+    dropped columns with why, warnings and the target's distribution."""
+
+    registry = Registry(_storage(bucket))
+    version, card = _version_card(registry, name, version, "name one with --version")
+    if not card.get("profile"):
+        raise Failure(f"version {version} of '{name}' has no profile (it was trained before profiles existed)")
+    for line in render_profile(name, version, card, card["profile"]):
+        click.echo(line)
+
+
+def _version_card(registry: Registry, name: str, version: int | None, hint: str) -> tuple[int, dict]:
+    """The card of `version` of model `name`, or of its current version; one-line errors."""
+    from bucketml.storage import NotFound
+
+    try:
+        check_model_name(name)
+    except RegistryError as exc:
+        raise Failure(str(exc)) from None
+    if version is None:
+        version = registry.current(name).version
+        if version is None:
+            if registry.versions(name):
+                raise Failure(f"model '{name}' has no current version; {hint}")
+            raise Failure(f"model '{name}' has no versions")
+    try:
+        return version, registry.card(name, version)
+    except NotFound:
+        raise Failure(f"model '{name}' has no version {version}") from None
+
+
+# --- report --------------------------------------------------------------------------------
+@cli.command()
+@click.argument("name")
+@click.argument("version", type=int, required=False)
+@click.option("--open", "open_", is_flag=True, help="Also open it in the default web browser.")
+@bucket_option
+def report(name: str, version: int | None, open_: bool, bucket: str) -> None:
+    """Print the path of report.html of model NAME's current version (or VERSION): one HTML file
+    with the data profile, every candidate, plots of the errors, feature importance and the ONNX
+    parity check. From a gs:// bucket it is downloaded to a temporary file first."""
+    import tempfile
+
+    from bucketml.storage import LocalStorage, NotFound
+
+    storage = _storage(bucket)
+    registry = Registry(storage)
+    version, card = _version_card(registry, name, version, f"name one: bucketml report {name} VERSION")
+    name_of_report = Registry.version_prefix(name, version) + "report.html"
+
+    def missing() -> Failure:
+        why = (f"it could not be rendered: {card['report_error']}" if card.get("report_error")
+               else "it was trained before reports existed")
+        return Failure(f"version {version} of '{name}' has no report ({why})")
+
+    if isinstance(storage, LocalStorage):
+        if not storage.exists(name_of_report):
+            raise missing()
+        path = storage.root / name_of_report
+    else:
+        try:
+            data = storage.read(name_of_report)
+        except NotFound:
+            raise missing() from None
+        with tempfile.NamedTemporaryFile(prefix=f"bucketml-{name}-v{version}-", suffix=".html", delete=False) as f:
+            f.write(data)
+        path = Path(f.name)
+    click.echo(str(path))
+    if open_ and click.launch(str(path)) != 0:
+        click.echo("could not open a browser; open the file above yourself", err=True)
+
+
+# --- promote / rollback --------------------------------------------------------------------
+def move_current(bucket: str, broker: str, name: str, version: int, reason: str) -> None:
+    """Move the pointer (compare-and-swap) and announce model.published like train does."""
+    _auth_headers()  # a token setting that cannot be read fails before anything moves
+    registry = Registry(_storage(bucket))
+    moved, previous = registry.move_pointer(name, version, reason=reason)
+    if not moved:
+        click.echo(f"{name}: version {version} is already current")
+        return
+    click.echo(f"{name}: current version {previous} -> {version}")
+    event = registry.published_event(name, "registry")
+    response = None
+    try:
+        response = events.post(broker.rstrip("/"), event)
+        delivered = response.status_code < 300
+    except requests.RequestException:
+        delivered = False
+    if response is not None and response.status_code == 401:
+        click.echo(f"{_unauthorized('the broker', broker, response).format_message()}; "
+                   "predict replicas still switch on their next poll of the pointer")
+    elif not delivered:
+        click.echo(f"the broker at {broker} did not take the model.published event; "
+                   f"predict replicas still switch on their next poll of the pointer")
+
+
+@cli.command()
+@click.argument("name")
+@click.argument("version", type=int)
+@bucket_option
+@broker_option
+def promote(name: str, version: int, bucket: str, broker: str) -> None:
+    """Make VERSION the current version of model NAME."""
+    move_current(bucket, broker, name, version, f"promoted to version {version} by bucketml promote")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--to", "to_version", type=int, help="The version to go back to (default: the one before the current).")
+@bucket_option
+@broker_option
+def rollback(name: str, to_version: int | None, bucket: str, broker: str) -> None:
+    """Make an earlier version of model NAME current again."""
+    registry = Registry(_storage(bucket))
+    current = registry.current(name).version
+    if current is None:
+        raise Failure(f"model '{name}' has no current version to roll back from")
+    if to_version is None:
+        earlier = [v for v in registry.versions(name) if v < current]
+        if not earlier:
+            raise Failure(f"model '{name}' has no version before {current}")
+        to_version = earlier[-1]
+    move_current(bucket, broker, name, to_version, f"rolled back from version {current} by bucketml rollback")
+
+
+# --- predict -------------------------------------------------------------------------------
+@cli.command()
+@click.argument("name")
+@click.argument("payload")
+@click.option("--version", type=int, help="A specific version instead of the current one.")
+@click.option("--url", envvar="BUCKETML_PREDICT_URL", default=config.predict_url(), show_default=True)
+def predict(name: str, payload: str, version: int | None, url: str) -> None:
+    """Predict with model NAME. PAYLOAD is JSON: a record, a list of records, {"records": [...]}
+    or {"features": [[...]]}; @FILE reads it from a file and - from stdin."""
+    if payload == "-":
+        payload = sys.stdin.read()
+    elif payload.startswith("@"):
+        payload = Path(payload[1:]).read_text()
+    try:
+        body = json.loads(payload)
+    except ValueError as exc:
+        raise Failure(f"PAYLOAD is not valid JSON: {exc}") from None
+    if isinstance(body, dict) and not ({"records", "features"} & body.keys()):
+        body = {"records": [body]}
+    elif isinstance(body, list):
+        body = {"records": body}
+    body["model"] = name
+    if version is not None:
+        body["version"] = version
+    try:
+        response = requests.post(url.rstrip("/") + "/predict", json=body, headers=_auth_headers(), timeout=30)
+    except requests.RequestException:
+        raise Failure(f"the predict function is not running at {url}; start the platform with `bucketml dev`") from None
+    if response.status_code == 401:
+        raise _unauthorized("the predict function", url, response)
+    if response.status_code != 200:
+        try:
+            message = response.json()["error"]
+        except (ValueError, KeyError):
+            message = response.text[:200]
+        raise Failure(f"HTTP {response.status_code}: {message}")
+    click.echo(json.dumps(response.json(), indent=2))
+
+
+# --- events --------------------------------------------------------------------------------
+@cli.group("events", invoke_without_command=True)
+@click.option("--model", "-m", help="Only events of this model.")
+@click.option("--type", "type_", help="Only events of this type.")
+@click.option("--limit", default=50, show_default=True, help="Show the newest N.")
+@broker_option
+@click.pass_context
+def events_command(ctx: click.Context, model: str | None, type_: str | None, limit: int, broker: str) -> None:
+    """Show the events the broker accepted; `events dead` and `events replay` handle the
+    events no subscriber could take."""
+    if ctx.invoked_subcommand is not None:
+        return
+    filters = {k: v for k, v in {"model": model, "type": type_}.items() if v}
+    found, after = [], 0
+    while True:  # the broker pages oldest first; show the newest `limit`
+        page = _broker_events(broker, after=after, limit=1000, **filters)
+        found.extend(page)
+        if len(page) < 1000:
+            break
+        after = page[-1]["seq"]
+    for event in found[-limit:]:
+        data = event.get("data") if isinstance(event.get("data"), dict) else {}
+        click.echo(f"{event['seq']:>6}  {event.get('time') or '':<28} {event['type']:<44} {event.get('subject') or ''}")
+        if event["type"] != events.OBJECT_FINALIZED:
+            click.echo(f"        {describe(event['type'], data).strip()}")
+
+
+@events_command.command("dead")
+@click.argument("dead_letter_id", required=False)
+@bucket_option
+def events_dead(dead_letter_id: str | None, bucket: str) -> None:
+    """List the dead-letter store (deadletters/ in the bucket), or show one record in full."""
+    from bucketml.steps import deadletter as dead_letters
+
+    storage = _storage(bucket)
+    if dead_letter_id:
+        try:
+            click.echo(json.dumps(dead_letters.get(storage, dead_letter_id).record, indent=2))
+        except dead_letters.DeadLetterNotFound as exc:
+            raise Failure(str(exc)) from None
+        return
+    found = list(dead_letters.summaries(storage))
+    if not found:
+        click.echo("no dead letters: every event reached its subscribers")
+        return
+    for item in found:
+        replays = f", replayed {item['replays']}x" if item["replays"] else ""
+        died = f", dead {item['times']}x" if item["times"] > 1 else ""
+        click.echo(f"{item['id']}  {item['first_dead_at']}  {item['type']:<44} {item['subject'] or ''}")
+        click.echo(f"        to {item['destination'] or '?'}: HTTP {item['code'] or '-'}{died}{replays}")
+    click.echo("show one with `bucketml events dead ID`; send one again with `bucketml events replay ID`")
+
+
+@events_command.command("replay")
+@click.argument("dead_letter_id")
+@bucket_option
+@broker_option
+def events_replay(dead_letter_id: str, bucket: str, broker: str) -> None:
+    """Send a dead letter to the broker again; it is routed by the Triggers as on first arrival
+    (every bucketml handler is idempotent). The record stays, with the replay noted."""
+    from bucketml.steps import deadletter as dead_letters
+
+    storage = _storage(bucket)
+    try:
+        letter = dead_letters.replay(storage, dead_letter_id, broker)
+    except dead_letters.DeadLetterNotFound as exc:
+        raise Failure(str(exc)) from None
+    except events.SinkUnavailable as exc:
+        raise Failure(f"{exc}; is the platform running (`bucketml dev`)?") from None
+    attrs = letter.attributes
+    click.echo(f"replayed {letter.id}: {attrs.get('type')} {attrs.get('subject') or ''} (event id {attrs.get('id')}) to {broker}")
+
+
+# --- deploy ------------------------------------------------------------------------------
+@cli.command()
+@click.option("--bucket", "gcs_bucket", required=True, help="The Google Cloud Storage bucket, gs://<name>.")
+@click.option("--registry", required=True,
+              help="Where the bucketml-<function> images are, e.g. europe-docker.pkg.dev/<project>/<repository>.")
+@click.option("--tag", required=True, help="The images' tag (a release, e.g. 0.1.0).")
+@click.option("--project", required=True, help="The Google Cloud project of the bucket's Pub/Sub notifications.")
+@click.option("--namespace", default="bucketml", show_default=True)
+@click.option("--google-service-account", help="Workload Identity: the Google service account with access to the bucket.")
+@click.option("--apply/--dry-run", "apply_", default=False,
+              help="Apply the manifests to the cluster; without it (or with --dry-run) print them as YAML.")
+@click.option("--context", help="The kubeconfig context to apply to (default: the current one).")
+@click.option("--wait", "wait_seconds", default=300.0, show_default=True, help="Seconds to wait for the Services to be Ready.")
+def deploy(gcs_bucket: str, registry: str, tag: str, project: str, namespace: str, google_service_account: str | None, apply_: bool,
+           context: str | None, wait_seconds: float) -> None:
+    """Render the Knative manifests (infra/knative) for one environment: Broker, Triggers,
+    Services, the GCS source. With --apply, apply them, wait for the Services to be Ready and
+    print their URLs."""
+    from bucketml.cloud import deploy as deployment  # PyYAML only; nothing the other commands need
+
+    settings = deployment.Settings(gcs_bucket, registry, tag, project, namespace, google_service_account)
+    try:
+        objects = deployment.render(settings)
+    except deployment.DeployError as exc:
+        raise Failure(str(exc)) from None
+    if not apply_:
+        click.echo(deployment.to_yaml(objects), nl=False)
+        return
+    from urllib3.exceptions import HTTPError
+
+    api = _kubernetes(context)
+    try:
+        deployment.ensure_token_secret(settings.namespace, api, echo=click.echo)
+        deployment.apply(objects, api, echo=click.echo)
+        urls = deployment.wait_ready(objects, api, timeout=wait_seconds)
+    except deployment.DeployError as exc:
+        raise Failure(str(exc)) from None
+    except HTTPError as exc:
+        raise Failure(f"the Kubernetes API at {api.configuration.host} is unreachable: {exc}") from None
+    for name, url in sorted(urls.items()):
+        click.echo(f"{name:<11} {url}")
+
+
+def _kubernetes(context: str | None):
+    from kubernetes import config as kube_config
+
+    try:
+        return kube_config.new_client_from_config(context=context)
+    except (kube_config.ConfigException, OSError) as exc:
+        raise Failure(f"no usable Kubernetes configuration ({exc}); set KUBECONFIG, or leave out --apply to print the manifests") from None
+
+
+@cli.command()
+@click.option("--namespace", default="bucketml", show_default=True)
+@click.option("--context", help="The kubeconfig context (default: the current one).")
+def status(namespace: str, context: str | None) -> None:
+    """The deployed Knative Services (with their revisions and traffic) and Triggers."""
+    from kubernetes.client import ApiException
+    from urllib3.exceptions import HTTPError
+
+    from bucketml.cloud import deploy as deployment
+
+    api = _kubernetes(context)
+    try:
+        lines = deployment.status(namespace, api)
+    except ApiException as exc:
+        raise Failure(f"the Kubernetes API refused to list namespace {namespace}: HTTP {exc.status}") from None
+    except HTTPError as exc:
+        raise Failure(f"the Kubernetes API at {api.configuration.host} is unreachable: {exc}") from None
+    click.echo("\n".join(lines))
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=True)
+    except (StorageError, RegistryError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)

@@ -1,0 +1,241 @@
+"""The GCS event source for any Kubernetes cluster: Pub/Sub bucket notifications -> the Broker.
+
+Without Eventarc, a bucket's notifications go to a Pub/Sub topic
+(`gcloud storage buckets notifications create gs://B --topic=T --event-types=OBJECT_FINALIZE
+--payload-format=json`). This adapter pulls them from a subscription of that topic and posts each
+one to the sink (K_SINK, injected by a Knative SinkBinding or ContainerSource) as the same
+`google.cloud.storage.object.v1.finalized` CloudEvent the local watcher sends
+(`bucketml.events.finalized_event`), in binary content mode.
+
+A message is acknowledged only after the sink answered 2xx; any other outcome nacks it, so Pub/Sub
+redelivers it. Killing the adapter loses nothing: what it had not acknowledged comes back.
+Delivery is at least once; the event id is stable per (object, generation), as the watcher's is,
+so a duplicate is recognisable. Other notification types are acknowledged and logged.
+
+    python -m bucketml.cloud.gcs_source --project P --subscription S --sink URL
+
+PUBSUB_EMULATOR_HOST points the client at the Pub/Sub emulator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import signal
+import threading
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Any
+
+import requests
+
+from bucketml.contracts import events
+from bucketml import logs
+from bucketml.storage.base import rfc3339
+
+log = logging.getLogger("bucketml.gcs_source")
+
+FINALIZE = "OBJECT_FINALIZE"
+SINK_TIMEOUT = 30.0  # seconds for the sink to accept one event
+MAX_IN_FLIGHT = 16  # messages leased and being posted at once
+# The ack deadline the adapter sets and keeps extending while a post is in flight. It is also
+# how long the messages a killed adapter had leased wait before Pub/Sub redelivers them.
+LEASE_SECONDS = 10
+RETRY_SECONDS = 2  # a refused event is pulled again after this
+PULL_SECONDS = 30  # one pull waits this long for messages
+
+
+def _timestamp(value: str | None) -> str | None:
+    """GCS's form, millisecond precision (2024-05-01T10:00:00.123Z), whatever the notification used."""
+    if not value:
+        return value
+    try:
+        return rfc3339(datetime.datetime.fromisoformat(value))
+    except ValueError:
+        return value
+
+
+def object_data(attributes: Mapping[str, str], payload: Mapping[str, Any]) -> dict:
+    """StorageObjectData (as `ObjectInfo.event_data` builds it) from a JSON_API_V1 notification:
+    the object resource in the message data, the bucket, name and generation in its attributes."""
+    bucket = attributes.get("bucketId") or payload.get("bucket")
+    name = attributes.get("objectId") or payload.get("name")
+    generation = attributes.get("objectGeneration") or payload.get("generation")
+    if not bucket or not name or not generation:
+        raise ValueError("the notification names no bucketId, objectId and objectGeneration")
+    data = {
+        "kind": "storage#object",
+        "id": f"{bucket}/{name}/{generation}",
+        "bucket": bucket,
+        "name": name,
+        "generation": str(generation),
+        # A finalize creates a new generation, whose metageneration starts at 1.
+        "metageneration": str(payload.get("metageneration") or 1),
+        "contentType": payload.get("contentType"),
+        "size": str(payload.get("size") or 0),
+        "md5Hash": payload.get("md5Hash"),
+        "timeCreated": _timestamp(payload.get("timeCreated")),
+        "updated": _timestamp(payload.get("updated")),
+        "storageClass": payload.get("storageClass") or "STANDARD",
+    }
+    if payload.get("metadata"):
+        data["metadata"] = {str(k): str(v) for k, v in payload["metadata"].items()}
+    return data
+
+
+def to_cloud_event(attributes: Mapping[str, str], data: bytes):
+    """The finalized CloudEvent for one notification, or None for another event type.
+    Raises ValueError for a finalize notification it cannot read."""
+    if attributes.get("eventType") != FINALIZE:
+        return None
+    try:
+        payload = json.loads(data or b"{}")
+    except ValueError as exc:
+        raise ValueError(f"the notification data is not JSON (payload format must be JSON_API_V1): {exc}") from exc
+    if not isinstance(payload, dict):
+        raise ValueError("the notification data is not a JSON object")
+    obj = object_data(attributes, payload)
+    return events.finalized_event(obj["bucket"], obj, id_=events.finalized_event_id(obj["name"], obj["generation"]))
+
+
+class Forwarder:
+    """One notification -> at most one POST to the sink. True: acknowledge it; False: redeliver it."""
+
+    def __init__(self, sink: str, timeout: float = SINK_TIMEOUT):
+        self.sink = sink
+        self.timeout = timeout
+        self._local = threading.local()  # one requests.Session per worker thread
+
+    def _session(self) -> requests.Session:
+        if not hasattr(self._local, "session"):
+            self._local.session = requests.Session()
+        return self._local.session
+
+    def __call__(self, attributes: Mapping[str, str], data: bytes, message_id: str = "") -> bool:
+        what = f"{attributes.get('bucketId')}/{attributes.get('objectId')}#{attributes.get('objectGeneration')}"
+        try:
+            event = to_cloud_event(attributes, data)
+        except ValueError as exc:
+            # A retry cannot fix it; acknowledged so it does not loop (a dead-letter topic on the
+            # subscription is the place for such messages if they must be kept).
+            log.error("dropped unreadable notification %s (message %s): %s", what, message_id, exc)
+            return True
+        if event is None:
+            log.info("ignored %s for %s", attributes.get("eventType"), what)
+            return True
+        try:
+            response = events.post(self.sink, event, self._session(), timeout=self.timeout)
+        except requests.RequestException as exc:
+            log.warning("sink unreachable, %s will be redelivered: %s", what, exc)
+            return False
+        if not 200 <= response.status_code < 300:
+            log.warning("sink refused %s (HTTP %s), it will be redelivered: %s", what, response.status_code, response.text[:200])
+            return False
+        log.info("finalized %s sent as %s", what, event["id"])
+        return True
+
+
+def run(project: str, subscription: str, sink: str, max_in_flight: int = MAX_IN_FLIGHT,
+        lease_seconds: int = LEASE_SECONDS) -> None:
+    """Pull, post, acknowledge, until SIGTERM/SIGINT.
+
+    A synchronous pull loop rather than the client's streaming pull: every lease is explicit
+    (extended while its post is in flight, never longer than `lease_seconds`), so what a killed
+    adapter held comes back after at most `lease_seconds`, on Pub/Sub and on its emulator alike.
+    """
+    from google.api_core import exceptions as gexc
+    from google.cloud import pubsub_v1  # imported here: a second to import, only this process needs it
+
+    subscriber = pubsub_v1.SubscriberClient()
+    path = subscription if subscription.startswith("projects/") else subscriber.subscription_path(project, subscription)
+    forward = Forwarder(sink)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+
+    def lease(ack_ids: list[str], seconds: int) -> None:
+        try:
+            subscriber.modify_ack_deadline(subscription=path, ack_ids=ack_ids, ack_deadline_seconds=seconds)
+        except gexc.GoogleAPICallError as exc:  # the lease runs out: a redelivery, nothing lost
+            log.warning("could not set the ack deadline of %d message(s): %s", len(ack_ids), exc)
+
+    def settle(ack: list[str], nack: list[str]) -> None:
+        if ack:
+            try:
+                subscriber.acknowledge(subscription=path, ack_ids=ack)
+            except gexc.GoogleAPICallError as exc:  # delivered, but will come again: a duplicate
+                log.warning("could not acknowledge %d message(s), they will be sent again: %s", len(ack), exc)
+        if nack:  # back in the subscription after RETRY_SECONDS (0 would spin on a sink that is down)
+            lease(nack, RETRY_SECONDS)
+
+    log.info("forwarding %s to %s", path, sink)
+    puller = ThreadPoolExecutor(1, thread_name_prefix="pull")  # a blocked gRPC call would hold up SIGTERM
+    with subscriber, ThreadPoolExecutor(max_in_flight, thread_name_prefix="post") as pool:
+        while not stop.is_set():
+            call = puller.submit(subscriber.pull, subscription=path, max_messages=max_in_flight, timeout=PULL_SECONDS)
+            while not call.done() and not stop.is_set():
+                stop.wait(0.1)
+            if stop.is_set():  # whatever this pull still brings is leased to nobody and comes back
+                break
+            try:
+                response = call.result()
+            except gexc.DeadlineExceeded:
+                continue  # nothing to pull
+            except gexc.GoogleAPICallError as exc:
+                log.warning("pull failed, retrying: %s", exc)
+                stop.wait(1)
+                continue
+            received = response.received_messages
+            if not received:
+                continue
+            # Each message's lease starts as the subscription's ack deadline; set it now.
+            lease([m.ack_id for m in received], lease_seconds)
+            pending = {
+                pool.submit(forward, dict(m.message.attributes), m.message.data, m.message.message_id): m.ack_id
+                for m in received
+            }
+            while pending:  # settle each message as soon as its post is done; extend the others
+                done, _ = wait(pending, timeout=lease_seconds / 3)
+                outcomes = [(pending.pop(f), _ok(f)) for f in done]
+                settle([a for a, ok in outcomes if ok], [a for a, ok in outcomes if not ok])
+                if pending:
+                    lease(list(pending.values()), lease_seconds)
+    puller.shutdown(wait=False, cancel_futures=True)
+    log.info("stopped")
+
+
+def _ok(future) -> bool:
+    try:
+        return future.result()
+    except Exception:  # a bug in one message's handling: redeliver it, keep the loop alive
+        log.exception("forwarding a notification failed")
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bucketml.cloud.gcs_source", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--project", default=os.environ.get("GOOGLE_CLOUD_PROJECT"),
+                        help="project of the subscription (env GOOGLE_CLOUD_PROJECT)")
+    parser.add_argument("--subscription", default=os.environ.get("BUCKETML_PUBSUB_SUBSCRIPTION"),
+                        help="subscription id or projects/P/subscriptions/S (env BUCKETML_PUBSUB_SUBSCRIPTION)")
+    parser.add_argument("--sink", default=os.environ.get("K_SINK"), help="CloudEvents sink URL, the Broker ingress (env K_SINK)")
+    parser.add_argument("--max-in-flight", type=int, default=MAX_IN_FLIGHT, help="messages posted at once")
+    parser.add_argument("--lease-seconds", type=int, default=LEASE_SECONDS,
+                        help="ack deadline kept while posting; a crashed adapter's messages return after it (10-600)")
+    args = parser.parse_args(argv)
+    if not args.subscription:
+        parser.error("no subscription: pass --subscription or set BUCKETML_PUBSUB_SUBSCRIPTION")
+    if not args.subscription.startswith("projects/") and not args.project:
+        parser.error("no project: pass --project or set GOOGLE_CLOUD_PROJECT")
+    if not args.sink:
+        parser.error("no sink: pass --sink or set K_SINK")
+    logs.configure()
+    run(args.project, args.subscription, args.sink, args.max_in_flight, max(10, min(600, args.lease_seconds)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,287 @@
+"""The train step: prepared data becomes a registered, parity-checked ONNX version.
+
+Idempotent per upload: a duplicate delivery finds the version the first one made and announces
+the same events (same ids) instead of training again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import time
+from importlib import metadata as importlib_metadata
+from typing import Any
+
+from cloudevents.http import CloudEvent
+
+from bucketml.contracts import events
+from bucketml.training.column_types import with_categories
+from bucketml.training.preparation import load_prepared
+from bucketml.training.export import ParityError, check_parity, served_columns, to_onnx, with_metadata
+from bucketml.registry.model_registry import Registry, RegistryError, UploadRegistered, check_model_name
+from bucketml.contracts.rejections import outcome_object
+from bucketml.serving.runtime import feeds_from_columns, new_session
+from bucketml.contracts.spec import better, metric_for, with_defaults
+from bucketml.storage import InvalidObjectName, NotFound, Storage
+from bucketml.training.search import TrainingError, score, select
+
+log = logging.getLogger("bucketml.train")
+
+FUNCTION = "train"
+LIBRARIES = ("scikit-learn", "skl2onnx", "onnx", "onnxruntime", "numpy", "pandas")
+
+
+def handle_prepared(storage: Storage, data: dict[str, Any]) -> list[CloudEvent]:
+    """The events training announces, in order: model.trained, then model.published when the
+    current pointer moved to the new version; or one training.failed."""
+    model, prefix, upload = data.get("model"), data.get("prepared"), data.get("upload")
+    if not isinstance(model, str) or not isinstance(prefix, str) or not isinstance(upload, dict):
+        raise events.MalformedEvent("dataset.prepared data needs 'model', 'prepared' and 'upload'")
+    if not (isinstance(upload.get("bucket"), str) and isinstance(upload.get("name"), str)
+            and isinstance(upload.get("generation"), (str, int)) and not isinstance(upload.get("generation"), bool)):
+        raise events.MalformedEvent("dataset.prepared data's 'upload' needs string 'bucket' and 'name' and a 'generation'")
+    try:
+        check_model_name(model)
+    except RegistryError as exc:
+        raise events.MalformedEvent(str(exc)) from None
+    if not (prefix.startswith(f"prepared/{model}/") and prefix.endswith("/")):  # train reads only what preprocess wrote
+        raise events.MalformedEvent(
+            f"dataset.prepared data's 'prepared' must be a folder under prepared/{model}/, got {prefix[:100]!r}"
+        )
+    registry = Registry(storage)
+    existing = registry.find_by_upload(model, upload)
+    if existing is not None:
+        log.info("duplicate delivery for %s#%s: version %s exists", upload.get("name"), upload.get("generation"), existing)
+        return finish_pointer_step(registry, model, existing, upload)
+    started = time.perf_counter()
+    try:
+        schema, train, test = load_prepared(storage, prefix)
+        spec = with_defaults(schema.get("spec"))  # data prepared before specs existed: defaults
+        selection = select(schema, train, test, spec)  # by cross-validation on the training rows
+        candidates, failures, skipped = selection.candidates, selection.failures, selection.skipped
+        chosen, onnx_bytes, schema, parity, rejected = export_first_that_agrees(candidates, schema, test[0])
+    except NotFound as exc:
+        return failed(storage, model, upload, "prepared_data_missing", f"the prepared data is gone: {exc}")
+    except (TrainingError, ParityError) as exc:
+        return failed(storage, model, upload, "no_model", str(exc))
+    schema = dict(schema, columns=with_categories(schema["columns"], train[0]))
+    metric = metric_for(spec, schema["task"])
+    # Decided before the version is registered, so the card can say what happened.
+    promotion = decide_promotion(registry, model, spec, schema, chosen.metrics[metric], test, metric, onnx_bytes)
+    newer = newer_generation(storage, upload)
+    if promotion["promoted"] and newer is not None:  # a late delivery: the newer upload's training decides
+        promotion.update(promoted=False, reason=f"{upload['name']} was replaced by generation {newer} after this upload")
+    card = {
+        "task": schema["task"],
+        "target": schema["target"],
+        "algorithm": chosen.name,
+        "metric": metric,
+        "metrics": chosen.metrics,
+        "confusion_matrix": chosen.confusion,  # held-out rows; None for regression
+        "selection": selection.summary,
+        "candidates": [c.summary() for c in candidates],
+        "candidate_failures": failures + rejected,
+        "skipped": skipped,
+        "spec": spec,
+        "promotion": promotion,
+        "schema": {k: schema[k] for k in ("task", "target", "columns", "classes")},
+        "data": {k: schema[k] for k in ("rows", "dropped", "notes", "target_origin")} | {"warnings": schema.get("warnings", [])},
+        "profile": read_profile(storage, prefix),
+        "parity": parity,
+        "lineage": {"upload": upload, "run": data.get("run"), "prepared": prefix},
+        "libraries": {name: importlib_metadata.version(name) for name in LIBRARIES} | {"python": platform.python_version()},
+        "training_seconds": round(time.perf_counter() - started, 3),
+        "artifact": {"sha256": hashlib.sha256(onnx_bytes).hexdigest(), "bytes": len(onnx_bytes)},
+    }
+
+    def stamped(version: int) -> bytes:
+        return with_metadata(onnx_bytes, onnx_metadata(model, version, card))
+
+    def report(version: int) -> bytes | None:
+        """report.html of version n (the registry calls this before it writes the card)."""
+        try:
+            from bucketml.training.report import render_report  # matplotlib: only the train step loads it
+
+            page = render_report(card, chosen.pipeline, test[0], test[1], model=model, version=version)
+        except Exception as exc:
+            # Only rendering is caught, and all of it: the report documents a version that already
+            # passed the parity gate, so a plotting bug or an estimator the report code does not
+            # expect must not cost the user that model. Writing the file is outside this try: a
+            # storage fault still fails the step (503) and the broker retries it.
+            log.exception("%s version %s: the report could not be rendered", model, version)
+            card["report_error"] = f"{type(exc).__name__}: {exc}"
+            return None
+        card["report"] = Registry.version_prefix(model, version) + "report.html"
+        return page
+
+    try:
+        version = registry.register(model, stamped, card, artifacts={"report.html": report}, upload=upload,
+                                    promote=promotion["promoted"])
+    except UploadRegistered as exc:  # a concurrent delivery of the same upload registered it first
+        log.info("duplicate delivery for %s#%s: version %s was made meanwhile", upload.get("name"),
+                 upload.get("generation"), exc.version)
+        return finish_pointer_step(registry, model, exc.version, upload)
+    if promotion["promoted"]:
+        moved, previous = pointer_step(registry, model, version, upload)
+        state = f", now current (was {previous})" if moved else f", not current (version {previous} is newer)"
+    else:
+        state = f", not current: {promotion['reason']}"
+    value = chosen.metrics[metric]
+    log.info("%s version %s: %s %s=%s%s", model, version, chosen.name, metric, "undefined" if value is None else f"{value:.4f}", state)
+    return registry.version_events(model, version, FUNCTION)
+
+
+def finish_pointer_step(registry: Registry, model: str, version: int, upload: dict[str, Any]) -> list[CloudEvent]:
+    """The events of a version made from `upload` before (a redelivery), after doing the pointer
+    step if the delivery that made it crashed between registering the version and moving the
+    pointer: the old version stayed current until now, and no second version is made."""
+    if registry.pointer_pending(model, upload):
+        moved, previous = pointer_step(registry, model, version, upload)
+        if moved:
+            log.info("%s version %s: now current (was %s); its pointer step had not been done", model, version, previous)
+    return registry.version_events(model, version, FUNCTION)
+
+
+def pointer_step(registry: Registry, model: str, version: int, upload: dict[str, Any]) -> tuple[bool, int | None]:
+    """Make the version of `upload` current unless a newer one is, and record that the step is
+    done; (whether the pointer moved, the version current before)."""
+    moved, previous = registry.move_pointer(model, version, reason=f"trained from {upload.get('name')}", only_if_newer=True)
+    registry.pointer_settled(model, upload)
+    return moved, previous
+
+
+def newer_generation(storage: Storage, upload: dict[str, Any]) -> int | None:
+    """The live generation of the uploaded object if it replaced this upload's (its prepared event
+    arrived late, or out of order with the newer one's), else None."""
+    if upload.get("bucket") != storage.bucket_name:
+        return None
+    try:
+        live = storage.stat(upload["name"]).generation
+    except (NotFound, InvalidObjectName):
+        return None
+    try:
+        return live if live > int(upload["generation"]) else None
+    except (TypeError, ValueError):
+        return None
+
+
+def decide_promotion(
+    registry: Registry, model: str, spec: dict[str, Any], schema: dict[str, Any], new_score: float, test: tuple, metric: str,
+    new_onnx: bytes,
+) -> dict[str, Any]:
+    """Whether the new version should become current, and why (recorded in the card).
+
+    `promotion: always` promotes. `if_better` runs the CURRENT and the NEW version's ONNX
+    models on the NEW held-out rows and promotes only if the new score is strictly better by
+    `metric`. A
+    current version with a different schema (task, columns and their types, classes) cannot
+    be compared, nor one that fails to run: then the new version is promoted.
+    """
+    policy = spec.get("promotion") or "always"
+    record: dict[str, Any] = {
+        "policy": policy, "metric": metric, "current_version": None, "current_score": None,
+        "new_score": new_score, "promoted": True,
+    }
+    if policy != "if_better":
+        record["reason"] = "policy always"
+        return record
+    current = registry.current(model).version
+    record["current_version"] = current
+    if current is None:
+        record["reason"] = "no current version"
+        return record
+    try:
+        card = registry.card(model, current)
+        difference = schema_difference(card.get("schema") or {}, schema)
+        if difference:
+            record["reason"] = f"not comparable with version {current}: {difference}"
+            return record
+        record["current_score"] = onnx_score(registry.model_bytes(model, current), card["schema"], test, metric)
+    except Exception as exc:  # a current version that cannot be read or run is no reason to keep it
+        record["reason"] = f"version {current} could not be evaluated: {exc}"
+        return record
+    # Both sides scored the same way, by onnxruntime as predict serves them: float32 noise
+    # between sklearn and ONNX must not decide "strictly better" between equal models.
+    new_score = record["new_score"] = onnx_score(new_onnx, schema, test, metric)
+    if new_score is None or record["current_score"] is None:  # roc_auc when a class has no test row
+        record["reason"] = f"{metric} is undefined on the new test rows: not comparable with version {current}"
+        return record
+    record["promoted"] = better(metric, new_score, record["current_score"])
+    relation = "better than" if record["promoted"] else "not better than"
+    record["reason"] = (
+        f"{metric} {new_score:.4f} is {relation} version {current}'s {record['current_score']:.4f} on the new test rows"
+    )
+    return record
+
+
+def schema_difference(current: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """Why a model made for `current` cannot be scored on data prepared for `new`, or None."""
+    if current.get("task") != new.get("task"):
+        return f"task {current.get('task')} vs {new.get('task')}"
+    old_columns = {(c["name"], c["type"]) for c in current.get("columns") or []}
+    new_columns = {(c["name"], c["type"]) for c in new.get("columns") or []}
+    if old_columns != new_columns:
+        changed = sorted(f"{name} ({kind})" for name, kind in old_columns ^ new_columns)
+        return "columns differ: " + ", ".join(changed)
+    if sorted(current.get("classes") or []) != sorted(new.get("classes") or []):
+        return "classes differ"
+    return None
+
+
+def onnx_score(onnx_bytes: bytes, schema: dict[str, Any], test: tuple, metric: str) -> float:
+    """`metric` of an exported model, run by onnxruntime as predict serves it, on `test`."""
+    x, y = test
+    columns = schema["columns"]
+    session = new_session(onnx_bytes)
+    values = {c["name"]: x[c["name"]].tolist() for c in columns}
+    outputs = session.run(None, feeds_from_columns(columns, values, len(x)))
+    if schema["task"] == "classification":
+        predicted = outputs[0].reshape(-1).astype(str)
+        # Probability columns follow the model's classes: the schema's (sorted) classes.
+        return score("classification", y.to_numpy(), predicted, outputs[1], schema["classes"])[metric]
+    predicted = outputs[0].reshape(-1).astype("float64")
+    return score(schema["task"], y.to_numpy(), predicted)[metric]
+
+
+def read_profile(storage: Storage, prefix: str) -> dict[str, Any] | None:
+    """The profile preprocess wrote next to the prepared data (None for runs made before profiles)."""
+    try:
+        return json.loads(storage.read(prefix + "profile.json"))
+    except NotFound:
+        return None
+
+
+def export_first_that_agrees(candidates, schema, x_test):
+    """Best candidate whose ONNX export passes the parity gate, with the schema the served
+    model needs (ONNX input names added), and why better candidates were passed over."""
+    rejected = []
+    for candidate in candidates:
+        try:
+            onnx_bytes, inputs = to_onnx(candidate.pipeline, schema)
+            served = dict(schema, columns=served_columns(schema["columns"], inputs))
+            parity = check_parity(onnx_bytes, candidate.pipeline, served, x_test)
+            return candidate, onnx_bytes, served, parity, rejected
+        except Exception as exc:  # any converter or runtime failure disqualifies this candidate only
+            rejected.append(f"{candidate.name}: {exc}")
+    raise ParityError("no candidate could be exported to an ONNX model that agrees with sklearn: " + "; ".join(rejected))
+
+
+def onnx_metadata(model: str, version: int, card: dict[str, Any]) -> dict[str, Any]:
+    return {"bucketml.model": model, "bucketml.version": str(version), "bucketml.schema": card["schema"]}
+
+
+def failure_object(model: str, upload: dict[str, Any]) -> str:
+    """failed/<model>/<file>.<generation>.json, beside rejected/."""
+    return outcome_object("failed", model, str(upload.get("name")).rsplit("/", 1)[-1], upload.get("generation"))
+
+
+def failed(storage: Storage, model: str, upload: dict[str, Any], reason: str, message: str) -> list[CloudEvent]:
+    log.warning("training %s from %s failed: %s", model, upload.get("name"), message)
+    data = {"model": model, "upload": upload, "reason": reason, "message": message, "report": failure_object(model, upload)}
+    # Kept in the bucket as rejections are, so `bucketml models NAME` shows it after the event is gone.
+    record = dict(data, time=events.now_rfc3339())
+    storage.write(data["report"], json.dumps(record, indent=2).encode(), content_type="application/json")
+    key = f"{upload.get('name')}-{upload.get('generation')}"
+    return [events.platform_event(events.TRAINING_FAILED, FUNCTION, model, data, id_=f"failed-{key}")]

@@ -20,14 +20,14 @@ SOURCE = ROOT / "requirements.txt"
 HERE = Path(__file__).resolve().parent
 
 COMMON = ["functions-framework", "cloudevents", "Werkzeug", "requests", "numpy", "google-cloud-storage",
-          "python-json-logger", "PyYAML"]
+          "python-json-logger", "PyYAML", "pydantic", "starlette"]
 IMAGES = {
     # predict: ASGI (uvicorn's fast loop and parser), onnxruntime, fast JSON, metrics.
     "predict": COMMON + ["httptools", "uvloop", "onnxruntime", "orjson", "prometheus-client"],
     # preprocess and train share one image: reading, typing and splitting data, training,
     # exporting and checking the ONNX model (with onnxruntime), and the version report.
     "pipeline": COMMON + ["scikit-learn", "skl2onnx", "onnx", "protobuf", "pandas", "scipy", "threadpoolctl",
-                          "matplotlib", "onnxruntime", "orjson", "prometheus-client", "jsonschema",
+                          "matplotlib", "Jinja2", "onnxruntime", "orjson", "prometheus-client", "jsonschema",
                           "google-cloud-pubsub"],  # the GCS event source (bucketml.gcs_source) runs in this image
 }
 

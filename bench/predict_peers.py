@@ -3,7 +3,7 @@ server, measured in one run on this machine with the same load generator (wrk).
 
     .venv/bin/python bench/predict_peers.py            # the full run (about 5 minutes)
     .venv/bin/python bench/predict_peers.py --quick    # a smoke run (about 2 minutes)
-    .venv/bin/python bench/predict_peers.py --configs asgi w1t8 --no-peers
+    .venv/bin/python bench/predict_peers.py --no-peers     # bucketml only
 
 Per server: cold start (Popen to the first 200 prediction, polled every 10 ms), single-row
 throughput and p50/p99 latency under wrk at 8 and 64 connections (after a warm-up), rows/s
@@ -25,9 +25,8 @@ computes predict_proba once and takes the argmax; MLServer is asked for its `pre
 CPU budget (2 cores): unless --server-cpus says otherwise, every server process is pinned to
 CPU 1 and wrk to CPU 0, so each server has the same single core to itself (a 1-vCPU
 instance) and the load generator never takes CPU from it. Worker processes and threads are
-then a choice of how to use one core; the bucketml configurations (the shipped ASGI function
-with one uvicorn worker, and the same service behind functions-framework's WSGI adapter with
-WORKERS x THREADS of gunicorn) measure that choice. The peers run as they usually are: Flask
+then a choice of how to use one core; bucketml runs as it ships (the ASGI function, one
+uvicorn worker). The peers run as they usually are: Flask
 under gunicorn with 1 worker x 8 threads (functions-framework's gunicorn settings); MLServer
 with its default parallel_workers=1 (an asyncio HTTP process handing requests to one
 inference process).
@@ -67,9 +66,9 @@ PEERS_VENV = BENCH / ".peers-venv"
 PEERS_REQUIREMENTS = BENCH / "peers-requirements.txt"
 MODEL = "cancer"
 # bucketml configurations: asgi = functions/predict/main.py as shipped (functions-framework's
-# ASGI mode: one uvicorn worker); wWtT = the same PredictService behind functions-framework's
-# WSGI adapter (bench/wsgi_predict.py) with WORKERS=W THREADS=T (gunicorn gthread).
-CONFIGS = ["asgi", "w1t1", "w1t8", "w2t4"]
+# ASGI mode: one uvicorn worker). The predict app is Starlette's, so it has no WSGI form to
+# compare with any more (docs/benchmarks.md keeps the last such comparison).
+CONFIGS = ["asgi"]
 # The configuration compared with the peers: how the predict function ships.
 BASELINE = "asgi"
 
@@ -136,7 +135,7 @@ def prepare(folder: Path, algorithm: str) -> Setup:
     from bucketml.registry.model_registry import Registry
     from bucketml.storage import LocalStorage
     from bucketml.steps.train import handle_prepared
-    from bucketml.training.search import estimators
+    from bucketml.training.candidates import estimators
 
     frame = load_breast_cancer(as_frame=True).frame
     frame["target"] = frame["target"].map({0: "malignant", 1: "benign"})
@@ -202,20 +201,13 @@ def features_body(rows: np.ndarray, **more) -> bytes:
 
 def bucketml_server(setup: Setup, config: str, one: np.ndarray, batch: np.ndarray, with_v2: bool) -> Server:
     """The predict function under functions-framework, configured only by environment variables."""
-    if config == "asgi":
-        env, shape = {"WORKERS": "1"}, "1 uvicorn worker (ASGI)"
-    else:
-        workers, threads = map(int, re.fullmatch(r"w(\d+)t(\d+)", config).groups())
-        env = {"WORKERS": str(workers), "THREADS": str(threads)}
-        shape = f"{workers} worker{'s' * (workers > 1)} x {threads} thread{'s' * (threads > 1)}"
-    env.update(BUCKETML_BUCKET=str(setup.bucket), GUNICORN_LOG_LEVEL="error")
-
-    source = "functions/predict/main.py" if config == "asgi" else "bench/wsgi_predict.py"
+    env = {"WORKERS": "1", "BUCKETML_BUCKET": str(setup.bucket), "GUNICORN_LOG_LEVEL": "error"}
+    shape = "1 uvicorn worker (ASGI)"
 
     def command(port: int):
-        argv = [sys.executable, "-m", "functions_framework", "--source", source,
+        argv = [sys.executable, "-m", "functions_framework", "--asgi", "--source", "functions/predict/main.py",
                 "--target", "predict", "--host", "127.0.0.1", "--port", str(port)]
-        return argv + (["--asgi"] if config == "asgi" else []), env, REPO
+        return argv, env, REPO
 
     extra = {"V2": Request(f"/v2/models/{MODEL}/infer", bucketml_v2_body(setup, one))} if with_v2 else {}
     return Server(f"bucketml {config}", shape, "gunicorn", command,
@@ -585,8 +577,7 @@ def print_notes(results: list[Result], args) -> None:
           "largest shown, xN workers; the master is not counted), of MLServer's main process and of its inference workers")
     if any(r.server.kind == "mlserver" for r in results):
         print(f"MLServer was asked for {' and '.join(args.mlserver_outputs)}: its runtime runs the model once per output")
-    print("bucketml asgi is functions/predict/main.py as shipped; wWtT runs the same PredictService behind "
-          "functions-framework's WSGI adapter (bench/wsgi_predict.py)")
+    print("bucketml asgi is functions/predict/main.py as shipped")
     bucketml = [r for r in results if r.labels and r.server.name.startswith("bucketml")]
     reference = next((r for r in bucketml if r.server.name == f"bucketml {BASELINE}"), bucketml[0] if bucketml else None)
     for r in results:
@@ -624,8 +615,8 @@ def other_benchmarks() -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 s loads, 1 s warm-ups, one cold start, two batches")
-    parser.add_argument("--configs", nargs="*", default=CONFIGS, metavar="CONFIG",
-                        help=f"bucketml configurations, wWtT (WORKERS=W THREADS=T) or asgi (default: {' '.join(CONFIGS)})")
+    parser.add_argument("--configs", nargs="*", default=CONFIGS, choices=CONFIGS,
+                        help="bucketml configurations (asgi: the predict function as shipped)")
     parser.add_argument("--no-peers", action="store_true", help="measure bucketml configurations only")
     parser.add_argument("--algorithm", default="random_forest",
                         choices=["logistic_regression", "svm", "gradient_boosting", "random_forest"])
@@ -647,9 +638,6 @@ def main() -> None:
     for name, full, quick in (("duration", 12.0, 2.0), ("warmup", 3.0, 1.0), ("cold_repeats", 3, 1), ("batch_repeats", 5, 2)):
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
-    for config in args.configs:
-        if config != "asgi" and not re.fullmatch(r"w[1-9]\d*t[1-9]\d*", config):
-            parser.error(f"unknown configuration {config!r}: wWtT or asgi")
 
     cpus = wrk_cpus = None
     if args.server_cpus != "all":

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -269,6 +271,87 @@ def test_permanent_failure_goes_dead_at_once(tmp_path, subscriber, broker, reply
     assert (delivery["status"], delivery["attempts"]) == ("dead", 1)
     assert delivery["last_error"].startswith(error)
     assert len(picky.received) == 1
+
+
+DEAD_LETTER_SINK = """\
+    deadLetterSink:
+      ref:
+        apiVersion: serving.knative.dev/v1
+        kind: Service
+        name: sink
+"""
+
+
+def test_the_dead_letter_sink_gets_where_and_why_the_delivery_failed(tmp_path, subscriber, broker):
+    down = subscriber(lambda request, n: Response("overloaded", status=503))
+    sink = subscriber()
+    folder = write_manifests(tmp_path / "m", trigger("down", "down", delivery=DEAD_LETTER_SINK))
+    target = broker(folder, {"down": down.url, "sink": sink.url})
+
+    seq = send(target, event("test.a.v1"))
+
+    deliveries = wait_until(lambda: settled(target, seq))["deliveries"]
+    assert [(d["trigger"], d["status"]) for d in deliveries] == [("down", "dead"), ("down/dead-letter-sink", "delivered")]
+    [received] = sink.received
+    assert received.headers["ce-knativeerrordest"] == down.url
+    assert received.headers["ce-knativeerrorcode"] == "503"
+    assert base64.b64decode(received.headers["ce-knativeerrordata"]) == b"HTTP 503: overloaded"
+
+
+def test_the_error_code_is_left_out_when_no_status_came_back(tmp_path, subscriber, broker):
+    sink = subscriber()
+    folder = write_manifests(tmp_path / "m", trigger("gone", "gone", delivery=DEAD_LETTER_SINK))
+    target = broker(folder, {"gone": "http://127.0.0.1:9", "sink": sink.url})  # nothing listens on port 9
+
+    send(target, event("test.a.v1"))
+
+    wait_until(lambda: sink.received, timeout=10)
+    [received] = sink.received
+    assert received.headers["ce-knativeerrordest"] == "http://127.0.0.1:9"
+    assert "ce-knativeerrorcode" not in received.headers and "ce-knativeerrordata" in received.headers
+
+
+PREVIOUS_RELEASE_DELIVERIES = """
+CREATE TABLE deliveries (
+    id INTEGER PRIMARY KEY,
+    event_seq INTEGER NOT NULL REFERENCES events (seq),
+    trigger_name TEXT NOT NULL,
+    subscriber TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'delivered', 'dead')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL,
+    last_error TEXT,
+    updated_at TEXT NOT NULL
+);
+"""
+
+
+def test_a_database_from_the_previous_release_keeps_its_pending_dead_letters(tmp_path, subscriber, broker):
+    """Before the kind and last_status columns, a delivery to a dead-letter sink was named
+    `<trigger>/dead-letter-sink` and the status lived only in the error text."""
+    db = tmp_path / "old.db"
+    with sqlite3.connect(db) as old:
+        old.executescript(PREVIOUS_RELEASE_DELIVERIES)
+        old.execute(
+            "CREATE TABLE events (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL, source TEXT NOT NULL,"
+            " type TEXT NOT NULL, subject TEXT, attributes TEXT NOT NULL, data BLOB NOT NULL, received_at TEXT NOT NULL)"
+        )
+        attributes = {"specversion": "1.0", "id": "e1", "source": "/tests", "type": "test.a.v1"}
+        old.execute("INSERT INTO events VALUES (1, 'e1', '/tests', 'test.a.v1', NULL, ?, x'', '2024-05-01T10:00:00.000Z')",
+                    (json.dumps(attributes),))
+        old.execute("INSERT INTO deliveries VALUES (1, 1, 'down', 'http://down.test/', 'dead', 3, NULL,"
+                    " 'HTTP 502: bad gateway', '2024-05-01T10:00:01.000Z')")
+        old.execute("INSERT INTO deliveries VALUES (2, 1, 'down/dead-letter-sink', 'http://old-sink.test/', 'pending', 0, 0,"
+                    " NULL, '2024-05-01T10:00:01.000Z')")
+    sink = subscriber()
+    folder = write_manifests(tmp_path / "m", trigger("down", "down", delivery=DEAD_LETTER_SINK))
+    target = broker(folder, {"down": "http://down.test/", "sink": sink.url}, db)
+
+    deliveries = wait_until(lambda: settled(target, 1))["deliveries"]
+    assert [(d["trigger"], d["status"]) for d in deliveries] == [("down", "dead"), ("down/dead-letter-sink", "delivered")]
+    [received] = sink.received
+    assert received.headers["ce-knativeerrordest"] == "http://down.test/"
+    assert received.headers["ce-knativeerrorcode"] == "502"
 
 
 def test_rejects_bad_requests(tmp_path, broker):

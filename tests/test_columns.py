@@ -21,19 +21,14 @@ import pytest
 from bucketml.contracts import events
 from bucketml.training.column_types import MAX_LISTED_CATEGORIES, normalise, with_categories, with_datetime_parts
 from bucketml.training.preparation import load_prepared
-from bucketml.serving.app import PredictService
+from bucketml.serving.service import PredictService
 from bucketml.steps.preprocess import handle_finalized
 from bucketml.registry.model_registry import Registry
-from bucketml.serving.runtime import (
-    InputError,
-    ModelManager,
-    boolean_label,
-    columns_from_records,
-    datetime_parts,
-)
+from bucketml.encoding import InvalidInput, boolean_label, columns_from_records, datetime_parts
+from bucketml.serving.manager import ModelManager
 from bucketml.storage import LocalStorage
 from bucketml.steps.train import handle_prepared
-from bucketml.training.search import fit_candidates
+from bucketml.training.search import CandidateSearch
 
 BUCKETML = str(Path(sys.executable).parent / "bucketml")
 DROPPED_KINDS = {
@@ -164,9 +159,9 @@ def test_datetime_parts_are_onnx_inputs_and_clients_send_one_column(rich):
     assert "categories" not in by_name(card["schema"]["columns"])["income"] and "categories" not in signup
 
     # V2 metadata: the date is one BYTES input named after the column.
-    body, status, _ = PredictService(rich["manager"]).v2_model(None, "rich")
-    assert status == 200
-    v2_inputs = {i["name"]: i["datatype"] for i in json.loads(body)["inputs"]}
+    response = PredictService(rich["manager"]).v2_model(None, b"", "rich")
+    assert response.status_code == 200
+    v2_inputs = {i["name"]: i["datatype"] for i in json.loads(response.body)["inputs"]}
     assert v2_inputs == {"income": "FP32", "member": "BYTES", "signup": "BYTES"}
 
 
@@ -189,7 +184,7 @@ def test_served_model_takes_raw_dates_and_matches_sklearn(rich):
     # Refit the chosen candidate exactly as the trainer did (fixed seeds) and run sklearn on
     # the same rows, prepared as training prepares them.
     schema, train, test = load_prepared(rich["storage"], rich["prepared"].data["prepared"])
-    fitted = fit_candidates(schema, train, test)[0]
+    fitted = CandidateSearch.for_spec(schema).fit(*train).evaluate(*test).results_
     pipeline = by_name([{"name": c.name, "c": c} for c in fitted])[rich["card"]["algorithm"]]["c"].pipeline
     raw = pd.DataFrame(records)
     x = with_datetime_parts(normalise(raw, schema["columns"]), schema["columns"])[list(train[0].columns)]
@@ -206,9 +201,9 @@ def test_bad_dates_and_booleans_are_input_errors(rich):
     loaded = rich["loaded"]
     for field, value in (("signup", "yesterday"), ("signup", "2024-13-01"), ("signup", 20240501), ("member", "maybe")):
         record = {"income": 1.0, "member": "yes", "signup": "2024-01-01", field: value}
-        with pytest.raises(InputError, match=f"column '{field}'") as error:
+        with pytest.raises(InvalidInput, match=f"column '{field}'") as error:
             loaded.predict(columns_from_records(loaded.columns, [record]), 1)
-        assert error.value.status == 422
+        assert type(error.value) is InvalidInput  # answered 422 (bucketml.serving.app.STATUS_OF)
 
 
 def test_regression_on_dates_with_times_and_zones(tmp_path):
@@ -362,7 +357,8 @@ def test_boolean_spellings():
 
 
 def test_serving_imports_neither_pandas_nor_sklearn():
-    code = "import sys, bucketml.serving; print(sorted(m for m in ('pandas', 'sklearn') if m in sys.modules))"
+    code = ("import sys, bucketml.encoding, bucketml.serving.app; "
+            "print(sorted(m for m in ('pandas', 'sklearn', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

@@ -271,6 +271,18 @@ def _upload(storage, name: str, n: int):
                          metadata={"target": "label", "n": str(n)})
 
 
+@pytest.mark.parametrize("env, missing", [
+    ({"K_SINK": "http://127.0.0.1:9", "GOOGLE_CLOUD_PROJECT": "p"}, "no subscription: pass --subscription or set BUCKETML_PUBSUB_SUBSCRIPTION"),
+    ({"K_SINK": "http://127.0.0.1:9", "BUCKETML_PUBSUB_SUBSCRIPTION": "s"}, "no project: pass --project or set GOOGLE_CLOUD_PROJECT"),
+    ({"BUCKETML_PUBSUB_SUBSCRIPTION": "projects/p/subscriptions/s"}, "no sink: pass --sink or set K_SINK"),
+])
+def test_a_missing_setting_is_a_usage_error_naming_its_flag_and_variable(env, missing):
+    clean = {k: v for k, v in os.environ.items() if k not in ("K_SINK", "GOOGLE_CLOUD_PROJECT", "BUCKETML_PUBSUB_SUBSCRIPTION")}
+    done = subprocess.run([sys.executable, "-m", "bucketml.cloud.gcs_source"], env={**clean, **env},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and missing in done.stderr, done.stderr
+
+
 def test_every_upload_reaches_the_broker_even_when_the_adapter_is_killed(
         pubsub_emulator, notifying_gcs, broker, recorder, tmp_path):
     storage = _storage(notifying_gcs)

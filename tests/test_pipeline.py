@@ -20,7 +20,8 @@ import pytest
 from bucketml.contracts import events
 from bucketml.steps.preprocess import handle_finalized
 from bucketml.registry.model_registry import Registry
-from bucketml.serving.runtime import ModelManager, columns_from_records
+from bucketml.encoding import columns_from_records
+from bucketml.serving.manager import ModelManager
 from bucketml.storage import LocalStorage, ObjectInfo
 from bucketml.steps.train import handle_prepared
 from sklearn.datasets import load_diabetes, load_iris

@@ -30,7 +30,7 @@ import requests
 import schemathesis
 from schemathesis.checks import not_a_server_error
 
-from bucketml.serving.app import PredictService
+from bucketml.serving.service import PredictService
 from bucketml.registry.model_registry import Registry
 from bucketml.storage.local import LocalStorage
 from helpers import churn_frame, predict_server, publish, wait_until
@@ -204,7 +204,7 @@ def no_server_error(ctx, response, case):
 # process; test_the_process_serves_the_document checks the real process serves the same bytes), as
 # schemathesis' lazy `from_fixture` loader fails under pytest 9 (it reads Node._nodeid, which pytest
 # 9 removed). The requests go to the real process: base_url is given per call.
-SERVED_DOCUMENT = json.loads(PredictService(None).openapi(None)[0])
+SERVED_DOCUMENT = json.loads(PredictService(None).openapi(None, b"").body)
 schema = schemathesis.openapi.from_dict(
     narrowed(SERVED_DOCUMENT, VERSION, COLUMNS),
     config=schemathesis.Config.from_dict(

@@ -1,18 +1,14 @@
-"""The predict function over real HTTP (design.md §5).
+"""The predict function over real HTTP (docs/http-api.md, "predict function").
 
-functions-framework serves functions/predict/main.py in its own process (gunicorn, one worker,
-four threads) over a folder bucket. Models are trained in-process through the library
+functions-framework serves functions/predict/main.py in its own process (--asgi: one uvicorn
+worker) over a folder bucket. Models are trained in-process through the library
 (preprocess, then train, which registers the version and moves the pointer) while the server
 runs, so the server only ever learns of them by polling current.json or by a /reload event.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,7 +23,6 @@ from bucketml.registry.model_registry import Registry
 from bucketml.storage.local import LocalStorage
 from helpers import churn_frame, predict_server, publish, wait_until
 
-ROOT = Path(__file__).resolve().parents[1]
 POLL_SECONDS = 0.3
 PUBLISHED = "bucketml.model.published.v1"
 
@@ -499,20 +494,7 @@ def test_reload_event_serves_the_new_version_at_once(server, storage, models):
     assert server.version_of("churn") == new  # still serving after the malformed events
 
 
-# --- the predict process's imports -------------------------------------------------------
-
-
-def test_predict_process_never_imports_sklearn_or_pandas(storage):
-    result = subprocess.run(
-        [sys.executable, "-c",
-         "import sys; sys.path.insert(0,'functions/predict'); import main; "
-         "print('sklearn' in sys.modules, 'pandas' in sys.modules)"],
-        # HOST: outside functions-framework, where it would listen; loopback, so no token is needed
-        cwd=ROOT, env=dict(os.environ, BUCKETML_BUCKET=str(storage.root), HOST="127.0.0.1"), capture_output=True, text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "False False", result.stdout + result.stderr
+# --- metrics (the predict process's imports: tests/test_predict_imports.py) ----------------
 
 
 def test_prometheus_metrics_count_requests_rows_and_versions(server, models):

@@ -274,3 +274,49 @@ def test_invalid_model_names_are_rejected(registry, storage, name):
 @pytest.mark.parametrize("name", ["iris", "a", "a" * 63, "churn-v2.1_eu", "9lives"])
 def test_valid_model_names_are_accepted(name):
     assert check_model_name(name) == name
+
+
+# --- the typed card ------------------------------------------------------------------------------
+
+
+def test_model_card_reads_the_stored_card_typed_and_writes_it_back_unchanged(registry, storage):
+    extra = {"target": "label", "algorithm": "svm", "metric": "accuracy", "report": "models/m/versions/1/report.html",
+             "candidate_failures": ["random_forest: ONNX disagrees with sklearn: 3 labels differ", "a text without a name"],
+             "from_a_newer_trainer": {"kept": [1, 2.5, None]}}
+    version = registry.register("m", model_bytes, card_for(7, **extra))
+    card = registry.model_card("m", version)
+    assert (card.model, card.version, card.algorithm, card.score) == ("m", version, "svm", 0.9)
+    assert card.lineage.upload.generation == "7" and card.lineage.upload.md5_hash == "x"
+    first, second = card.candidate_failures
+    assert (first.name, first.reason) == ("random_forest", "ONNX disagrees with sklearn: 3 labels differ")
+    assert (second.name, second.reason, second.why) == ("a text without a name", None, "a text without a name")
+    # Absent keys stay absent, nulls stay null, unknown keys are kept: the same JSON, byte for byte.
+    stored = storage.read(f"models/m/versions/{version}/card.json")
+    assert json.dumps(card.to_json_dict(), indent=2, sort_keys=True).encode() == stored
+    assert "profile" not in card.to_json_dict() and "report_error" not in card.to_json_dict()
+
+
+def test_a_missing_version_has_no_typed_card_either(registry):
+    with pytest.raises(NotFound, match="model 'm' has no version 4"):
+        registry.model_card("m", 4)
+
+
+def test_one_column_summary_in_two_styles():
+    """`bucketml profile` and report.html summarise a column with the same function."""
+    from bucketml.contracts.card import ColumnProfile, SummaryStyle
+
+    plain = SummaryStyle(number=lambda v: f"{v:.4g}", shorten=lambda v: v[:3], top=2, more=", ...", through=" .. ",
+                         quartiles=True)
+    short = SummaryStyle(number=str, shorten=lambda v: v, top=3, more=", …", through=" … ", quartiles=False)
+    numbers = ColumnProfile.model_validate({"name": "x", "type": "number", "min": 1, "max": 2.5, "mean": 1.75,
+                                            "std": 0.5, "p25": 1, "p50": 2, "p75": 2})
+    assert numbers.summary(plain) == "min 1, max 2.5, mean 1.75, std 0.5, p25/p50/p75 1/2/2"
+    assert numbers.summary(short) == "min 1, max 2.5, mean 1.75, std 0.5, median 2"
+    words = ColumnProfile.model_validate({"name": "w", "type": "string", "top": [
+        {"value": "north", "count": 3}, {"value": "south", "count": 2}, {"value": "east", "count": 1}]})
+    assert words.summary(plain) == "nor (3), sou (2), ..."
+    assert words.summary(short) == "north (3), south (2), east (1)"
+    dates = ColumnProfile.model_validate({"name": "d", "type": "datetime", "min": "2024-01-01", "max": "2024-02-01",
+                                          "parts": ["year", "month"], "unparsed": 2})
+    assert dates.summary(plain) == "2024-01-01 .. 2024-02-01; parts year, month; 2 not dates"
+    assert ColumnProfile.model_validate({"name": "id", "examples": ["a1", "b2"]}).summary(short) == "e.g. a1, b2"

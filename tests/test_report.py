@@ -7,12 +7,15 @@ report is checked as a file (self-contained, sections, plots, escaping), through
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import uuid
+import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +27,14 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 
 from bucketml.contracts import events
+from bucketml.contracts.card import ModelCard, SchemaColumn
 from bucketml.training.preparation import load_prepared
 from bucketml.steps.preprocess import handle_finalized
 from bucketml.registry.model_registry import Registry
-from bucketml.training.report import feature_importance
+from bucketml.training.analysis import feature_importance
 from bucketml.storage import LocalStorage
 from bucketml.steps.train import handle_prepared
-from bucketml.training.search import preprocessor
+from bucketml.training.candidates import preprocessor
 from helpers import churn_frame
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,6 +80,18 @@ def report_text(storage: LocalStorage, model: str, version: int = 1) -> str:
     return storage.read(REPORT.format(model=model, version=version)).decode("utf-8")
 
 
+SVG_IMAGE = re.compile(r'<img src="data:image/svg\+xml;base64,([A-Za-z0-9+/=]+)" alt="[^"<>]+">')
+
+
+def svg_images(page: str) -> list[str]:
+    """The report's plots: SVG documents inside <img> data URIs, each one parsed as SVG."""
+    images = [base64.b64decode(data).decode("utf-8") for data in SVG_IMAGE.findall(page)]
+    assert len(images) == page.count("<img"), "an <img> that is not an SVG data URI"
+    for svg in images:
+        assert ElementTree.fromstring(svg).tag == "{http://www.w3.org/2000/svg}svg"
+    return images
+
+
 def assert_self_contained(page: str) -> None:
     assert page.startswith("<!DOCTYPE html>")
     assert "<script" not in page.lower()  # no JavaScript at all, and HOSTILE came through escaped
@@ -98,13 +114,14 @@ def test_classification_report(bucket):
                  "churn", "version 1", "data.csv", "passed", "scikit-learn", "matplotlib"):
         assert text in page, text
     # class distribution, candidates, confusion matrix, ROC + PR, feature importance
-    assert page.count("<svg") >= 5
-    assert page.count("<svg") == page.count("</svg>")
+    images = svg_images(page)
+    assert len(images) >= 5
+    assert sum(svg.count("<path") for svg in images) > 100  # bars, curves, cells
     # every candidate of the card is in the comparison
     card = Registry(storage).card("churn", 1)
     for candidate in card["candidates"]:
         assert f"<td>{candidate['name']}</td>" in page
-    # ids inside the inline SVGs are unique in the document
+    # ids are unique in the document (each plot's own ids live in its own SVG document)
     ids = re.findall(r'\bid="([^"]+)"', page)
     assert len(ids) == len(set(ids))
 
@@ -112,20 +129,38 @@ def test_classification_report(bucket):
 def test_regression_report(bucket):
     page = report_text(bucket["storage"], "diabetes")
     assert_self_contained(page)
-    for text in ("Predicted vs actual, and residuals", "distribution of the errors", "Feature importance",
-                 "max relative difference", "regression"):
+    for text in ("Predicted vs actual, and residuals", "Feature importance", "max relative difference", "regression"):
         assert text in page, text
     assert "Confusion matrix" not in page
     # candidates, predicted-vs-actual + residuals, residual histogram, feature importance
-    assert page.count("<svg") >= 4
+    images = svg_images(page)
+    assert len(images) >= 4
+    assert any("distribution of the errors" in svg for svg in images)  # the histogram's title
 
 
 def test_user_strings_are_escaped(bucket):
     page = report_text(bucket["storage"], "churn")
     assert HOSTILE not in page and "<b>bold</b>" not in page
     escaped = "&lt;script&gt;alert(1)&lt;/script&gt;"
-    assert page.count(escaped) >= 2  # the profile table and the feature importance (table and plot)
+    assert page.count(escaped) >= 2  # the profile table and the feature importance table
     assert "&lt;b&gt;bold&lt;/b&gt;" in page  # a value, in the profile's most frequent values
+    images = svg_images(page)
+    assert any(escaped in svg for svg in images)  # the feature importance plot's label, escaped by matplotlib
+    assert not any("<script" in svg.lower() for svg in images)
+
+
+def test_cards_written_by_training_round_trip_through_the_typed_card(bucket):
+    """card.json is a public contract: the typed card reads every key and writes back the same JSON."""
+    storage = bucket["storage"]
+    for model in ("churn", "diabetes"):
+        stored = storage.read(f"models/{model}/versions/1/card.json")
+        raw = json.loads(stored)
+        card = ModelCard.model_validate(raw)
+        assert card.to_json_dict() == raw
+        assert json.dumps(card.to_json_dict(), indent=2, sort_keys=True).encode() == stored
+        assert Registry(storage).model_card(model, 1) == card
+        assert card.chosen is not None and card.chosen.name == card.algorithm
+        assert [c.name for c in card.schema_columns] == [c["name"] for c in raw["schema"]["columns"]]
 
 
 def test_card_and_event_name_the_report(bucket):
@@ -144,6 +179,7 @@ def test_feature_importance_maps_back_to_the_uploaded_columns(bucket):
     prepared, _ = bucket["churn"]
     schema, (x_train, y_train), test_split = load_prepared(bucket["storage"], prepared.data["prepared"])
     columns = {c["name"] for c in schema["columns"]}
+    typed_columns = [SchemaColumn.model_validate(c) for c in schema["columns"]]
     assert {HOSTILE, "signup", "plan"} <= columns
     estimators = {
         "random_forest": (RandomForestClassifier(n_estimators=30, random_state=0), False, False),
@@ -154,7 +190,7 @@ def test_feature_importance_maps_back_to_the_uploaded_columns(bucket):
     for name, (estimator, scale, dense) in estimators.items():
         pipeline = Pipeline([("prepare", preprocessor(schema["columns"], scale, dense=dense)), ("model", estimator)])
         pipeline.fit(x_train, y_train)
-        importance = feature_importance(pipeline, "classification", schema["columns"], *test_split)
+        importance = feature_importance(pipeline, "classification", typed_columns, *test_split)
         methods[name] = importance.method
         assert set(importance.values) == columns, name
         assert all(np.isfinite(v) for v in importance.values.values())
@@ -286,12 +322,11 @@ def test_report_in_headless_chromium(bucket, tmp_path):
 
     path = bucket["storage"].root / REPORT.format(model="churn", version=1)
     source = path.read_text()
-    # The DOM the browser built: every inline SVG parsed as SVG, nothing written to the console.
+    # The DOM the browser built: every plot an SVG image, nothing written to the console.
     result = chromium(binary, tmp_path / "profile-dom", "--dump-dom", path.as_uri())
     assert result.returncode == 0, result.stderr[-3000:]
     dom = result.stdout
-    assert dom.count("<svg") == source.count("<svg") >= 5
-    assert dom.count("<path") > 100  # bars, curves, cells
+    assert dom.count("data:image/svg+xml;base64,") == source.count("data:image/svg+xml;base64,") >= 5
     assert "Confusion matrix" in dom and "&lt;script&gt;alert(1)&lt;/script&gt;" in dom
     assert "<script" not in dom.lower()
     assert console_lines(result.stderr) == [], console_lines(result.stderr)

@@ -13,12 +13,16 @@ import pandas as pd
 import pytest
 from bucketml.contracts import events
 from bucketml.steps import train as trainer
+from bucketml.training import candidates as candidate_models
 from bucketml.training import search as training
+from bucketml.training.cross_validation import cv_splits
+from bucketml.training.search import CandidateSearch
 from bucketml.training.preparation import load_prepared
 from bucketml.training.export import PROBABILITY_TOLERANCE, TIE_MARGIN, check_parity, served_columns, to_onnx
 from bucketml.steps.preprocess import handle_finalized
 from bucketml.registry.model_registry import Registry
-from bucketml.serving.runtime import ModelManager, columns_from_records
+from bucketml.encoding import columns_from_records
+from bucketml.serving.manager import ModelManager
 from bucketml.storage import LocalStorage
 from bucketml.steps.train import handle_prepared
 from sklearn.datasets import load_breast_cancer, load_diabetes, load_digits, load_iris, load_wine
@@ -30,7 +34,7 @@ from sklearn.ensemble import (
 )
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.metrics import accuracy_score, r2_score
-from sklearn.pipeline import make_pipeline
+from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, SVR
 from threadpoolctl import threadpool_limits
@@ -278,7 +282,7 @@ def test_log_loss_selects_and_compares_versions(tmp_path):
 
 @pytest.mark.parametrize("name", ["iris", "diabetes"])
 def test_above_the_svm_row_cap_the_svm_is_linear_or_a_sampled_kernel_by_cross_validation(tmp_path, monkeypatch, name):
-    monkeypatch.setattr(training, "SVM_MAX_ROWS", 50)
+    monkeypatch.setattr(candidate_models, "SVM_MAX_ROWS", 50)
     monkeypatch.setattr(training, "CV_MAX_ROWS", 60)
     result = train_upload(LocalStorage(tmp_path / "bucket"), "big", bundled(name), {"algorithms": "svm"})
     card = result["card"]
@@ -297,8 +301,8 @@ def test_above_the_svm_row_cap_the_svm_is_linear_or_a_sampled_kernel_by_cross_va
 
     # Whichever won, the linear variant exports and passes the parity gate too.
     schema, (x_train, y_train), (x_test, _) = result["schema"], result["train"], result["test"]
-    factory, scale = training.estimators(schema["task"])["svm"]
-    pipeline = training.Pipeline([("prepare", training.preprocessor(schema["columns"], scale)), ("model", factory(kernel="linear"))])
+    factory, scale = candidate_models.estimators(schema["task"])["svm"]
+    pipeline = Pipeline([("prepare", candidate_models.preprocessor(schema["columns"], scale)), ("model", factory(kernel="linear"))])
     pipeline.fit(x_train, y_train)
     report = export_parity(pipeline, schema, x_test)
     assert report["passed"] is True
@@ -316,11 +320,11 @@ def test_held_out_labels_do_not_change_the_choice(trained):
     result = trained["breast_cancer"]
     schema, train, (x_test, y_test) = result["schema"], result["train"], result["test"]
     spec = dict(schema["spec"], algorithms=["logistic_regression", "svm"])
-    first = training.select(schema, train, (x_test, y_test), spec)
+    first = CandidateSearch.for_spec(schema, spec).fit(*train).evaluate(x_test, y_test)
     flipped = y_test.map({"0": "1", "1": "0"})  # every held-out label wrong
-    second = training.select(schema, train, (x_test, flipped), spec)
-    assert [(c.name, c.params, c.cv_score) for c in first.candidates] == [(c.name, c.params, c.cv_score) for c in second.candidates]
-    assert first.candidates[0].metrics["accuracy"] + second.candidates[0].metrics["accuracy"] == pytest.approx(1.0)
+    second = CandidateSearch.for_spec(schema, spec).fit(*train).evaluate(x_test, flipped)
+    assert [(c.name, c.params, c.cv_score) for c in first.results_] == [(c.name, c.params, c.cv_score) for c in second.results_]
+    assert first.best_.metrics["accuracy"] + second.best_.metrics["accuracy"] == pytest.approx(1.0)
 
 
 def test_settings_that_build_the_same_models_are_not_fitted_twice(trained):
@@ -330,7 +334,7 @@ def test_settings_that_build_the_same_models_are_not_fitted_twice(trained):
     result = trained["breast_cancer"]
     by_name = {c["name"]: c for c in result["card"]["candidates"]}
     schema, (x_train, y_train) = result["schema"], result["train"]
-    factories = training.estimators("classification")
+    factories = candidate_models.estimators("classification")
     for name, limited, unlimited in (
         ("random_forest", {"max_depth": 12, "min_samples_leaf": 3}, {"max_depth": None, "min_samples_leaf": 3}),
         ("gradient_boosting", {"learning_rate": 0.1, "max_leaf_nodes": 15}, {"learning_rate": 0.1, "max_leaf_nodes": 31}),
@@ -339,15 +343,15 @@ def test_settings_that_build_the_same_models_are_not_fitted_twice(trained):
         assert trial["same_as"] == unlimited and trial["seconds"] == 0
         assert trial["fold_scores"] == next(t for t in by_name[name]["search"] if t["params"] == unlimited)["fold_scores"]
         factory, scale = factories[name]
-        for fit_rows, validation_rows in training.cv_splits("classification", y_train):
+        for fit_rows, validation_rows in cv_splits("classification", y_train):
             models = [
-                training.Pipeline([
-                    ("prepare", training.preprocessor(schema["columns"], scale, dense=name in training.DENSE_INPUT)),
+                Pipeline([
+                    ("prepare", candidate_models.preprocessor(schema["columns"], scale, dense=name in candidate_models.DENSE_INPUT)),
                     ("model", factory(**params)),
                 ]).fit(x_train.iloc[fit_rows], y_train.iloc[fit_rows])
                 for params in (limited, unlimited)
             ]
-            assert training.tree_size(name, models[1][-1]) <= (11 if name == "random_forest" else 15)
+            assert candidate_models.tree_size(name, models[1][-1]) <= (11 if name == "random_forest" else 15)
             x_validation = x_train.iloc[validation_rows]
             assert np.array_equal(models[0].predict_proba(x_validation), models[1].predict_proba(x_validation))
 
@@ -413,7 +417,7 @@ def test_tiny_budget_stops_the_search_and_still_yields_a_version(tmp_path):
     assert result["reply"].data["version"] == 1
     selection = card["selection"]
     assert selection["search_stopped"] and "max_training_seconds=0.01" in selection["search_stopped"]
-    assert selection["settings_tried"] < len(training.search_space("logistic_regression", 0)) + len(training.search_space("svm", 0))
+    assert selection["settings_tried"] < len(candidate_models.search_space("logistic_regression", 0)) + len(candidate_models.search_space("svm", 0))
     # The first candidate always runs, with at least its first (default) setting.
     first = next(c for c in card["candidates"] if c["name"] == "logistic_regression")
     assert first["params"] == {"C": 1.0} and first["search"][0]["cv_score"] is not None
@@ -433,21 +437,21 @@ def test_budget_stops_mid_search_with_the_best_setting_so_far(monkeypatch):
         now[0] += 1.0
         return real_fit(*args)
 
-    monkeypatch.setattr(training, "clock", lambda: now[0])
     monkeypatch.setattr(training, "fit_model", one_second_fit)
     frame = bundled("iris")
     x = frame.drop(columns="target").astype("float32")
     y = frame["target"].astype(str)
     schema = {"task": "classification", "columns": [{"name": c, "type": "number"} for c in x.columns]}
     spec = {"algorithms": ["logistic_regression"], "max_training_seconds": 8}
-    selection = training.select(schema, (x.iloc[::2], y.iloc[::2]), (x.iloc[1::2], y.iloc[1::2]), spec)
-    (candidate,) = selection.candidates
-    settings = training.search_space("logistic_regression", len(x))
+    search = CandidateSearch.for_spec(schema, spec, clock=lambda: now[0])
+    search.fit(x.iloc[::2], y.iloc[::2]).evaluate(x.iloc[1::2], y.iloc[1::2])
+    (candidate,) = search.results_
+    settings = candidate_models.search_space("logistic_regression", len(x))
     assert [t.params for t in candidate.trials] == settings[:2]
     assert candidate.untried == settings[2:]
     assert "max_training_seconds=8" in candidate.search_stopped
-    assert selection.summary["search_stopped"] == candidate.search_stopped
-    assert selection.summary["settings_tried"] == 2 and selection.summary["settings_planned"] == 3
+    assert search.summary_["search_stopped"] == candidate.search_stopped
+    assert search.summary_["settings_tried"] == 2 and search.summary_["settings_planned"] == 3
     best = max(candidate.trials, key=lambda t: t.score)  # on a tie the earlier one, like the search
     assert candidate.params == best.params and candidate.cv_score == best.score
     assert now[0] == 7.0  # 2 settings x 3 folds + the refit

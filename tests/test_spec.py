@@ -16,12 +16,13 @@ import pandas as pd
 import pytest
 from bucketml.contracts import events
 from bucketml.contracts import spec
-from bucketml.steps.preprocess import handle_finalized
+from bucketml.steps.preprocess import effective_spec, handle_finalized
 from bucketml.registry.model_registry import Registry
 from bucketml.contracts.rejections import Rejection
 from bucketml.storage import LocalStorage
 from bucketml.steps.train import handle_prepared
-from bucketml.training.search import estimators, fit_candidates
+from bucketml.training.candidates import estimators
+from bucketml.training.search import CandidateSearch
 from helpers import free_port
 from sklearn.datasets import load_diabetes
 
@@ -188,7 +189,7 @@ def test_invalid_spec_is_rejected_naming_source_and_field(storage, spec_file, me
 def test_valid_metadata_does_not_excuse_an_invalid_spec_file(storage):
     put_spec(storage, "bad", "test_size: 0.9\n")
     with pytest.raises(Rejection) as caught:
-        spec.effective_spec(storage, "bad", {"test_size": "0.3"})
+        effective_spec(storage, "bad", {"test_size": "0.3"})
     assert caught.value.reason == "spec_invalid" and "bucketml.yaml: 'test_size'" in caught.value.message
 
 
@@ -228,7 +229,8 @@ def test_lower_is_better_metrics_sort_ascending():
     train, test = (x.iloc[:350], y.iloc[:350]), (x.iloc[350:], y.iloc[350:])
     for metric, descending in (("mae", False), ("rmse", False), ("r2", True)):
         chosen = dict(spec.DEFAULTS, metric=metric, algorithms=["ridge", "svm", "gradient_boosting"])
-        fitted, failures, skipped = fit_candidates(schema, train, test, chosen)
+        search = CandidateSearch.for_spec(schema, chosen).fit(*train).evaluate(*test)
+        fitted, failures, skipped = search.results_, search.failures_, search.skipped_
         scores = [c.cv_score for c in fitted]  # the ranking is by cross-validation score
         assert scores == sorted(scores, reverse=descending), (metric, scores)
         assert all(t.score is None or not spec.better(metric, t.score, c.cv_score) for c in fitted for t in c.trials)
@@ -257,7 +259,7 @@ def test_imbalanced_classes_are_weighted(storage):
     # ... and the estimators really got it.
     x = frame[["x1", "x2"]].astype("float32")
     schema = {"task": "classification", "columns": [{"name": "x1", "type": "number"}, {"name": "x2", "type": "number"}]}
-    fitted, _, _ = fit_candidates(schema, (x, frame["label"]), (x, frame["label"]), dict(spec.DEFAULTS))
+    fitted = CandidateSearch.for_spec(schema, dict(spec.DEFAULTS)).fit(x, frame["label"]).evaluate(x, frame["label"]).results_
     for candidate in fitted:
         model = candidate.pipeline.named_steps["model"]
         weight = model.estimator.class_weight if candidate.name == "svm" else model.class_weight
@@ -350,3 +352,26 @@ def test_cli_task_and_settings_become_object_metadata(tmp_path):
     assert result.returncode == 0, result.stderr
     info = LocalStorage(tmp_path / "bucket").stat("datasets/m/d.csv")
     assert info.metadata == {"target": "y", "task": "regression", "drop": "a,b", "metric": "mae"}
+
+
+@pytest.mark.parametrize("document", [
+    {"target": "price", "task": "regression", "drop": ["id"], "metric": "r2", "test_size": 0.25},
+    {"algorithms": ["svm", "random_forest"], "promotion": "if_better"},
+    {"colour": "blue"},  # an unknown key
+    {"task": "clustering"},
+    {"test_size": 0.9},
+    {"algorithms": []},
+    {"drop": [""]},
+])
+def test_the_published_json_schema_agrees_with_the_validator(document):
+    """Editors validate bucketml.yaml with `spec.SCHEMA`: it must accept exactly what the platform accepts."""
+    import jsonschema
+
+    jsonschema.Draft202012Validator.check_schema(spec.SCHEMA)
+    schema_accepts = jsonschema.Draft202012Validator(spec.SCHEMA).is_valid(document)
+    try:
+        spec.validate(document, "bucketml.yaml")
+        platform_accepts = True
+    except Rejection:
+        platform_accepts = False
+    assert schema_accepts == platform_accepts, document

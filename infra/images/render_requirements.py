@@ -27,7 +27,7 @@ IMAGES = {
     # preprocess and train share one image: reading, typing and splitting data, training,
     # exporting and checking the ONNX model (with onnxruntime), and the version report.
     "pipeline": COMMON + ["scikit-learn", "skl2onnx", "onnx", "protobuf", "pandas", "scipy", "threadpoolctl",
-                          "matplotlib", "Jinja2", "onnxruntime", "orjson", "prometheus-client", "jsonschema",
+                          "matplotlib", "Jinja2", "onnxruntime", "orjson", "prometheus-client",
                           "google-cloud-pubsub"],  # the GCS event source (bucketml.gcs_source) runs in this image
 }
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import os
 from dataclasses import dataclass
 
 from bucketml import settings as config
@@ -84,8 +83,8 @@ def is_loopback(host: str) -> bool:
 def server_policy(listen_host: str, server: str, how: str | None = None) -> Policy:
     """The policy of a server listening on `listen_host` (`how`: why it is reachable there, for
     the message); ConfigError (with what to set) when it must not start as configured."""
-    mode = config.auth_mode()
-    token = config.token()  # read even when unused: a broken setting is reported, not skipped
+    access = config.Access.from_env()  # the token is read even when unused: a broken setting is reported, not skipped
+    mode, token = access.mode, access.token
     if mode == "none":
         return Policy(None, server)
     if token is None and mode == "token":
@@ -107,7 +106,8 @@ def function_listen_host() -> tuple[str, str]:
     so it counts as not loopback. Otherwise it is the --host functions-framework was started
     with (its HOST variable, default 0.0.0.0), read from functions-framework's own command-line
     context, which is current while it imports the function's module."""
-    if os.environ.get("K_SERVICE"):
+    platform = config.platform()
+    if platform.knative_service:
         return "0.0.0.0", "K_SERVICE is set: it runs as a Knative or Cloud Run service"
     import click
 
@@ -118,7 +118,7 @@ def function_listen_host() -> tuple[str, str]:
             if host:
                 return str(host), f"functions-framework listens on {host}"
         context = context.parent
-    host = os.environ.get("HOST") or "0.0.0.0"  # functions-framework's default: every interface
+    host = platform.functions_framework_host or "0.0.0.0"  # functions-framework's default: every interface
     return host, f"it listens on {host}, functions-framework's HOST or default"
 
 

@@ -8,7 +8,6 @@ as `extra=` becomes a field of its own.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 from bucketml import settings as config
@@ -16,7 +15,7 @@ from bucketml import settings as config
 
 def configure(level: int | str = logging.INFO) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    if os.environ.get("BUCKETML_LOG_FORMAT", "text").lower() == "json":
+    if config.platform().log_format == "json":
         from pythonjsonlogger.json import JsonFormatter
 
         handler.setFormatter(JsonFormatter(

@@ -37,7 +37,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import set_external_data
 
 from bucketml.contracts import events
-from bucketml.serving import runtime as serving
+from bucketml import encoding
 from bucketml.onnx_guard import UnsafeModel
 from bucketml.registry.model_registry import InvalidModelName, Registry
 from bucketml.storage import InvalidObjectName, LocalStorage, NotFound, StorageError
@@ -363,16 +363,16 @@ def test_sessions_are_made_only_from_self_contained_onnx_bytes(tmp_path, monkeyp
     external = regression_onnx(external=True).SerializeToString()
     # Why the refusal is bucketml's own: onnxruntime, given these bytes, reads the file (with its
     # graph optimizations off; with them on it happens to fail on this graph, not on every one).
-    ort = serving.onnxruntime()
+    ort = encoding.onnxruntime()
     plain = ort.SessionOptions()
     plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     leaked = ort.InferenceSession(external, plain, providers=["CPUExecutionProvider"])
     assert leaked.run(None, {"x": np.zeros((1, 1), np.float32)})[0].item() == 10.0
-    session = serving.new_session(regression_onnx().SerializeToString())
+    session = encoding.new_session(regression_onnx().SerializeToString())
     assert session.run(None, {"x": np.ones((1, 1), np.float32)})[0].item() == 3.5
     for onnx_bytes, tensor in ((external, "w"), (external_in_a_subgraph(), "hidden")):
         with pytest.raises(UnsafeModel, match=f"tensor '{tensor}' keeps its data in an external file"):
-            serving.new_session(onnx_bytes)
+            encoding.new_session(onnx_bytes)
 
     # The ORT format is onnxruntime's own, not ONNX: refused too.
     onnx.save(regression_onnx(), tmp_path / "m.onnx")
@@ -383,7 +383,7 @@ def test_sessions_are_made_only_from_self_contained_onnx_bytes(tmp_path, monkeyp
     ort_bytes = (tmp_path / "m.ort").read_bytes()
     assert ort.InferenceSession(ort_bytes, providers=["CPUExecutionProvider"])  # what plain onnxruntime would load
     with pytest.raises(Exception, match="protobuf parsing failed"):
-        serving.new_session(ort_bytes)
+        encoding.new_session(ort_bytes)
 
 
 # --- 3. no pickle ---------------------------------------------------------------------------

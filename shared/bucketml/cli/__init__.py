@@ -1,0 +1,1 @@
+"""The `bucketml` command (click): a thin client of the bucket, the broker and predict."""

@@ -5,70 +5,32 @@ from __future__ import annotations
 import difflib
 import json
 import sys
-import time
 from pathlib import Path
 
 import click
 import requests
 
-from bucketml import auth
 from bucketml import settings as config
 from bucketml.contracts import events
+from bucketml.contracts.card import ModelCard, Profile, RowCounts, SummaryStyle, TargetProfile
 from bucketml.registry.model_registry import Registry, RegistryError, check_model_name
 from bucketml.contracts.rejections import OUTCOME_FOLDERS, Rejection
 from bucketml.contracts.spec import FIELDS, spec_from_metadata
+from bucketml.local.client import (
+    Failure,
+    auth_headers,
+    broker_events,
+    describe,
+    format_score,
+    is_running,
+    unauthorized,
+    wait_for_outcome,
+)
 from bucketml.storage import StorageError, open_storage
-
-
-class Failure(click.ClickException):
-    """One clear line on stderr, exit code 1."""
-
-    def show(self, file=None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True)
 
 
 def _storage(bucket: str):
     return open_storage(bucket)
-
-
-def _auth_headers() -> dict[str, str]:
-    """Authorization for the broker and predict when BUCKETML_TOKEN or BUCKETML_TOKEN_FILE is set."""
-    try:
-        return auth.client_headers()
-    except config.ConfigError as exc:
-        raise Failure(str(exc)) from None
-
-
-def _unauthorized(what: str, url: str, response: requests.Response) -> Failure:
-    """The one-line error for a 401 from the broker or predict: which variable to set."""
-    try:
-        detail = response.json()["error"]
-    except (ValueError, KeyError, TypeError):
-        detail = response.text[:200]
-    if _auth_headers():
-        return Failure(f"{what} at {url} refused the token in BUCKETML_TOKEN/BUCKETML_TOKEN_FILE (HTTP 401: {detail}); "
-                       "set the token the platform was started with")
-    return Failure(f"{what} at {url} requires a token (HTTP 401); set BUCKETML_TOKEN (or BUCKETML_TOKEN_FILE, "
-                   "a file holding it) to the token the platform was started with")
-
-
-def _broker_events(broker: str, **params) -> list[dict]:
-    try:
-        response = requests.get(broker.rstrip("/") + "/events", params=params, headers=_auth_headers(), timeout=10)
-    except requests.RequestException:
-        raise Failure(f"the platform is not running at {broker}; start it with `bucketml dev`") from None
-    if response.status_code == 401:
-        raise _unauthorized("the broker", broker, response)
-    if response.status_code != 200:
-        raise Failure(f"broker answered HTTP {response.status_code}: {response.text[:200]}")
-    return response.json()["events"]
-
-
-def _running(broker: str) -> bool:
-    try:
-        return requests.get(broker.rstrip("/") + "/healthz", timeout=3).status_code == 200
-    except requests.RequestException:
-        return False
 
 
 bucket_option = click.option("--bucket", envvar="BUCKETML_BUCKET", default=config.DEFAULT_BUCKET, show_default=True,
@@ -89,7 +51,7 @@ def cli() -> None:
               type=click.Path(file_okay=False), help="Local bucket folder.")
 @click.option("--state-dir", envvar="BUCKETML_STATE_DIR", default=config.DEFAULT_STATE_DIR, show_default=True,
               type=click.Path(file_okay=False), help="Broker and watcher state (SQLite).")
-@click.option("--host", envvar="BUCKETML_HOST", default="127.0.0.1", show_default=True)
+@click.option("--host", envvar="BUCKETML_HOST", default=config.DEFAULT_HOST, show_default=True)
 @click.option("--predict-port", envvar="BUCKETML_PREDICT_PORT", default=config.DEFAULT_PREDICT_PORT, show_default=True)
 @click.option("--broker-port", envvar="BUCKETML_BROKER_PORT", default=config.DEFAULT_BROKER_PORT, show_default=True)
 @click.option("--preprocess-port", envvar="BUCKETML_PREPROCESS_PORT", default=config.DEFAULT_PREPROCESS_PORT, show_default=True)
@@ -100,10 +62,9 @@ def dev(bucket, state_dir, host, predict_port, broker_port, preprocess_port, tra
     """Run the whole platform locally: broker, bucket watcher, the three functions and the dead-letter sink."""
     from bucketml.local import supervisor as dev_runtime
 
-    settings = dev_runtime.Settings(
-        Path(bucket).resolve(), Path(state_dir).resolve(), host, predict_port, broker_port, preprocess_port, train_port,
-        deadletter_port,
-    )
+    ports = dev_runtime.Ports(predict=predict_port, broker=broker_port, preprocess=preprocess_port, train=train_port,
+                              deadletter=deadletter_port)
+    settings = dev_runtime.Settings(Path(bucket).resolve(), Path(state_dir).resolve(), host, ports)
     after_ready = None
     if demo:
         from bucketml.local.demo import run_demo
@@ -113,47 +74,6 @@ def dev(bucket, state_dir, host, predict_port, broker_port, preprocess_port, tra
 
 
 # --- upload --------------------------------------------------------------------------------
-def wait_for_outcome(broker: str, name: str, generation: int, timeout: float, echo=click.echo) -> dict:
-    """Follow the events of one upload until it is published, trained, rejected or failed."""
-    deadline = time.monotonic() + timeout
-    after = 0
-    while time.monotonic() < deadline:
-        for event in _broker_events(broker, after=after, limit=1000):
-            after = max(after, event["seq"])
-            data = event.get("data") if isinstance(event.get("data"), dict) else {}
-            upload = data if event["type"] == events.OBJECT_FINALIZED else data.get("upload") or {}
-            if upload.get("name") != name or str(upload.get("generation")) != str(generation):
-                continue
-            echo(describe(event["type"], data))
-            # A trained version that is already current is followed by its model.published.
-            promoted = event["type"] == events.MODEL_TRAINED and data.get("current_version") == data.get("version")
-            if event["type"] in events.UPLOAD_OUTCOMES and not promoted:
-                return event
-        time.sleep(0.3)
-    raise Failure(f"no outcome within {timeout:.0f}s; follow it with `bucketml events`")
-
-
-def describe(type_: str, data: dict) -> str:
-    if type_ == events.OBJECT_FINALIZED:
-        return f"  finalized  {data.get('name')} ({data.get('size')} bytes)"
-    if type_ == events.DATASET_PREPARED:
-        rows = data.get("rows", {})
-        return (f"  prepared   {data.get('task')} on target '{data.get('target')}': {rows.get('train')} train / "
-                f"{rows.get('test')} test rows, {data.get('columns')} feature columns")
-    if type_ in (events.MODEL_PUBLISHED, events.MODEL_TRAINED):
-        metric = data.get("metric")
-        score = data.get("metrics", {}).get(metric)
-        state = "published" if type_ == events.MODEL_PUBLISHED else "trained  "
-        current = data.get("current_version")
-        suffix = "" if type_ == events.MODEL_PUBLISHED or current == data.get("version") else f" (current stays {current})"
-        return f"  {state}  {data.get('model')} version {data.get('version')}: {data.get('algorithm')} {metric}={_score(score)}{suffix}"
-    if type_ == events.DATASET_REJECTED:
-        return f"  rejected   {data.get('reason')}: {data.get('message')}  (report: {data.get('report')})"
-    if type_ == events.TRAINING_FAILED:
-        return f"  failed     {data.get('reason')}: {data.get('message')}"
-    return f"  {type_}"
-
-
 @cli.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--model", "-m", required=True, help="Model name (datasets/<model>/ in the bucket).")
@@ -184,7 +104,7 @@ def upload(file: Path, model: str, target: str | None, task: str | None, setting
     click.echo(f"uploaded   {name} (generation {info.generation}, {info.size} bytes)")
     if not wait:
         return
-    if not _running(broker):
+    if not is_running(broker):
         click.echo(f"the platform is not running at {broker}; `bucketml dev` will process the upload when it starts")
         return
     outcome = wait_for_outcome(broker, name, info.generation, timeout)
@@ -240,11 +160,6 @@ def upload_metadata(target: str | None, task: str | None, settings: tuple[str, .
     return metadata
 
 
-def _score(value: float | None) -> str:
-    """A metric can be undefined (ROC AUC when a class has no held-out row)."""
-    return "n/a" if value is None else f"{value:.4f}"
-
-
 def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}" + ("" if count == 1 else "s")
 
@@ -266,9 +181,9 @@ def models(name: str | None, bucket: str) -> None:
             if pointer.version is None:
                 click.echo(f"{model:<24} no current version ({_plural(len(versions), 'version')})")
                 continue
-            card = registry.card(model, pointer.version)
-            click.echo(f"{model:<24} v{pointer.version:<4} {card['algorithm']:<20} "
-                       f"{card['metric']}={_score(card['metrics'][card['metric']])}  ({_plural(len(versions), 'version')})")
+            card = registry.model_card(model, pointer.version)
+            click.echo(f"{model:<24} v{pointer.version:<4} {card.algorithm:<20} "
+                       f"{card.metric}={format_score(card.score)}  ({_plural(len(versions), 'version')})")
         return
     versions = registry.versions(name)
     refused = outcome_records(registry.storage, name)
@@ -280,12 +195,13 @@ def models(name: str | None, bucket: str) -> None:
     else:
         click.echo(f"model '{name}' has no versions yet")
     for version in versions:
-        card = registry.card(name, version)
-        score = f"{card['metric']}={_score(card['metrics'][card['metric']])}"
+        card = registry.model_card(name, version)
+        score = f"{card.metric}={format_score(card.score)}"
         mark = "*" if version == current else " "
-        rows = card.get("data", {}).get("rows", {}).get("train", "")
-        click.echo(f"{mark:2}{version:<9}{card['created']:<22}{card['algorithm']:<22}{score:<18}{rows!s:<7}"
-                   f"{card['lineage']['upload']['name']}")
+        counts = card.data.rows if card.data is not None else None
+        rows = counts.train if counts is not None and counts.train is not None else ""
+        click.echo(f"{mark:2}{version:<9}{card.created:<22}{card.algorithm:<22}{score:<18}{rows!s:<7}"
+                   f"{card.lineage.upload.name}")
     for title, records in refused.items():
         if records:
             click.echo(f"{title} ({len(records)}):")
@@ -318,62 +234,54 @@ def _figure(value) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
-def _column_summary(col: dict) -> str:
-    if col.get("type") == "datetime":
-        text = f"{col.get('min')} .. {col.get('max')}; parts {', '.join(col.get('parts', []))}"
-        return text + (f"; {col['unparsed']} not dates" if col.get("unparsed") else "")
-    if "mean" in col:
-        return (f"min {_figure(col.get('min'))}, max {_figure(col.get('max'))}, mean {_figure(col.get('mean'))}, "
-                f"std {_figure(col.get('std'))}, p25/p50/p75 {_figure(col.get('p25'))}/{_figure(col.get('p50'))}/"
-                f"{_figure(col.get('p75'))}")
-    if col.get("top"):
-        shown = ", ".join(f"{t['value'][:20]} ({t['count']})" for t in col["top"][:4])
-        return shown + (", ..." if len(col["top"]) > 4 else "")
-    if col.get("examples"):
-        return "e.g. " + ", ".join(e[:20] for e in col["examples"])
-    return ""
+# The profile's column summaries as `bucketml profile` prints them (report.html has its own style).
+SUMMARY = SummaryStyle(number=_figure, shorten=lambda value: value[:20], top=4, more=", ...", through=" .. ", quartiles=True)
 
 
-def render_profile(model: str, version: int, card: dict, profile: dict) -> list[str]:
+def _known(value: object) -> object:
+    return "?" if value is None else value
+
+
+def render_profile(model: str, version: int, card: ModelCard, profile: Profile) -> list[str]:
     """The profile of a version as readable text lines (`bucketml profile`)."""
-    rows = profile.get("rows", {})
-    target = profile.get("target", {})
-    upload = card.get("lineage", {}).get("upload", {}).get("name", "?")
+    rows = profile.rows or RowCounts()
+    target = profile.target or TargetProfile()
+    upload = _known(card.lineage.upload.name)
+    task = target.task if target.task is not None else card.task
     lines = [
-        f"{model} version {version}: {target.get('task', card.get('task'))} on '{target.get('name', card.get('target'))}', from {upload}",
-        (f"rows: {rows.get('uploaded', '?')} uploaded, {rows.get('used', '?')} used, "
-         f"{rows.get('train', '?')} train / {rows.get('test', '?')} test"),
+        f"{model} version {version}: {task} on '{target.name if target.name is not None else card.target}', from {upload}",
+        (f"rows: {_known(rows.uploaded)} uploaded, {_known(rows.used)} used, "
+         f"{_known(rows.train)} train / {_known(rows.test)} test"),
         "",
     ]
-    columns = profile.get("columns", [])
-    width = min(32, max([len("column")] + [len(c["name"]) for c in columns]))
+    columns = profile.columns
+    width = min(32, max([len("column")] + [len(c.name) for c in columns]))
     lines.append(f"{'column':<{width}}  {'type':<9} {'missing':>8} {'distinct':>9}  summary")
     for col in columns:
-        name = col["name"] if len(col["name"]) <= width else col["name"][: width - 1] + "~"
-        lines.append(f"{name:<{width}}  {col['type']:<9} {_share(col.get('missing_share')):>8} "
-                     f"{col.get('distinct', ''):>9}  {_column_summary(col)}")
-    dropped = profile.get("dropped", [])
-    if dropped:
+        name = col.name if len(col.name) <= width else col.name[: width - 1] + "~"
+        distinct = col.distinct if col.distinct is not None else ""
+        lines.append(f"{name:<{width}}  {col.type!s:<9} {_share(col.missing_share):>8} {distinct:>9}  {col.summary(SUMMARY)}")
+    if profile.dropped:
         lines += ["", "dropped columns:"]
-        lines += [f"  {d['column']:<{width}}  {d['reason']}" for d in dropped]
-    if profile.get("warnings"):
-        lines += ["", "warnings:"] + [f"  ! {w}" for w in profile["warnings"]]
-    if profile.get("notes"):
-        lines += ["", "notes:"] + [f"  - {n}" for n in profile["notes"]]
-    lines += ["", f"target '{target.get('name')}' ({target.get('task')}):"]
-    if "classes" in target:
-        counts = target["classes"]
+        lines += [f"  {d.column:<{width}}  {d.reason}" for d in profile.dropped]
+    if profile.warnings:
+        lines += ["", "warnings:"] + [f"  ! {w}" for w in profile.warnings]
+    if profile.notes:
+        lines += ["", "notes:"] + [f"  - {n}" for n in profile.notes]
+    lines += ["", f"target '{target.name}' ({target.task}):"]
+    if target.classes is not None:
+        counts = target.classes
         total = sum(counts.values()) or 1
         label_width = max([5] + [len(k) for k in counts])
         lines.append(f"  {'class':<{label_width}}  {'rows':>7}  {'share':>6}")
         for label, count in sorted(counts.items(), key=lambda item: -item[1]):  # the card's keys are sorted
             lines.append(f"  {label:<{label_width}}  {count:>7}  {_share(count / total):>6}")
-        if target.get("imbalance_ratio") is not None:
-            lines.append(f"  largest/smallest class ratio: {target['imbalance_ratio']:.2f}")
-        if target.get("training_only_classes"):
-            lines.append(f"  used for training only (too few rows to test): {', '.join(target['training_only_classes'])}")
+        if target.imbalance_ratio is not None:
+            lines.append(f"  largest/smallest class ratio: {target.imbalance_ratio:.2f}")
+        if target.training_only_classes:
+            lines.append(f"  used for training only (too few rows to test): {', '.join(target.training_only_classes)}")
     else:
-        lines.append("  " + _column_summary(target) + f", distinct {target.get('distinct', '?')}")
+        lines.append("  " + target.summary(SUMMARY) + f", distinct {_known(target.distinct)}")
     return lines
 
 
@@ -387,13 +295,13 @@ def profile(name: str, version: int | None, bucket: str) -> None:
 
     registry = Registry(_storage(bucket))
     version, card = _version_card(registry, name, version, "name one with --version")
-    if not card.get("profile"):
+    if card.profile is None or not card.profile.to_json_dict():
         raise Failure(f"version {version} of '{name}' has no profile (it was trained before profiles existed)")
-    for line in render_profile(name, version, card, card["profile"]):
+    for line in render_profile(name, version, card, card.profile):
         click.echo(line)
 
 
-def _version_card(registry: Registry, name: str, version: int | None, hint: str) -> tuple[int, dict]:
+def _version_card(registry: Registry, name: str, version: int | None, hint: str) -> tuple[int, ModelCard]:
     """The card of `version` of model `name`, or of its current version; one-line errors."""
     from bucketml.storage import NotFound
 
@@ -408,7 +316,7 @@ def _version_card(registry: Registry, name: str, version: int | None, hint: str)
                 raise Failure(f"model '{name}' has no current version; {hint}")
             raise Failure(f"model '{name}' has no versions")
     try:
-        return version, registry.card(name, version)
+        return version, registry.model_card(name, version)
     except NotFound:
         raise Failure(f"model '{name}' has no version {version}") from None
 
@@ -433,7 +341,7 @@ def report(name: str, version: int | None, open_: bool, bucket: str) -> None:
     name_of_report = Registry.version_prefix(name, version) + "report.html"
 
     def missing() -> Failure:
-        why = (f"it could not be rendered: {card['report_error']}" if card.get("report_error")
+        why = (f"it could not be rendered: {card.report_error}" if card.report_error
                else "it was trained before reports existed")
         return Failure(f"version {version} of '{name}' has no report ({why})")
 
@@ -457,7 +365,7 @@ def report(name: str, version: int | None, open_: bool, bucket: str) -> None:
 # --- promote / rollback --------------------------------------------------------------------
 def move_current(bucket: str, broker: str, name: str, version: int, reason: str) -> None:
     """Move the pointer (compare-and-swap) and announce model.published like train does."""
-    _auth_headers()  # a token setting that cannot be read fails before anything moves
+    auth_headers()  # a token setting that cannot be read fails before anything moves
     registry = Registry(_storage(bucket))
     moved, previous = registry.move_pointer(name, version, reason=reason)
     if not moved:
@@ -472,7 +380,7 @@ def move_current(bucket: str, broker: str, name: str, version: int, reason: str)
     except requests.RequestException:
         delivered = False
     if response is not None and response.status_code == 401:
-        click.echo(f"{_unauthorized('the broker', broker, response).format_message()}; "
+        click.echo(f"{unauthorized('the broker', broker, response).format_message()}; "
                    "predict replicas still switch on their next poll of the pointer")
     elif not delivered:
         click.echo(f"the broker at {broker} did not take the model.published event; "
@@ -533,11 +441,11 @@ def predict(name: str, payload: str, version: int | None, url: str) -> None:
     if version is not None:
         body["version"] = version
     try:
-        response = requests.post(url.rstrip("/") + "/predict", json=body, headers=_auth_headers(), timeout=30)
+        response = requests.post(url.rstrip("/") + "/predict", json=body, headers=auth_headers(), timeout=30)
     except requests.RequestException:
         raise Failure(f"the predict function is not running at {url}; start the platform with `bucketml dev`") from None
     if response.status_code == 401:
-        raise _unauthorized("the predict function", url, response)
+        raise unauthorized("the predict function", url, response)
     if response.status_code != 200:
         try:
             message = response.json()["error"]
@@ -562,7 +470,7 @@ def events_command(ctx: click.Context, model: str | None, type_: str | None, lim
     filters = {k: v for k, v in {"model": model, "type": type_}.items() if v}
     found, after = [], 0
     while True:  # the broker pages oldest first; show the newest `limit`
-        page = _broker_events(broker, after=after, limit=1000, **filters)
+        page = broker_events(broker, after=after, limit=1000, **filters)
         found.extend(page)
         if len(page) < 1000:
             break

@@ -19,17 +19,16 @@ PUBSUB_EMULATOR_HOST points the client at the Pub/Sub emulator.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import logging
-import os
 import signal
 import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
+import click
 import requests
 
 from bucketml.contracts import events
@@ -215,27 +214,25 @@ def _ok(future) -> bool:
         return False
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bucketml.cloud.gcs_source", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--project", default=os.environ.get("GOOGLE_CLOUD_PROJECT"),
-                        help="project of the subscription (env GOOGLE_CLOUD_PROJECT)")
-    parser.add_argument("--subscription", default=os.environ.get("BUCKETML_PUBSUB_SUBSCRIPTION"),
-                        help="subscription id or projects/P/subscriptions/S (env BUCKETML_PUBSUB_SUBSCRIPTION)")
-    parser.add_argument("--sink", default=os.environ.get("K_SINK"), help="CloudEvents sink URL, the Broker ingress (env K_SINK)")
-    parser.add_argument("--max-in-flight", type=int, default=MAX_IN_FLIGHT, help="messages posted at once")
-    parser.add_argument("--lease-seconds", type=int, default=LEASE_SECONDS,
-                        help="ack deadline kept while posting; a crashed adapter's messages return after it (10-600)")
-    args = parser.parse_args(argv)
-    if not args.subscription:
-        parser.error("no subscription: pass --subscription or set BUCKETML_PUBSUB_SUBSCRIPTION")
-    if not args.subscription.startswith("projects/") and not args.project:
-        parser.error("no project: pass --project or set GOOGLE_CLOUD_PROJECT")
-    if not args.sink:
-        parser.error("no sink: pass --sink or set K_SINK")
+@click.command(help=__doc__.split("\n\n")[0], context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--project", envvar="GOOGLE_CLOUD_PROJECT", help="project of the subscription (env GOOGLE_CLOUD_PROJECT)")
+@click.option("--subscription", envvar="BUCKETML_PUBSUB_SUBSCRIPTION",
+              help="subscription id or projects/P/subscriptions/S (env BUCKETML_PUBSUB_SUBSCRIPTION)")
+@click.option("--sink", envvar="K_SINK", help="CloudEvents sink URL, the Broker ingress (env K_SINK)")
+@click.option("--max-in-flight", type=int, default=MAX_IN_FLIGHT, show_default=True, help="messages posted at once")
+@click.option("--lease-seconds", type=int, default=LEASE_SECONDS, show_default=True,
+              help="ack deadline kept while posting; a crashed adapter's messages return after it (10-600)")
+def main(project: str | None, subscription: str | None, sink: str | None, max_in_flight: int, lease_seconds: int) -> None:
+    # A Knative ContainerSource gives every setting in the environment, hence each flag's envvar.
+    if not subscription:
+        raise click.UsageError("no subscription: pass --subscription or set BUCKETML_PUBSUB_SUBSCRIPTION")
+    if not subscription.startswith("projects/") and not project:
+        raise click.UsageError("no project: pass --project or set GOOGLE_CLOUD_PROJECT")
+    if not sink:
+        raise click.UsageError("no sink: pass --sink or set K_SINK")
     logs.configure()
-    run(args.project, args.subscription, args.sink, args.max_in_flight, max(10, min(600, args.lease_seconds)))
-    return 0
+    run(project, subscription, sink, max_in_flight, max(10, min(600, lease_seconds)))
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

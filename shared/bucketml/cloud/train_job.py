@@ -13,9 +13,9 @@ backoffLimit retries it, and the retry finds the version already made; 2 a malfo
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
+import click
 from cloudevents.http import from_json
 
 from bucketml import settings as config
@@ -47,9 +47,13 @@ def run(event_file: str) -> int:
     return 0
 
 
-def main() -> None:
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("event_file", default=EVENT_FILE, required=False)
+def main(event_file: str) -> None:
+    """Train on the dataset.prepared CloudEvent in EVENT_FILE (default: where a JobSink mounts it).
+    Exit status 0 done, 1 transient fault (the Job retries), 2 malformed event."""
     logs.configure()
-    sys.exit(run(sys.argv[1] if len(sys.argv) > 1 else EVENT_FILE))
+    raise SystemExit(run(event_file))
 
 
 if __name__ == "__main__":

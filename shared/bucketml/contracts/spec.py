@@ -8,41 +8,60 @@ Two sources, per field in this order of precedence:
    metadata carries other things too) and an empty value counts as not set;
 2. the optional object `datasets/<model>/bucketml.yaml`: a YAML mapping, where an unknown
    key is an error (it is almost always a typo);
-3. `DEFAULTS` (and, for the target, the column-name conventions in `dataset.find_target`).
+3. the model's defaults (and, for the target, the column-name conventions of
+   `bucketml.training.preparation.find_target`).
 
-Both sources are validated with the JSON Schema `SCHEMA` (jsonschema). Anything wrong is a
-`Rejection("spec_invalid", ...)` whose message names the source and the field. Whether the
-`metric` and `algorithms` fit the task is known only once the task is detected:
-`check_for_task` (or `check_metric`) raises the same rejection then.
+Both sources are validated by the pydantic model `DatasetSpec`; its JSON Schema (`SCHEMA`)
+is generated from it. Anything wrong is a `Rejection("spec_invalid", ...)` whose message names
+the source and the field (docs/datasets.md). Whether the `metric` and `algorithms` fit the
+task is known only once the task is detected: `EffectiveSpec.check_for_task` raises the same
+rejection then.
 
-Imports no machine-learning library: the CLI validates `--set` values with it.
+Pure: the caller reads bucketml.yaml from the bucket (the preprocess step) and hands over its
+bytes. Imports no machine-learning library: the CLI validates `--set` values with it.
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
-import functools
 import json
-import math
-from typing import Any
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_serializer,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from bucketml.contracts.rejections import Rejection
-from bucketml.storage import NotFound, Storage
 
 SPEC_FILE = "bucketml.yaml"
 METADATA = "object metadata"  # the source label of values that came from the object's metadata
 DEFAULT = "default"
 
-TASKS = ("auto", "classification", "regression")
-# Candidate names per task, as bucketml.training.estimators() builds them (a test keeps the two equal).
+Task = Literal["auto", "classification", "regression"]
+Algorithm = Literal["svm", "random_forest", "logistic_regression", "ridge", "gradient_boosting"]
+Metric = Literal["accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "log_loss", "r2", "rmse", "mae"]
+Promotion = Literal["always", "if_better"]
+Header = Literal["auto", True, False]
+
+TASKS: tuple[str, ...] = get_args(Task)
+ALL_ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
+PROMOTION: tuple[str, ...] = get_args(Promotion)
+# Candidate names per task, as bucketml.training.candidates.estimators() builds them (a test keeps the two equal).
 ALGORITHMS = {
     "classification": ("svm", "random_forest", "logistic_regression", "gradient_boosting"),
     "regression": ("svm", "random_forest", "ridge", "gradient_boosting"),
 }
-ALL_ALGORITHMS = ("svm", "random_forest", "logistic_regression", "ridge", "gradient_boosting")
 METRICS = {
     "classification": ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "log_loss"),
     "regression": ("r2", "rmse", "mae"),
@@ -51,139 +70,189 @@ DEFAULT_METRIC = {"classification": "accuracy", "regression": "r2"}
 LOWER_IS_BETTER = frozenset({"rmse", "mae", "log_loss"})
 # Computed from the predicted class probabilities (roc_auc: one-vs-rest macro when multiclass).
 PROBABILITY_METRICS = frozenset({"roc_auc", "log_loss"})
-PROMOTION = ("always", "if_better")
 
-# Every field with its value when neither source sets it. None means "decided from the data":
-# target by the column-name conventions, algorithms = every candidate of the task, metric =
-# DEFAULT_METRIC of the task, columns = the file's header row.
-DEFAULTS: dict[str, Any] = {
-    "target": None,
-    "task": "auto",
-    "drop": [],
-    "id": [],
-    "algorithms": None,
-    "metric": None,
-    "test_size": 0.2,
-    "promotion": "always",
-    "max_training_seconds": 600,
-    "header": "auto",
-    "columns": None,
-}
-
-_COLUMN_NAME = {"type": "string", "minLength": 1}
-SCHEMA: dict[str, Any] = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "$id": "https://bucketml.dev/schemas/dataset-spec.json",
-    "title": "bucketml dataset spec (datasets/<model>/bucketml.yaml, or the upload's object metadata)",
-    "type": "object",
-    "additionalProperties": False,
-    "properties": {
-        "target": {
-            **_COLUMN_NAME,
-            "description": "The column to predict. Default: a column named target, label, class or y.",
-        },
-        "task": {
-            "enum": list(TASKS),
-            "default": DEFAULTS["task"],
-            "description": "auto: classification for strings, booleans and integers with at most 20 values; else regression.",
-        },
-        "drop": {
-            "type": "array",
-            "items": _COLUMN_NAME,
-            "default": DEFAULTS["drop"],
-            "description": "Columns that are not features.",
-        },
-        "id": {
-            "type": "array",
-            "items": _COLUMN_NAME,
-            "default": DEFAULTS["id"],
-            "description": "Columns that identify rows; never features.",
-        },
-        "algorithms": {
-            "type": "array",
-            "items": {"enum": list(ALL_ALGORITHMS)},
-            "minItems": 1,
-            "uniqueItems": True,
-            "description": "Candidates to train (default: all of the task's). Classification: "
-            + ", ".join(ALGORITHMS["classification"]) + "; regression: " + ", ".join(ALGORITHMS["regression"]) + ".",
-        },
-        "metric": {
-            "enum": [m for task in ("classification", "regression") for m in METRICS[task]],
-            "description": "Metric that chooses the best candidate and its settings (3-fold cross-validation on the "
-            "training rows) and compares versions (on the held-out rows). Classification: "
-            + ", ".join(METRICS["classification"]) + " (default accuracy; log_loss: lower is better); regression: "
-            + ", ".join(METRICS["regression"]) + " (default r2; rmse and mae: lower is better).",
-        },
-        "test_size": {
-            "type": "number",
-            "minimum": 0.05,
-            "maximum": 0.5,
-            "default": DEFAULTS["test_size"],
-            "description": "Share of the rows held out for testing.",
-        },
-        "promotion": {
-            "enum": list(PROMOTION),
-            "default": DEFAULTS["promotion"],
-            "description": "always: a new version becomes current; if_better: only if it beats the current "
-            "version on the new held-out rows (by the metric).",
-        },
-        "max_training_seconds": {
-            "type": "number",
-            "exclusiveMinimum": 0,
-            "default": DEFAULTS["max_training_seconds"],
-            "description": "Budget for the candidates' cross-validated hyperparameter search and refits; once "
-            "spent, the search stops at the best setting found so far and candidates not started are skipped. "
-            "The first candidate always runs.",
-        },
-        "header": {
-            "enum": ["auto", True, False],
-            "default": DEFAULTS["header"],
-            "description": "Whether the file's first row is a header; false for files without one.",
-        },
-        "columns": {
-            "type": "array",
-            "items": _COLUMN_NAME,
-            "minItems": 1,
-            "uniqueItems": True,
-            "description": "Names for the columns of a file without a header row, in file order.",
-        },
-    },
-}
-FIELDS = tuple(SCHEMA["properties"])
 LIST_FIELDS = frozenset({"drop", "id", "algorithms", "columns"})
 NUMBER_FIELDS = frozenset({"test_size", "max_training_seconds"})
+NULLABLE_FIELDS = ("target", "algorithms", "metric", "columns")  # None: "decided from the data"
 
 
-# --- reading --------------------------------------------------------------------------------
+def _no_repeats(names: list[Any]) -> list[Any]:
+    """A JSON Schema `uniqueItems` that pydantic has no constraint for."""
+    seen: set[str] = set()
+    for name in names:
+        key = json.dumps(name, sort_keys=True, default=str)
+        if key in seen:
+            raise PydanticCustomError("unique_items", "{repeated} is listed more than once", {"repeated": name})
+        seen.add(key)
+    return names
+
+
+ColumnName = Annotated[str, Field(min_length=1)]
+Names = list[ColumnName]
+UniqueNames = Annotated[list[ColumnName], Field(min_length=1, json_schema_extra={"uniqueItems": True}), AfterValidator(_no_repeats)]
+Algorithms = Annotated[list[Algorithm], Field(min_length=1, json_schema_extra={"uniqueItems": True}), AfterValidator(_no_repeats)]
+
+
+def _from_metadata(info: ValidationInfo) -> bool:
+    """Whether the values being validated are object-metadata strings (see `spec_from_metadata`)."""
+    return bool(info.context and info.context.get("source") == METADATA)
+
+
+def _from_a_source(info: ValidationInfo) -> bool:
+    return bool(info.context and info.context.get("source"))
+
+
+class DatasetSpec(BaseModel):
+    """Every spec field with its value when no source sets it. None means "decided from the
+    data": target by the column-name conventions, algorithms = every candidate of the task,
+    metric = DEFAULT_METRIC of the task, columns = the file's header row."""
+
+    # strict: a YAML `test_size: "0.3"` or `header: 1` is a mistake; metadata strings are
+    # parsed by the validators below, which only act when the context says they are metadata.
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        title="bucketml dataset spec (datasets/<model>/bucketml.yaml, or the upload's object metadata)",
+        json_schema_extra={
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "$id": "https://bucketml.dev/schemas/dataset-spec.json",
+        },
+    )
+
+    target: ColumnName | None = Field(
+        None, description="The column to predict. Default: a column named target, label, class or y."
+    )
+    task: Task = Field(
+        "auto",
+        description="auto: classification for strings, booleans and integers with at most 20 values; else regression.",
+    )
+    drop: Names = Field([], description="Columns that are not features.")
+    id: Names = Field([], description="Columns that identify rows; never features.")
+    algorithms: Algorithms | None = Field(
+        None,
+        description="Candidates to train (default: all of the task's). Classification: "
+        + ", ".join(ALGORITHMS["classification"]) + "; regression: " + ", ".join(ALGORITHMS["regression"]) + ".",
+    )
+    metric: Metric | None = Field(
+        None,
+        description="Metric that chooses the best candidate and its settings (3-fold cross-validation on the "
+        "training rows) and compares versions (on the held-out rows). Classification: "
+        + ", ".join(METRICS["classification"]) + " (default accuracy; log_loss: lower is better); regression: "
+        + ", ".join(METRICS["regression"]) + " (default r2; rmse and mae: lower is better).",
+    )
+    test_size: float = Field(
+        0.2, ge=0.05, le=0.5, allow_inf_nan=False, description="Share of the rows held out for testing."
+    )
+    promotion: Promotion = Field(
+        "always",
+        description="always: a new version becomes current; if_better: only if it beats the current "
+        "version on the new held-out rows (by the metric).",
+    )
+    max_training_seconds: float = Field(
+        600,
+        gt=0,
+        allow_inf_nan=False,
+        description="Budget for the candidates' cross-validated hyperparameter search and refits; once "
+        "spent, the search stops at the best setting found so far and candidates not started are skipped. "
+        "The first candidate always runs.",
+    )
+    header: Header = Field(
+        "auto", description="Whether the file's first row is a header; false for files without one."
+    )
+    columns: UniqueNames | None = Field(
+        None, description="Names for the columns of a file without a header row, in file order."
+    )
+
+    # --- parsing a source ---------------------------------------------------------------
+
+    @field_validator(*NULLABLE_FIELDS, mode="before")
+    @classmethod
+    def _set_means_a_value(cls, value: Any, info: ValidationInfo) -> Any:
+        # null is the default's "decided from the data", not something a source can say.
+        if value is None and _from_a_source(info):
+            raise PydanticCustomError("null_value", "null is not a value")
+        return value
+
+    @field_validator(*LIST_FIELDS, mode="before")
+    @classmethod
+    def _metadata_list(cls, value: Any, info: ValidationInfo) -> Any:
+        if not (_from_metadata(info) and isinstance(value, str)):
+            return value
+        if value.startswith("["):  # a JSON list, for names that contain commas
+            try:
+                return json.loads(value)
+            except ValueError:
+                raise PydanticCustomError("json_list", "not a JSON list") from None
+        return [item.strip() for item in value.split(",") if item.strip()]
+
+    @field_validator(*NUMBER_FIELDS, mode="before")
+    @classmethod
+    def _metadata_number(cls, value: Any, info: ValidationInfo) -> Any:
+        if not (_from_metadata(info) and isinstance(value, str)):
+            return value
+        try:
+            return float(value)
+        except ValueError:
+            raise PydanticCustomError("not_a_number", "not a number") from None
+
+    @field_validator("header", mode="before")
+    @classmethod
+    def _header_word(cls, value: Any, info: ValidationInfo) -> Any:
+        if _from_metadata(info) and isinstance(value, str):
+            return {"true": True, "false": False, "auto": "auto"}.get(value.lower(), value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # Literal[True] would take 1
+            raise PydanticCustomError("literal_error", "not one of the choices")
+        return value
+
+    # --- the stored form ------------------------------------------------------------------
+
+    @field_serializer(*NUMBER_FIELDS)
+    def _whole_numbers_as_int(self, value: float) -> float | int:
+        # 600.0 from metadata and 600 from YAML are the same setting, stored as 600.
+        return int(value) if isinstance(value, float) and value.is_integer() else value
+
+    # --- what depends on the task -----------------------------------------------------------
+
+    def metric_for(self, task: str) -> str:
+        return self.metric or DEFAULT_METRIC[task]
+
+    def algorithms_for(self, task: str) -> list[str]:
+        return list(self.algorithms or ALGORITHMS[task])
+
+
+FIELDS: tuple[str, ...] = tuple(DatasetSpec.model_fields)
+DEFAULTS: dict[str, Any] = DatasetSpec().model_dump()
+SCHEMA: dict[str, Any] = DatasetSpec.model_json_schema()
+# The named choices of each enumerated field, in the words a user types (for messages).
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "task": TASKS, "algorithms": ALL_ALGORITHMS, "metric": get_args(Metric), "promotion": PROMOTION, "header": get_args(Header),
+}
+
+
+class EffectiveSpec(DatasetSpec):
+    """The spec in effect for one upload: every field, and where each value came from."""
+
+    target_origin: str | None = None  # "object metadata", "spec" or None (the conventions decide)
+    origins: dict[str, str] = Field(default_factory=dict)  # field -> "object metadata", the spec file or "default"
+
+    def as_json(self) -> dict[str, Any]:
+        """The form written to schema.json and the model card."""
+        return self.model_dump()
+
+    def check_for_task(self, task: str) -> None:
+        """A `metric` or an algorithm of the other task is spec_invalid (known only once the task is detected)."""
+        check_for_task(self.as_json(), task)
+
+
+# --- reading the sources --------------------------------------------------------------------
 
 
 def spec_file(model: str) -> str:
     return f"datasets/{model}/{SPEC_FILE}"
 
 
-def effective_spec(storage: Storage, model: str, metadata: dict[str, str] | None) -> dict[str, Any]:
-    """Every field with defaults filled, plus `target_origin` ("object metadata", "spec" or
-    None) and `origins` (field -> "object metadata", the spec file's name or "default").
-
-    Raises Rejection("spec_invalid", ...) naming the source and the field.
-    """
-    name = spec_file(model)
-    from_file = read_spec_file(storage, model)
-    from_metadata = spec_from_metadata(metadata or {})
-    return merge(from_metadata, from_file, name)
-
-
-def read_spec_file(storage: Storage, model: str) -> dict[str, Any]:
-    """The validated content of `datasets/<model>/bucketml.yaml`, {} if there is none."""
-    name = spec_file(model)
-    try:
-        raw = storage.read(name)
-    except NotFound:
-        return {}
-    return parse_spec_file(raw, name)
-
-
 def parse_spec_file(raw: bytes | str, name: str = SPEC_FILE) -> dict[str, Any]:
+    """The fields a bucketml.yaml sets, validated; {} for an empty file."""
     try:
         data = yaml.load(raw, Loader=_UniqueKeyLoader)  # a SafeLoader
     except yaml.YAMLError as exc:
@@ -195,25 +264,15 @@ def parse_spec_file(raw: bytes | str, name: str = SPEC_FILE) -> dict[str, Any]:
             "spec_invalid",
             f"{name} must be a mapping of settings, e.g. 'target: price' (got a {type(data).__name__})",
         )
-    validate(data, name)
-    return data
+    return _parsed(data, name)
 
 
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    """One line: what and where (PyYAML's own text spans lines and names '<byte string>')."""
-    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem:
-        where = exc.problem_mark or exc.context_mark
-        text = ": ".join(part for part in (exc.context, exc.problem) if part)
-        return text + (f" (line {where.line + 1}, column {where.column + 1})" if where else "")
-    return " ".join(str(exc).split())
-
-
-def spec_from_metadata(metadata: dict[str, str]) -> dict[str, Any]:
+def spec_from_metadata(metadata: Mapping[str, str | None]) -> dict[str, Any]:
     """The spec fields among an object's custom metadata, parsed and validated.
 
     Keys are matched case-insensitively, with '-' read as '_' (`x-goog-meta-test-size`).
     """
-    found: dict[str, Any] = {}
+    found: dict[str, str] = {}
     keys: dict[str, str] = {}
     for raw_key, raw_value in metadata.items():
         key = str(raw_key).strip().lower().replace("-", "_")
@@ -227,82 +286,48 @@ def spec_from_metadata(metadata: dict[str, str]) -> dict[str, Any]:
                 "spec_invalid", f"{METADATA} sets '{key}' twice ('{keys[key]}' and '{raw_key}'); keep one"
             )
         keys[key] = str(raw_key)
-        found[key] = _parse_metadata_value(key, value)
-    validate(found, METADATA)
-    return found
+        found[key] = value
+    return _parsed(found, METADATA)
 
 
-def _parse_metadata_value(key: str, value: str) -> Any:
-    if key in LIST_FIELDS:
-        if value.startswith("["):  # a JSON list, for names that contain commas
-            try:
-                items = json.loads(value)
-            except ValueError:
-                raise _invalid(METADATA, f"'{key}': {value!r} is not a JSON list; use a,b,c or [\"a\", \"b\"]") from None
-            if not isinstance(items, list):
-                raise _invalid(METADATA, f"'{key}': {value!r} is not a list")
-            return items
-        return [item.strip() for item in value.split(",") if item.strip()]
-    if key in NUMBER_FIELDS:
-        try:
-            return float(value)
-        except ValueError:
-            raise _invalid(METADATA, f"'{key}': {value!r} is not a number") from None
-    if key == "header":
-        lowered = value.lower()
-        return {"true": True, "false": False, "auto": "auto"}.get(lowered, value)
-    return value
+def validate(data: Mapping[str, Any], source: str) -> None:
+    """Raise Rejection("spec_invalid") naming `source` and every bad field."""
+    _parsed(data, source)
 
 
-def merge(from_metadata: dict[str, Any], from_file: dict[str, Any], file_name: str) -> dict[str, Any]:
-    """Per field: object metadata, then the spec file, then DEFAULTS."""
-    spec = copy.deepcopy(DEFAULTS)
-    origins = {}
-    for field in FIELDS:
-        if field in from_metadata:
-            spec[field], origins[field] = copy.deepcopy(from_metadata[field]), METADATA
-        elif field in from_file:
-            spec[field], origins[field] = copy.deepcopy(from_file[field]), file_name
-        else:
-            origins[field] = DEFAULT
-    for field in NUMBER_FIELDS:  # 600.0 from metadata and 600 from YAML are the same setting
-        if isinstance(spec[field], float) and spec[field].is_integer():
-            spec[field] = int(spec[field])
-    spec["target_origin"] = {METADATA: "object metadata", DEFAULT: None}.get(origins["target"], "spec")
-    spec["origins"] = origins
-    return spec
+def _parsed(data: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """The fields `data` sets, as the model parsed them."""
+    try:
+        parsed = DatasetSpec.model_validate(data, context={"source": source})
+    except ValidationError as exc:
+        raise _invalid(source, "; ".join(dict.fromkeys(_messages(exc, source)))) from None
+    return {field: getattr(parsed, field) for field in FIELDS if field in parsed.model_fields_set}
 
 
-def with_defaults(spec: dict[str, Any] | None) -> dict[str, Any]:
+def merge(from_metadata: Mapping[str, Any], from_file: Mapping[str, Any], file_name: str) -> EffectiveSpec:
+    """Per field: object metadata, then the spec file, then the defaults."""
+    origins = {
+        field: METADATA if field in from_metadata else file_name if field in from_file else DEFAULT for field in FIELDS
+    }
+    target_origin = {METADATA: "object metadata", DEFAULT: None}.get(origins["target"], "spec")
+    return EffectiveSpec(**{**from_file, **from_metadata}, target_origin=target_origin, origins=origins)
+
+
+def from_sources(spec_file_bytes: bytes | None, file_name: str, metadata: Mapping[str, str | None] | None) -> EffectiveSpec:
+    """The spec in effect from the spec file's bytes (None: there is none) and the upload's
+    metadata. Raises Rejection("spec_invalid", ...) naming the source and the field; the file
+    is checked first, so valid metadata never hides a broken file."""
+    from_file = parse_spec_file(spec_file_bytes, file_name) if spec_file_bytes is not None else {}
+    return merge(spec_from_metadata(metadata or {}), from_file, file_name)
+
+
+def with_defaults(spec: Mapping[str, Any] | None) -> dict[str, Any]:
     """A stored effective spec (schema.json, card) with any missing field filled from DEFAULTS,
     so data prepared before a field existed still trains."""
-    filled = copy.deepcopy(DEFAULTS)
-    filled.update(spec or {})
-    return filled
+    return {**DatasetSpec().model_dump(), **copy.deepcopy(dict(spec or {}))}
 
 
-# --- validation -----------------------------------------------------------------------------
-
-
-def validate(data: dict[str, Any], source: str) -> None:
-    """Raise Rejection("spec_invalid") naming `source` and every bad field."""
-    errors = sorted(_validator().iter_errors(data), key=lambda e: [str(p) for p in e.absolute_path])
-    messages = [_describe(error) for error in errors]
-    for field in NUMBER_FIELDS:
-        value = data.get(field)
-        if isinstance(value, float) and not math.isfinite(value):
-            messages.append(f"'{field}' must be a finite number (got {value})")
-    if messages:
-        raise _invalid(source, "; ".join(dict.fromkeys(messages)))
-
-
-@functools.lru_cache(maxsize=1)
-def _validator():
-    import jsonschema  # ~0.15 s; only when a spec is validated
-
-    cls = jsonschema.validators.validator_for(SCHEMA)
-    cls.check_schema(SCHEMA)
-    return cls(SCHEMA)
+# --- turning pydantic's errors into the messages users read ------------------------------------
 
 
 def _invalid(source: str, detail: str) -> Rejection:
@@ -315,54 +340,90 @@ def _got(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _choices(values) -> str:
+def _choices(values: tuple[Any, ...]) -> str:
     return ", ".join(str(v).lower() if isinstance(v, bool) else str(v) for v in values)
 
 
-TYPE_WORDS = {"string": "a string", "number": "a number", "array": "a list", "object": "a mapping"}
+def _messages(exc: ValidationError, source: str) -> list[str]:
+    errors = exc.errors()
+    unknown = [str(error["loc"][0]) for error in errors if error["type"] == "extra_forbidden"]
+    messages = [_unknown_keys(unknown)] if unknown else []
+    known = [error for error in errors if error["type"] != "extra_forbidden"]
+    for error in sorted(known, key=lambda e: [str(part) for part in e["loc"]]):
+        messages.append(_describe(error, source))
+    return messages
 
 
-def _describe(error) -> str:
-    path = list(error.absolute_path)
-    kind, expected, value = error.validator, error.validator_value, error.instance
-    if kind == "additionalProperties":
-        unknown = [k for k in value if k not in SCHEMA["properties"]]
-        parts = []
-        for key in unknown:
-            close = difflib.get_close_matches(str(key), FIELDS, n=1)
-            parts.append(f"unknown key {str(key)!r}" + (f" (did you mean '{close[0]}'?)" if close else ""))
-        return "; ".join(parts) + f"; the keys are {', '.join(FIELDS)}"
-    if kind == "type" and not path:
-        return f"must be a mapping of settings (got {type(value).__name__})"
-    field = str(path[0]) if path else "?"
-    item = len(path) > 1
-    if kind == "type":
+def _unknown_keys(keys: list[str]) -> str:
+    parts = []
+    for key in keys:
+        close = difflib.get_close_matches(key, FIELDS, n=1)
+        parts.append(f"unknown key {key!r}" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    return "; ".join(parts) + f"; the keys are {', '.join(FIELDS)}"
+
+
+def _what_it_must_be(field: str) -> str:
+    if field in LIST_FIELDS:
+        return "a list"
+    if field in NUMBER_FIELDS:
+        return "a number"
+    return "a string"
+
+
+def _describe(error: Mapping[str, Any], source: str) -> str:
+    loc, kind, value, ctx = error["loc"], error["type"], error["input"], error.get("ctx") or {}
+    field, item = str(loc[0]), len(loc) > 1
+    if kind == "literal_error" or (kind == "null_value" and field == "metric"):
         if item:
-            return f"'{field}': {_got(value)} is not {TYPE_WORDS.get(expected, expected)}"
-        return f"'{field}' must be {TYPE_WORDS.get(expected, expected)} (got {_got(value)})"
-    if kind == "enum":
+            return f"'{field}': {_got(value)} is not one of {_choices(CHOICES[field])}"
+        return f"'{field}' must be one of {_choices(CHOICES[field])} (got {_got(value)})"
+    if kind in ("string_type", "list_type", "float_type", "null_value"):
         if item:
-            return f"'{field}': {_got(value)} is not one of {_choices(expected)}"
-        return f"'{field}' must be one of {_choices(expected)} (got {_got(value)})"
-    if kind == "minimum":
-        return f"'{field}' must be at least {expected} (got {_got(value)})"
-    if kind == "maximum":
-        return f"'{field}' must be at most {expected} (got {_got(value)})"
-    if kind == "exclusiveMinimum":
-        return f"'{field}' must be greater than {expected} (got {_got(value)})"
-    if kind == "minLength":
+            return f"'{field}': {_got(value)} is not {_what_it_must_be(field) if kind != 'string_type' else 'a string'}"
+        return f"'{field}' must be {_what_it_must_be(field)} (got {_got(value)})"
+    if kind == "not_a_number":
+        return f"'{field}': {value!r} is not a number"
+    if kind == "json_list":
+        return f"'{field}': {value!r} is not a JSON list; use a,b,c or [\"a\", \"b\"]"
+    if kind == "finite_number":
+        return f"'{field}' must be a finite number (got {value})"
+    if kind == "greater_than_equal":
+        return f"'{field}' must be at least {_bound(ctx['ge'])} (got {_got(_number(value, source))})"
+    if kind == "less_than_equal":
+        return f"'{field}' must be at most {_bound(ctx['le'])} (got {_got(_number(value, source))})"
+    if kind == "greater_than":
+        return f"'{field}' must be greater than {_bound(ctx['gt'])} (got {_got(_number(value, source))})"
+    if kind == "string_too_short":
         return f"'{field}': names must be non-empty strings" if item else f"'{field}' must be a non-empty string"
-    if kind == "minItems":
+    if kind == "too_short":
         return f"'{field}' must list at least one name (got an empty list)"
-    if kind == "uniqueItems":
-        seen, repeated = set(), []
-        for v in value:
-            key = json.dumps(v, sort_keys=True, default=str)
-            if key in seen:
-                repeated.append(v)
-            seen.add(key)
-        return f"'{field}' lists {_got(repeated[0]) if repeated else 'a name'} more than once"
-    return f"'{field}': {error.message}"
+    if kind == "unique_items":
+        return f"'{field}' lists {_got(ctx['repeated'])} more than once"
+    return f"'{field}': {error['msg']}"
+
+
+def _bound(limit: float) -> str:
+    """pydantic hands a float field's bounds over as floats: gt=0 is 0.0, said as 0."""
+    return str(int(limit)) if isinstance(limit, float) and limit.is_integer() else str(limit)
+
+
+def _number(value: Any, source: str) -> Any:
+    """A bound is checked on the parsed number: a metadata '-5' is reported as the -5.0 it was read as."""
+    if source == METADATA and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line: what and where (PyYAML's own text spans lines and names '<byte string>')."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem:
+        where = exc.problem_mark or exc.context_mark
+        text = ": ".join(part for part in (exc.context, exc.problem) if part)
+        return text + (f" (line {where.line + 1}, column {where.column + 1})" if where else "")
+    return " ".join(str(exc).split())
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -389,15 +450,15 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-# --- what depends on the task ---------------------------------------------------------------
+# --- what depends on the task: for stored specs (dicts) as well as EffectiveSpec ---------------
 
 
-def _source_prefix(spec: dict[str, Any], field: str) -> str:
+def _source_prefix(spec: Mapping[str, Any], field: str) -> str:
     source = (spec.get("origins") or {}).get(field) or "the dataset spec"
     return f"{METADATA} " if source == METADATA else f"{source}: "
 
 
-def check_metric(spec: dict[str, Any], task: str) -> None:
+def check_metric(spec: Mapping[str, Any], task: str) -> None:
     """A `metric` of the other task is spec_invalid (known only once the task is detected)."""
     metric = spec.get("metric")
     if metric is None or metric in METRICS[task]:
@@ -410,7 +471,7 @@ def check_metric(spec: dict[str, Any], task: str) -> None:
     )
 
 
-def check_algorithms(spec: dict[str, Any], task: str) -> None:
+def check_algorithms(spec: Mapping[str, Any], task: str) -> None:
     """Every named algorithm must exist for the detected task."""
     wrong = [name for name in spec.get("algorithms") or () if name not in ALGORITHMS[task]]
     if wrong:
@@ -422,16 +483,16 @@ def check_algorithms(spec: dict[str, Any], task: str) -> None:
         )
 
 
-def check_for_task(spec: dict[str, Any], task: str) -> None:
+def check_for_task(spec: Mapping[str, Any], task: str) -> None:
     check_metric(spec, task)
     check_algorithms(spec, task)
 
 
-def metric_for(spec: dict[str, Any], task: str) -> str:
+def metric_for(spec: Mapping[str, Any], task: str) -> str:
     return spec.get("metric") or DEFAULT_METRIC[task]
 
 
-def algorithms_for(spec: dict[str, Any], task: str) -> list[str]:
+def algorithms_for(spec: Mapping[str, Any], task: str) -> list[str]:
     return list(spec.get("algorithms") or ALGORITHMS[task])
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Callable
 
 import requests
 
 from bucketml.auth import client_headers
-from bucketml.cli.main import Failure, wait_for_outcome
+from bucketml.local.client import Failure, wait_for_outcome
+from bucketml.local.supervisor import Settings
 from bucketml.storage import open_storage
 
 DEMO_MODEL = "iris"
@@ -25,7 +27,7 @@ def demo_csv() -> bytes:
     return frame.to_csv(index=False).encode()
 
 
-def run_demo(settings, say) -> None:
+def run_demo(settings: Settings, say: Callable[[str, str], None]) -> None:
     try:
         name = f"datasets/{DEMO_MODEL}/iris.csv"
         storage = open_storage(str(settings.bucket))

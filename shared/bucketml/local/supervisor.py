@@ -34,27 +34,38 @@ PIDS_FILE = "dev.pids.json"  # in the state folder: which processes this `bucket
 COLOURS = {"broker": 35, "watcher": 36, "preprocess": 33, "train": 32, "predict": 34, "deadletter": 31, "dev": 1}
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class Ports:
+    """The port each part listens on (BUCKETML_*_PORT, `bucketml dev --*-port`)."""
+
+    predict: int = config.DEFAULT_PREDICT_PORT
+    broker: int = config.DEFAULT_BROKER_PORT
+    preprocess: int = config.DEFAULT_PREPROCESS_PORT
+    train: int = config.DEFAULT_TRAIN_PORT
+    deadletter: int = config.DEFAULT_DEADLETTER_PORT
+
+    def of_functions(self) -> dict[str, int]:
+        """Function name (its Knative Service name in infra/knative) -> port."""
+        return {"preprocess": self.preprocess, "train": self.train, "predict": self.predict, "deadletter": self.deadletter}
+
+
+@dataclasses.dataclass(frozen=True)
 class Settings:
     bucket: Path
     state_dir: Path
     host: str
-    predict_port: int
-    broker_port: int
-    preprocess_port: int
-    train_port: int
-    deadletter_port: int = config.DEFAULT_DEADLETTER_PORT
+    ports: Ports = Ports()
 
     def url(self, port: int) -> str:
         return f"http://{self.host}:{port}"
 
     @property
     def broker_url(self) -> str:
-        return self.url(self.broker_port)
+        return self.url(self.ports.broker)
 
     @property
     def predict_url(self) -> str:
-        return self.url(self.predict_port)
+        return self.url(self.ports.predict)
 
 
 @dataclasses.dataclass
@@ -62,7 +73,8 @@ class Part:
     name: str
     argv: list[str]
     env: dict[str, str]
-    health_url: str | None
+    port: int | None  # where it listens; None for the watcher, which only sends
+    is_function: bool = False  # functions start first (see Supervisor.start)
     process: subprocess.Popen | None = None
     started: float = 0.0  # time.monotonic() of the last start
     quick_failures: int = 0  # ends in a row, each within CRASH_LOOP_SECONDS of its start
@@ -86,24 +98,23 @@ class Supervisor:
             argv = [sys.executable, "-m", "functions_framework", "--source", str(functions / name / "main.py"),
                     "--target", name, "--host", s.host, "--port", str(port)]
             if threads is None:  # predict: ASGI, one event loop per worker
-                return Part(name, argv + ["--asgi"], dict(env, WORKERS="1"), None)
+                return Part(name, argv + ["--asgi"], dict(env, WORKERS="1"), port, is_function=True)
             # gunicorn defaults to cpu*4 threads; say what each function needs.
-            return Part(name, argv, dict(env, WORKERS="1", THREADS=str(threads)), None)
+            return Part(name, argv, dict(env, WORKERS="1", THREADS=str(threads)), port, is_function=True)
 
-        subscribers = {"preprocess": s.preprocess_port, "train": s.train_port, "predict": s.predict_port,
-                       "deadletter": s.deadletter_port}
+        ports = s.ports
         broker = [sys.executable, "-m", "bucketml.local.broker", "--manifests", str(config.manifests_dir()),
-                  "--db", str(s.state_dir / "broker.sqlite"), "--host", s.host, "--port", str(s.broker_port)]
-        for name, port in subscribers.items():
+                  "--db", str(s.state_dir / "broker.sqlite"), "--host", s.host, "--port", str(ports.broker)]
+        for name, port in ports.of_functions().items():
             broker += ["--subscriber", f"{name}={s.url(port)}"]
         watcher = [sys.executable, "-m", "bucketml.local.watcher", "--bucket", str(s.bucket), "--broker", s.broker_url,
                    "--db", str(s.state_dir / "watcher.sqlite")]
         return [
-            Part("broker", broker, env, s.broker_url + "/healthz"),
-            function("preprocess", s.preprocess_port, 2),
-            function("train", s.train_port, 2),
-            function("predict", s.predict_port, None),
-            function("deadletter", s.deadletter_port, 2),
+            Part("broker", broker, env, ports.broker),
+            function("preprocess", ports.preprocess, 2),
+            function("train", ports.train, 2),
+            function("predict", ports.predict, None),
+            function("deadletter", ports.deadletter, 2),
             Part("watcher", watcher, env, None),
         ]
 
@@ -180,13 +191,12 @@ class Supervisor:
         self.stop_leftovers()
         # Functions first: a broker restarted with deliveries pending would otherwise spend their
         # retries on connection refusals while the functions import their libraries.
-        functions = [part for part in self.parts if "--port" in part.argv and part.name != "broker"]
+        functions = [part for part in self.parts if part.is_function]
         for part in functions:
             self._start(part)
         deadline = time.monotonic() + FUNCTIONS_START_TIMEOUT
         for part in functions:
-            port = int(part.argv[part.argv.index("--port") + 1])
-            while time.monotonic() < deadline and part.process.poll() is None and not _listening(s.host, port):
+            while time.monotonic() < deadline and part.process.poll() is None and not _listening(s.host, part.port):
                 time.sleep(0.1)
         for part in self.parts:
             if part not in functions:
@@ -197,7 +207,7 @@ class Supervisor:
         """Until the broker answers and every function accepts connections."""
         s = self.settings
         urls = [s.broker_url + "/healthz", s.predict_url + "/v2/health/live",
-                s.url(s.preprocess_port), s.url(s.train_port), s.url(s.deadletter_port)]
+                s.url(s.ports.preprocess), s.url(s.ports.train), s.url(s.ports.deadletter)]
         deadline = time.monotonic() + timeout
         for url in urls:
             while True:
@@ -263,9 +273,9 @@ class Supervisor:
             f"state            {s.state_dir}",
             f"predict          {s.predict_url}",
             f"broker ingress   {s.broker_url}",
-            f"preprocess       {s.url(s.preprocess_port)}",
-            f"train            {s.url(s.train_port)}",
-            f"deadletter       {s.url(s.deadletter_port)}",
+            f"preprocess       {s.url(s.ports.preprocess)}",
+            f"train            {s.url(s.ports.train)}",
+            f"deadletter       {s.url(s.ports.deadletter)}",
             f"triggers         {config.manifests_dir()}",
         ):
             self.say("dev", line)
@@ -321,7 +331,7 @@ def run(settings: Settings, after_ready=None) -> None:
     """Start everything, optionally run `after_ready(settings)`, serve until interrupted."""
     try:  # the parts check this too; refusing here starts nothing that would only keep failing
         access = auth.server_policy(settings.host, "bucketml dev", f"--host {settings.host}")
-        config.max_request_bytes(), config.max_event_bytes()
+        config.RequestLimits.from_env()
     except config.ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     supervisor = Supervisor(settings)

@@ -8,7 +8,6 @@ object generation is recorded as announced only after the broker accepted its ev
 
 from __future__ import annotations
 
-import argparse
 import logging
 import signal
 import sqlite3
@@ -16,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import click
 import requests
 from watchdog.events import FileSystemEventHandler
 from watchdog.observers import Observer
@@ -126,19 +126,19 @@ class BucketWatcher(FileSystemEventHandler):
         self._wake.set()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bucketml.local.watcher", description=__doc__)
-    parser.add_argument("--bucket", required=True, help="the local bucket folder")
-    parser.add_argument("--broker", required=True, help="broker ingress URL")
-    parser.add_argument("--db", required=True, help="SQLite file recording announced uploads")
-    args = parser.parse_args(argv)
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--bucket", required=True, help="the local bucket folder")
+@click.option("--broker", required=True, help="broker ingress URL")
+@click.option("--db", required=True, help="SQLite file recording announced uploads")
+def main(bucket: str, broker: str, db: str) -> None:
+    """Announce each upload to the local bucket's datasets/ to the broker, as GCS would
+    (`python -m bucketml.local.watcher`)."""
     logs.configure()
-    watcher = BucketWatcher(LocalStorage(args.bucket), args.broker, Announced(Path(args.db)))
+    watcher = BucketWatcher(LocalStorage(bucket), broker, Announced(Path(db)))
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: watcher.stop())
     watcher.run()
-    return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

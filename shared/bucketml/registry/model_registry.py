@@ -1,6 +1,6 @@
 """Model versions in the bucket: create-only versions, a compare-and-swap current pointer.
 
-Layout (design.md §3):
+Layout (docs/architecture.md, "Bucket layout"):
     models/<model>/versions/<n>/model.onnx   written first, create-only (claims number n)
     models/<model>/versions/<n>/report.html  extra files (`register(artifacts=)`), create-only, before the card
     models/<model>/uploads/<key>.json        the registration of one upload (`register(upload=)`): the
@@ -20,16 +20,20 @@ Used by train, predict and the CLI; imports no machine-learning library.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import hashlib
 import json
 import re
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from cloudevents.http import CloudEvent
 
 from bucketml.contracts import events
+from bucketml.timestamps import utc_now
 from bucketml.storage import NotFound, PreconditionFailed, Storage, StorageError
+
+if TYPE_CHECKING:  # the typed card and event data are imported where they are used, never by the predict path
+    from bucketml.contracts.card import ModelCard
+    from bucketml.contracts.event_data import ModelTrained
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
@@ -81,10 +85,6 @@ def _content_type(filename: str) -> str:
     return next((kind for ending, kind in kinds.items() if filename.endswith(ending)), "application/octet-stream")
 
 
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
 class Registry:
     def __init__(self, storage: Storage):
         self.storage = storage
@@ -119,10 +119,18 @@ class Registry:
         return sorted(found)
 
     def card(self, model: str, version: int) -> dict[str, Any]:
+        """card.json as stored. The predict path reads cards this way: the typed card
+        (`model_card`) needs pydantic, which predict does not load (cold start)."""
         try:
             return json.loads(self.storage.read(self.version_prefix(model, version) + "card.json"))
         except NotFound:
             raise NotFound(f"model '{model}' has no version {version}") from None
+
+    def model_card(self, model: str, version: int) -> ModelCard:
+        """card.json as the typed card (contracts/card.py), for the train step, the CLI and the report."""
+        from bucketml.contracts.card import ModelCard  # pydantic: not loaded on the predict path
+
+        return ModelCard.model_validate(self.card(model, version))
 
     def model_bytes(self, model: str, version: int) -> bytes:
         return self.storage.read(self.version_prefix(model, version) + "model.onnx")
@@ -151,6 +159,7 @@ class Registry:
             return self.complete_upload(model, record[0])
         key = (upload["bucket"], upload["name"], str(upload["generation"]))  # versions made before upload records
         for version in reversed(self.versions(model)):
+            # The raw card: one hand-edited or very old card must not stop training of the model.
             lineage = self.card(model, version).get("lineage", {}).get("upload", {})
             if (lineage.get("bucket"), lineage.get("name"), str(lineage.get("generation"))) == key:
                 return version
@@ -207,9 +216,9 @@ class Registry:
         tell): `trained-<model>-<n>`, and for published the pointer's generation, so the same
         pointer move always yields the same id while a new move (a rollback to a version
         published before) gets a new one."""
-        card, current = self.card(model, version), self.current(model)
+        card, current = self.model_card(model, version), self.current(model)
         data = self._version_data(model, version, card, current)
-        announced = [events.platform_event(events.MODEL_TRAINED, function, model, data, id_=f"trained-{model}-{version}")]
+        announced = [events.platform_event(events.MODEL_TRAINED, function, model, data.to_data(), id_=f"trained-{model}-{version}")]
         if current.version == version:
             announced.append(self._published(model, version, function, data, current))
         return announced
@@ -219,30 +228,37 @@ class Registry:
         current = self.current(model)
         if current.version is None:
             raise NotFound(f"model '{model}' has no current version")
-        data = self._version_data(model, current.version, self.card(model, current.version), current)
+        data = self._version_data(model, current.version, self.model_card(model, current.version), current)
         return self._published(model, current.version, function, data, current)
 
-    def _version_data(self, model: str, version: int, card: dict[str, Any], current: Pointer) -> dict[str, Any]:
+    def _version_data(self, model: str, version: int, card: ModelCard, current: Pointer) -> ModelTrained:
+        # pydantic, imported here: only train and the CLI announce versions, never the predict path.
+        from bucketml.contracts.event_data import ModelTrained
+
         data = {
             "model": model,
             "version": version,
             "current_version": current.version,
-            "algorithm": card["algorithm"],
-            "metric": card["metric"],
-            "metrics": card["metrics"],
+            "algorithm": card.algorithm,
+            "metric": card.metric,
+            "metrics": card.metrics,
             "model_object": self.version_prefix(model, version) + "model.onnx",
             "card_object": self.version_prefix(model, version) + "card.json",
-            "upload": card["lineage"]["upload"],
+            "upload": card.lineage.upload.to_json_dict(),  # as the card has it, key for key
         }
-        if card.get("report"):  # versions made before reports, or whose report failed, have none
-            data["report_object"] = card["report"]
-        return data
+        if card.report:  # versions made before reports, or whose report failed, have none
+            data["report_object"] = card.report
+        return ModelTrained.model_validate(data)
 
     @staticmethod
-    def _published(model: str, version: int, function: str, data: dict[str, Any], current: Pointer) -> CloudEvent:
-        data = dict(data, previous_version=current.data.get("previous"), reason=current.data.get("reason"))
+    def _published(model: str, version: int, function: str, trained: ModelTrained, current: Pointer) -> CloudEvent:
+        from bucketml.contracts.event_data import ModelPublished
+
+        data = ModelPublished.model_validate(
+            dict(trained.to_data(), previous_version=current.data.get("previous"), reason=current.data.get("reason"))
+        )
         event_id = f"published-{model}-{version}-{current.generation}"
-        return events.platform_event(events.MODEL_PUBLISHED, function, model, data, id_=event_id)
+        return events.platform_event(events.MODEL_PUBLISHED, function, model, data.to_data(), id_=event_id)
 
     # --- writing -----------------------------------------------------------------------
     def register(
@@ -290,7 +306,7 @@ class Registry:
             data = build(version)
             if data is not None:
                 self.storage.write(prefix + filename, data, if_generation_match=0, content_type=_content_type(filename))
-        card = dict(card, model=model, version=version, created=_now())
+        card = dict(card, model=model, version=version, created=utc_now("seconds"))
         # The card describes the stored file (build_model stamps the version into it).
         card["artifact"] = dict(
             card.get("artifact") or {},
@@ -347,7 +363,7 @@ class Registry:
                 return False, pointer.version
             if only_if_newer and pointer.version is not None and pointer.version > version:
                 return False, pointer.version
-            data = {"model": model, "version": version, "previous": pointer.version, "reason": reason, "updated": _now()}
+            data = {"model": model, "version": version, "previous": pointer.version, "reason": reason, "updated": utc_now("seconds")}
             try:
                 self.storage.write(
                     self.pointer_name(model), _json(data), if_generation_match=pointer.generation, content_type="application/json"

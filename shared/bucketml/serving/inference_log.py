@@ -24,6 +24,7 @@ import prometheus_client
 from cloudevents.conversion import to_binary
 from cloudevents.http import CloudEvent
 
+from bucketml import settings
 from bucketml.contracts.events import now_rfc3339
 
 log = logging.getLogger("bucketml.inference_log")
@@ -51,8 +52,8 @@ class InferenceLogger:
 
     @classmethod
     def from_environment(cls) -> InferenceLogger | None:
-        url = os.environ.get("BUCKETML_INFERENCE_LOG_URL")
-        return cls(url, os.environ.get("BUCKETML_INFERENCE_LOG_MODE", "all")) if url else None
+        configured = settings.InferenceLog.from_env()
+        return cls(configured.url, configured.mode) if configured else None
 
     def record(self, endpoint: str, model: str, version: str, request_body: bytes, request_type: str | None,
                status: int, response_body: bytes, response_type: str | None) -> None:

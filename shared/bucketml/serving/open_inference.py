@@ -17,7 +17,9 @@ from typing import Any
 import numpy as np
 import orjson
 
-from bucketml.serving.runtime import MAX_ROWS, InputError, json_object
+from bucketml.encoding import MAX_ROWS
+from bucketml.serving.errors import InvalidInput, InvalidRequest, TooManyRows
+from bucketml.serving.request_body import json_object
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 NUMERIC = {
@@ -44,72 +46,72 @@ class InferRequest:
 
 
 def parse(body: bytes, header_length: str | None, columns: list[dict]) -> InferRequest:
-    """An infer request for a model with `columns`, or InputError naming what is wrong."""
+    """An infer request for a model with `columns`; InvalidRequest or InvalidInput name what is wrong."""
     binary_part = b""
     if header_length is not None:
         try:
             size = int(header_length)
         except ValueError:
-            raise InputError(f"{HEADER_LENGTH} must be an integer, got {header_length[:20]!r}", 400) from None
+            raise InvalidRequest(f"{HEADER_LENGTH} must be an integer, got {header_length[:20]!r}") from None
         if not 0 <= size <= len(body):
-            raise InputError(f"{HEADER_LENGTH} is {size} but the body has {len(body)} bytes", 400)
+            raise InvalidRequest(f"{HEADER_LENGTH} is {size} but the body has {len(body)} bytes")
         body, binary_part = body[:size], body[size:]
     request = json_object(body)
     inputs = request.get("inputs")
     if not isinstance(inputs, list) or not inputs:
-        raise InputError("'inputs' must be a non-empty list of tensors, one per column", 400)
+        raise InvalidRequest("'inputs' must be a non-empty list of tensors, one per column")
 
     by_name: dict[str, list] = {}
     offset = 0
     kinds = {c["name"]: c["type"] for c in columns}
     for i, tensor in enumerate(inputs):
         if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
-            raise InputError(f"inputs[{i}] must be an object with a 'name'")
+            raise InvalidInput(f"inputs[{i}] must be an object with a 'name'")
         name = tensor["name"]
         label = f"inputs[{i}] ('{name}')"
         if name in by_name:
-            raise InputError(f"{label} is sent twice")
+            raise InvalidInput(f"{label} is sent twice")
         parameters = tensor.get("parameters") if isinstance(tensor.get("parameters"), dict) else {}
         datatype = tensor.get("datatype")
         if datatype is not None and not isinstance(datatype, str):
-            raise InputError(f"{label}: 'datatype' must be a string such as FP32 or BYTES")
+            raise InvalidInput(f"{label}: 'datatype' must be a string such as FP32 or BYTES")
         if name in kinds and datatype is not None and datatype not in ACCEPTED[kinds[name]]:
             allowed = " or ".join(sorted(ACCEPTED[kinds[name]], key=lambda d: (d != "FP32", d)))
-            raise InputError(f"{label} has datatype {datatype!s:.20}; column '{name}' ({kinds[name]}) takes {allowed}")
+            raise InvalidInput(f"{label} has datatype {datatype!s:.20}; column '{name}' ({kinds[name]}) takes {allowed}")
         if "binary_data_size" in parameters:
             size = parameters["binary_data_size"]
             if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary_part):
-                raise InputError(f"{label}: binary_data_size {size!s:.20} does not fit the {len(binary_part) - offset} binary bytes left", 400)
+                raise InvalidRequest(f"{label}: binary_data_size {size!s:.20} does not fit the {len(binary_part) - offset} binary bytes left")
             data = _from_binary(label, datatype, binary_part[offset:offset + size])
             offset += size
         else:
             data = tensor.get("data")
             if not isinstance(data, list):
-                raise InputError(f"{label} needs 'data' as a list (or binary data with parameters.binary_data_size)")
+                raise InvalidInput(f"{label} needs 'data' as a list (or binary data with parameters.binary_data_size)")
             data = _flatten(data)
         _check_shape(label, tensor.get("shape"), len(data))
         by_name[name] = data
     if offset != len(binary_part):
-        raise InputError(f"{len(binary_part) - offset} bytes of binary data are not claimed by any input's binary_data_size", 400)
+        raise InvalidRequest(f"{len(binary_part) - offset} bytes of binary data are not claimed by any input's binary_data_size")
 
     names = list(kinds)
     missing = [n for n in names if n not in by_name]
     unknown = [n for n in by_name if n not in kinds]
     if missing or unknown:
-        raise InputError(
+        raise InvalidInput(
             f"inputs must be exactly the model's columns; missing: {', '.join(missing) or 'none'}; "
             f"unknown: {', '.join(unknown) or 'none'}"
         )
     lengths = {len(by_name[n]) for n in names}
     if len(lengths) != 1:
-        raise InputError("every input tensor must have the same number of rows")
+        raise InvalidInput("every input tensor must have the same number of rows")
     rows = lengths.pop()
     if rows == 0:
-        raise InputError("input tensors are empty")
+        raise InvalidInput("input tensors are empty")
     if rows > MAX_ROWS:
-        raise InputError(f"at most {MAX_ROWS} rows per request, got {rows}", 413)
+        raise TooManyRows(f"at most {MAX_ROWS} rows per request, got {rows}")
     if request.get("id") is not None and not isinstance(request["id"], str):
-        raise InputError("'id' must be a string", 400)
+        raise InvalidRequest("'id' must be a string")
     outputs, binary = _requested_outputs(request)
     return InferRequest(request.get("id"), {n: by_name[n] for n in names}, rows, outputs, binary)
 
@@ -123,11 +125,11 @@ def _check_shape(label: str, shape: Any, count: int) -> None:
     if shape is None:
         return
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise InputError(f"{label}: 'shape' must be a list of non-negative integers")
+        raise InvalidInput(f"{label}: 'shape' must be a list of non-negative integers")
     if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
-        raise InputError(f"{label}: shape {shape} is not one column; send [rows] or [rows, 1]")
+        raise InvalidInput(f"{label}: shape {shape} is not one column; send [rows] or [rows, 1]")
     if shape[0] != count:
-        raise InputError(f"{label}: shape {shape} says {shape[0]} rows but the tensor has {count} values")
+        raise InvalidInput(f"{label}: shape {shape} says {shape[0]} rows but the tensor has {count} values")
 
 
 def _from_binary(label: str, datatype: Any, raw: bytes) -> list:
@@ -135,22 +137,22 @@ def _from_binary(label: str, datatype: Any, raw: bytes) -> list:
         values, at = [], 0
         while at < len(raw):
             if at + 4 > len(raw):
-                raise InputError(f"{label}: truncated BYTES element length at byte {at}", 400)
+                raise InvalidRequest(f"{label}: truncated BYTES element length at byte {at}")
             (size,) = struct.unpack_from("<I", raw, at)
             if at + 4 + size > len(raw):
-                raise InputError(f"{label}: a BYTES element of {size} bytes runs past the data", 400)
+                raise InvalidRequest(f"{label}: a BYTES element of {size} bytes runs past the data")
             try:
                 values.append(raw[at + 4:at + 4 + size].decode("utf-8"))
             except UnicodeDecodeError:
-                raise InputError(f"{label}: BYTES element at byte {at} is not UTF-8 text", 422) from None
+                raise InvalidInput(f"{label}: BYTES element at byte {at} is not UTF-8 text") from None
             at += 4 + size
         return values
     dtype = NUMERIC.get(datatype)
     if dtype is None:
-        raise InputError(f"{label}: binary data needs a known datatype, got {datatype!s:.20}", 400)
+        raise InvalidRequest(f"{label}: binary data needs a known datatype, got {datatype!s:.20}")
     itemsize = np.dtype(dtype).itemsize
     if len(raw) % itemsize:
-        raise InputError(f"{label}: {len(raw)} bytes is not a whole number of {datatype} values", 400)
+        raise InvalidRequest(f"{label}: {len(raw)} bytes is not a whole number of {datatype} values")
     values = np.frombuffer(raw, dtype=dtype).tolist()
     # NaN is a missing number, as in JSON; infinities are refused by the column check.
     return [None if isinstance(v, float) and math.isnan(v) else v for v in values]
@@ -163,7 +165,7 @@ def _requested_outputs(request: dict) -> tuple[list[str] | None, set[str]]:
     if requested is None:
         return None, {"*"} if all_binary else set()
     if not isinstance(requested, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in requested):
-        raise InputError("'outputs' must be a list of objects with a 'name'", 400)
+        raise InvalidRequest("'outputs' must be a list of objects with a 'name'")
     binary = {
         o["name"] for o in requested
         if all_binary or (isinstance(o.get("parameters"), dict) and o["parameters"].get("binary_data") is True)
@@ -187,7 +189,7 @@ def response(model: str, version: int, request: InferRequest, tensors: list[tupl
     names = request.outputs if request.outputs is not None else list(available)
     unknown = [n for n in names if n not in available]
     if unknown:
-        raise InputError(f"unknown output(s) {', '.join(unknown)}; this model has {', '.join(available)}", 400)
+        raise InvalidRequest(f"unknown output(s) {', '.join(unknown)}; this model has {', '.join(available)}")
     outputs, blobs = [], []
     for name in names:
         _, datatype, shape, values = available[name]

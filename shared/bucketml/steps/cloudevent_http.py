@@ -2,9 +2,11 @@
 
 CloudEvent functions sit behind a Broker, which retries anything but a 2xx and treats a
 non-CloudEvent body as failure, so the reply is the next event in binary mode or an empty
-202 (design.md §2). A step that announces more than one event (train: model.trained, then
-model.published) posts the earlier ones to the event sink and replies with the last. Status codes: bad data is a successful reply carrying a rejected/failed
-event; a malformed event is 400 (retrying cannot help); a storage fault is 503 (retry).
+202 (docs/architecture.md, "Why CloudEvent functions are HTTP functions"). A step that announces
+more than one event (train: model.trained, then model.published) posts the earlier ones to the
+event sink and replies with the last. Status codes: bad data is a successful reply carrying a
+rejected/failed event; a malformed event is 400 (retrying cannot help); a storage fault is 503
+(retry).
 """
 
 from __future__ import annotations

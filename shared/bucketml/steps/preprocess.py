@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from cloudevents.http import CloudEvent
 
 from bucketml.contracts import events
+from bucketml.contracts.event_data import DatasetPrepared, DatasetRejected, StorageObjectData
 from bucketml.training.reading import Limits, read_csv
 from bucketml.training.preparation import (
     Upload,
@@ -24,7 +26,7 @@ from bucketml.training.preparation import (
 )
 from bucketml.registry.model_registry import RegistryError, check_model_name
 from bucketml.contracts.rejections import Rejection
-from bucketml.contracts.spec import check_for_task, effective_spec
+from bucketml.contracts import spec as dataset_spec
 from bucketml.storage import NotFound, PreconditionFailed, Storage
 
 log = logging.getLogger("bucketml.preprocess")
@@ -32,23 +34,30 @@ log = logging.getLogger("bucketml.preprocess")
 FUNCTION = "preprocess"
 
 
-def upload_from_event(data: dict[str, Any]) -> tuple[str, str, int]:
-    bucket, name, generation = data.get("bucket"), data.get("name"), data.get("generation")
-    if not isinstance(bucket, str) or not isinstance(name, str):
-        raise events.MalformedEvent("storage event data needs string 'bucket' and 'name'")
-    # GCS sends the generation as a string of digits; int() alone would also take 1.9, True or " 7".
-    if isinstance(generation, str) and generation.isascii() and generation.isdigit() and len(generation) <= 19:  # int64
-        generation = int(generation)
-    if isinstance(generation, bool) or not isinstance(generation, int) or generation <= 0:
-        raise events.MalformedEvent(f"storage event data has no valid 'generation' (a positive whole number): {repr(generation)[:60]}")
-    return bucket, name, generation
+def upload_from_event(data: Mapping[str, Any]) -> tuple[str, str, int]:
+    """(bucket, name, generation) of a finalized event's data; MalformedEvent naming the field."""
+    finalized = StorageObjectData.parse(data)
+    return finalized.bucket, finalized.name, finalized.generation
+
+
+def effective_spec(storage: Storage, model: str, metadata: Mapping[str, str | None] | None) -> dataset_spec.EffectiveSpec:
+    """The dataset spec in effect for an upload of `model`: its object metadata over
+    `datasets/<model>/bucketml.yaml` (if there is one) over the defaults.
+
+    Raises Rejection("spec_invalid", ...) naming the source and the field."""
+    name = dataset_spec.spec_file(model)
+    try:
+        raw: bytes | None = storage.read(name)
+    except NotFound:
+        raw = None
+    return dataset_spec.from_sources(raw, name, metadata)
 
 
 class WrongBucket(events.MalformedEvent):
     """The event is about another bucket than the one this function serves (answered with 400)."""
 
 
-def handle_finalized(storage: Storage, data: dict[str, Any]) -> CloudEvent | None:
+def handle_finalized(storage: Storage, data: Mapping[str, Any]) -> CloudEvent | None:
     """Returns the reply event, or None when there is nothing to do.
 
     The event only says which object to look at; everything else comes from the bucket
@@ -99,10 +108,11 @@ def handle_finalized(storage: Storage, data: dict[str, Any]) -> CloudEvent | Non
                 f"{name} is {info.size} bytes; the limit is {limits.max_upload_bytes} (BUCKETML_MAX_UPLOAD_BYTES)",
             )
         spec = effective_spec(storage, upload.model, upload.metadata)
-        frame = read_csv(lambda: storage.open(name, generation=generation), name, spec, limits)
-        result = prepare(frame, upload, spec)
-        check_for_task(spec, result["schema"]["task"])  # metric and algorithms must fit the detected task
-        result["schema"].setdefault("spec", spec)  # train reads the knobs from schema.json
+        stored_spec = spec.as_json()  # reading and preparing take the stored form, as train does
+        frame = read_csv(lambda: storage.open(name, generation=generation), name, stored_spec, limits)
+        result = prepare(frame, upload, stored_spec)
+        spec.check_for_task(result["schema"]["task"])  # metric and algorithms must fit the detected task
+        result["schema"].setdefault("spec", stored_spec)  # train reads the knobs from schema.json
     except RegistryError as exc:
         return reject(storage, upload, Rejection("invalid_model_name", str(exc)))
     except Rejection as rejection:
@@ -115,11 +125,12 @@ def handle_finalized(storage: Storage, data: dict[str, Any]) -> CloudEvent | Non
 
 def previous_outcome(storage: Storage, upload: Upload) -> CloudEvent | None:
     try:
-        return prepared_event(json.loads(storage.read(prepared_prefix(upload.model, upload.run_id) + "prepared.json")))
+        summary = storage.read(prepared_prefix(upload.model, upload.run_id) + "prepared.json")
+        return prepared_event(DatasetPrepared.model_validate_json(summary))
     except NotFound:
         pass
     try:
-        return rejected_event(json.loads(storage.read(rejection_object(upload))))
+        return rejected_event(DatasetRejected.model_validate_json(storage.read(rejection_object(upload))))
     except NotFound:
         return None
 
@@ -132,24 +143,25 @@ def write_prepared(storage: Storage, upload: Upload, result: dict[str, Any]) -> 
     storage.write(prefix + "schema.json", json.dumps(schema, indent=2).encode(), content_type="application/json")
     if "profile" in result:
         storage.write(prefix + "profile.json", json.dumps(result["profile"], indent=2).encode(), content_type="application/json")
-    summary = {
-        "model": upload.model,
-        "run": upload.run_id,
-        "upload": upload.as_dict(),
-        "prepared": prefix,
-        "task": schema["task"],
-        "target": schema["target"],
-        "rows": schema["rows"],
-        "columns": len(schema["columns"]),
-        "dropped": schema["dropped"],
-        "warnings": schema.get("warnings", []),
-        "profile": prefix + "profile.json",
-    }
+    summary = DatasetPrepared(
+        model=upload.model,
+        run=upload.run_id,
+        upload=upload.as_dict(),
+        prepared=prefix,
+        task=schema["task"],
+        target=schema["target"],
+        rows=schema["rows"],
+        columns=len(schema["columns"]),
+        dropped=schema["dropped"],
+        warnings=schema.get("warnings", []),
+        profile=prefix + "profile.json",
+    )
     # prepared.json is written last and create-only: it marks the run complete.
     try:
-        storage.write(prefix + "prepared.json", json.dumps(summary, indent=2).encode(), if_generation_match=0, content_type="application/json")
+        storage.write(prefix + "prepared.json", json.dumps(summary.to_data(), indent=2).encode(), if_generation_match=0,
+                      content_type="application/json")
     except PreconditionFailed:
-        summary = json.loads(storage.read(prefix + "prepared.json"))
+        summary = DatasetPrepared.model_validate_json(storage.read(prefix + "prepared.json"))
     rows = schema["rows"]
     for warning in schema.get("warnings", []):
         log.warning("%s: %s", upload.name, warning)
@@ -157,27 +169,27 @@ def write_prepared(storage: Storage, upload: Upload, result: dict[str, Any]) -> 
     return prepared_event(summary)
 
 
-def prepared_event(summary: dict[str, Any]) -> CloudEvent:
+def prepared_event(summary: DatasetPrepared) -> CloudEvent:
     return events.platform_event(
-        events.DATASET_PREPARED, FUNCTION, summary["model"], summary, id_=f"prepared-{summary['model']}-{summary['run']}"
+        events.DATASET_PREPARED, FUNCTION, summary.model, summary.to_data(), id_=f"prepared-{summary.model}-{summary.run}"
     )
 
 
 def reject(storage: Storage, upload: Upload, rejection: Rejection) -> CloudEvent:
-    report = {
-        "model": upload.model,
-        "upload": upload.as_dict(),
-        "reason": rejection.reason,
-        "message": rejection.message,
-        "report": rejection_object(upload),
-        "time": events.now_rfc3339(),
-    }
-    storage.write(report["report"], json.dumps(report, indent=2).encode(), content_type="application/json")
+    report = DatasetRejected(
+        model=upload.model,
+        upload=upload.as_dict(),
+        reason=rejection.reason,
+        message=rejection.message,
+        report=rejection_object(upload),
+        time=events.now_rfc3339(),
+    )
+    storage.write(report.report, json.dumps(report.to_data(), indent=2).encode(), content_type="application/json")
     log.warning("rejected %s#%s: %s (%s)", upload.name, upload.generation, rejection.message, rejection.reason)
     return rejected_event(report)
 
 
-def rejected_event(report: dict[str, Any]) -> CloudEvent:
-    key = f"{report['upload']['name']}-{report['upload']['generation']}"
-    return events.platform_event(events.DATASET_REJECTED, FUNCTION, report["model"], report, id_=f"rejected-{key}")
+def rejected_event(report: DatasetRejected) -> CloudEvent:
+    key = f"{report.upload.name}-{report.upload.generation}"
+    return events.platform_event(events.DATASET_REJECTED, FUNCTION, report.model, report.to_data(), id_=f"rejected-{key}")
 

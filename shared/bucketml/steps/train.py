@@ -11,21 +11,24 @@ import json
 import logging
 import platform
 import time
+from collections.abc import Mapping
 from importlib import metadata as importlib_metadata
 from typing import Any
 
 from cloudevents.http import CloudEvent
 
 from bucketml.contracts import events
+from bucketml.contracts.event_data import DatasetPrepared, TrainingFailed
 from bucketml.training.column_types import with_categories
 from bucketml.training.preparation import load_prepared
 from bucketml.training.export import ParityError, check_parity, served_columns, to_onnx, with_metadata
 from bucketml.registry.model_registry import Registry, RegistryError, UploadRegistered, check_model_name
 from bucketml.contracts.rejections import outcome_object
-from bucketml.serving.runtime import feeds_from_columns, new_session
+from bucketml.encoding import feeds_from_columns, new_session
 from bucketml.contracts.spec import better, metric_for, with_defaults
 from bucketml.storage import InvalidObjectName, NotFound, Storage
-from bucketml.training.search import TrainingError, score, select
+from bucketml.training.metrics import score
+from bucketml.training.search import CandidateSearch, TrainingError
 
 log = logging.getLogger("bucketml.train")
 
@@ -33,15 +36,12 @@ FUNCTION = "train"
 LIBRARIES = ("scikit-learn", "skl2onnx", "onnx", "onnxruntime", "numpy", "pandas")
 
 
-def handle_prepared(storage: Storage, data: dict[str, Any]) -> list[CloudEvent]:
+def handle_prepared(storage: Storage, data: Mapping[str, Any]) -> list[CloudEvent]:
     """The events training announces, in order: model.trained, then model.published when the
     current pointer moved to the new version; or one training.failed."""
-    model, prefix, upload = data.get("model"), data.get("prepared"), data.get("upload")
-    if not isinstance(model, str) or not isinstance(prefix, str) or not isinstance(upload, dict):
-        raise events.MalformedEvent("dataset.prepared data needs 'model', 'prepared' and 'upload'")
-    if not (isinstance(upload.get("bucket"), str) and isinstance(upload.get("name"), str)
-            and isinstance(upload.get("generation"), (str, int)) and not isinstance(upload.get("generation"), bool)):
-        raise events.MalformedEvent("dataset.prepared data's 'upload' needs string 'bucket' and 'name' and a 'generation'")
+    prepared = DatasetPrepared.parse(data)  # MalformedEvent (400) naming the field
+    # The upload travels on as the event had it (card lineage, upload record, failure record).
+    model, prefix, upload = prepared.model, prepared.prepared, prepared.upload.to_data()
     try:
         check_model_name(model)
     except RegistryError as exc:
@@ -59,8 +59,9 @@ def handle_prepared(storage: Storage, data: dict[str, Any]) -> list[CloudEvent]:
     try:
         schema, train, test = load_prepared(storage, prefix)
         spec = with_defaults(schema.get("spec"))  # data prepared before specs existed: defaults
-        selection = select(schema, train, test, spec)  # by cross-validation on the training rows
-        candidates, failures, skipped = selection.candidates, selection.failures, selection.skipped
+        # Chosen by cross-validation on the training rows; the held-out rows only evaluate.
+        selection = CandidateSearch.for_spec(schema, spec).fit(*train).evaluate(*test)
+        candidates, failures, skipped = selection.results_, selection.failures_, selection.skipped_
         chosen, onnx_bytes, schema, parity, rejected = export_first_that_agrees(candidates, schema, test[0])
     except NotFound as exc:
         return failed(storage, model, upload, "prepared_data_missing", f"the prepared data is gone: {exc}")
@@ -80,7 +81,7 @@ def handle_prepared(storage: Storage, data: dict[str, Any]) -> list[CloudEvent]:
         "metric": metric,
         "metrics": chosen.metrics,
         "confusion_matrix": chosen.confusion,  # held-out rows; None for regression
-        "selection": selection.summary,
+        "selection": selection.summary_,
         "candidates": [c.summary() for c in candidates],
         "candidate_failures": failures + rejected,
         "skipped": skipped,
@@ -90,7 +91,7 @@ def handle_prepared(storage: Storage, data: dict[str, Any]) -> list[CloudEvent]:
         "data": {k: schema[k] for k in ("rows", "dropped", "notes", "target_origin")} | {"warnings": schema.get("warnings", [])},
         "profile": read_profile(storage, prefix),
         "parity": parity,
-        "lineage": {"upload": upload, "run": data.get("run"), "prepared": prefix},
+        "lineage": {"upload": upload, "run": prepared.run, "prepared": prefix},
         "libraries": {name: importlib_metadata.version(name) for name in LIBRARIES} | {"python": platform.python_version()},
         "training_seconds": round(time.perf_counter() - started, 3),
         "artifact": {"sha256": hashlib.sha256(onnx_bytes).hexdigest(), "bytes": len(onnx_bytes)},
@@ -102,9 +103,11 @@ def handle_prepared(storage: Storage, data: dict[str, Any]) -> list[CloudEvent]:
     def report(version: int) -> bytes | None:
         """report.html of version n (the registry calls this before it writes the card)."""
         try:
+            from bucketml.contracts.card import ModelCard
             from bucketml.training.report import render_report  # matplotlib: only the train step loads it
 
-            page = render_report(card, chosen.pipeline, test[0], test[1], model=model, version=version)
+            page = render_report(ModelCard.model_validate(card), chosen.pipeline, test[0], test[1], model=model,
+                                 version=version)
         except Exception as exc:
             # Only rendering is caught, and all of it: the report documents a version that already
             # passed the parity gate, so a plotting bug or an estimator the report code does not
@@ -279,7 +282,7 @@ def failure_object(model: str, upload: dict[str, Any]) -> str:
 
 def failed(storage: Storage, model: str, upload: dict[str, Any], reason: str, message: str) -> list[CloudEvent]:
     log.warning("training %s from %s failed: %s", model, upload.get("name"), message)
-    data = {"model": model, "upload": upload, "reason": reason, "message": message, "report": failure_object(model, upload)}
+    data = TrainingFailed(model=model, upload=upload, reason=reason, message=message, report=failure_object(model, upload)).to_data()
     # Kept in the bucket as rejections are, so `bucketml models NAME` shows it after the event is gone.
     record = dict(data, time=events.now_rfc3339())
     storage.write(data["report"], json.dumps(record, indent=2).encode(), content_type="application/json")

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import datetime
 import io
 from typing import BinaryIO, Iterator
+
+from bucketml import timestamps
 
 
 class StorageError(Exception):
@@ -105,9 +106,8 @@ def precondition_failed(name: str, current: int | None, required: int) -> Precon
     )
 
 
-def rfc3339(when: datetime.datetime) -> str:
-    """A UTC timestamp the way GCS prints it: 2024-05-01T10:00:00.123Z."""
-    return when.astimezone(datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+# A UTC timestamp the way GCS prints it (2024-05-01T10:00:00.123Z): milliseconds, the default.
+rfc3339 = timestamps.rfc3339
 
 
 class Storage(abc.ABC):

@@ -7,7 +7,6 @@ quarter of a second to import, which the predict function must not pay when serv
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import BinaryIO, Iterator
 
 import requests
@@ -16,6 +15,7 @@ from google.auth import exceptions as auth_exceptions
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
+from bucketml import settings as config
 from bucketml.storage.base import (
     NotFound,
     ObjectInfo,
@@ -40,7 +40,7 @@ class GCSStorage(Storage):
         self.bucket_name = bucket_name
         self.url = f"gs://{bucket_name}"
         if client is None:
-            endpoint = endpoint or os.environ.get("STORAGE_EMULATOR_HOST")
+            endpoint = endpoint or config.platform().storage_emulator_host
             if endpoint:
                 if "://" not in endpoint:  # STORAGE_EMULATOR_HOST is often just host:port
                     endpoint = f"http://{endpoint}"

@@ -2,7 +2,7 @@
 
 Runs in preprocess and train only (pandas is fine here; the predict function never imports
 this module). What must behave identically at training and at serving time (boolean
-spellings, parsing ISO 8601 dates, date parts) lives in `bucketml.serving`, numpy only, and is
+spellings, parsing ISO 8601 dates, date parts) lives in `bucketml.encoding`, numpy only, and is
 called from here, so a value is read the same way in both places.
 
 Column types (schema `columns[].type`):
@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from bucketml.contracts.rejections import Rejection
-from bucketml.serving.runtime import (
+from bucketml.encoding import (
     DATETIME_PARTS,
     ISO_DATETIME,
     boolean_label,
@@ -60,10 +60,11 @@ class Typing:
     warnings: list[str]
 
 
-def _label(value: Any) -> str:
-    from bucketml.training.preparation import class_label  # not at import time: dataset imports this module
-
-    return class_label(value)
+def class_label(value: Any) -> str:
+    """Class labels are strings everywhere (model, card, answers); 1.0 and 1 are the same class."""
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    return str(value).strip()
 
 
 def _names(value: Any) -> list[str]:
@@ -124,7 +125,7 @@ def _type_one(typing: Typing, name: str, col: pd.Series, target: str, y: pd.Seri
         return drop(ALL_MISSING, "all values missing")
     distinct = int(present.nunique())
     if distinct <= 1 and len(present) == rows:
-        return drop(CONSTANT, f"constant (every row is {_label(present.iloc[0])!r})")
+        return drop(CONSTANT, f"constant (every row is {class_label(present.iloc[0])!r})")
     leak = _leak(col, y, task, target) if y is not None else None
     if leak:
         typing.warnings.append(f"column '{name}' is {leak}: a target leak, dropped (a model cannot have it when predicting)")
@@ -175,8 +176,8 @@ def _leak(col: pd.Series, y: pd.Series, task: str | None, target: str) -> str | 
         return None
     if col[mask].nunique() != y[mask].nunique():  # cheap: one-to-one needs as many values as classes
         return None
-    values = col[mask].map(_label).to_numpy(dtype=object)
-    labels = y[mask].map(_label).to_numpy(dtype=object)
+    values = col[mask].map(class_label).to_numpy(dtype=object)
+    labels = y[mask].map(class_label).to_numpy(dtype=object)
     if len(set(labels)) < 2:
         return None
     if np.array_equal(values, labels):
@@ -209,7 +210,7 @@ def normalise(frame: pd.DataFrame, columns: list[dict[str, Any]]) -> pd.DataFram
                 [t if not np.isnat(s) else "" for t, s in zip(texts, stamps)], index=frame.index, dtype=object
             )
         else:
-            out[name] = _respell(values, _label)
+            out[name] = _respell(values, class_label)
     return pd.DataFrame(out, index=frame.index)
 
 
@@ -334,7 +335,7 @@ def column_profile(col: pd.Series, kind: str, spec: dict[str, Any] | None = None
         if spec:
             entry["parts"] = spec.get("parts", [])
     else:
-        entry["top"] = _top(col, _label)
+        entry["top"] = _top(col, class_label)
     return entry
 
 

@@ -13,7 +13,7 @@ from skl2onnx import convert_sklearn
 from skl2onnx.common.data_types import FloatTensorType, StringTensorType
 
 from bucketml.training.column_types import with_datetime_parts
-from bucketml.serving.runtime import datetime_input, feeds_from_columns, new_session
+from bucketml.encoding import datetime_input, feeds_from_columns, new_session
 
 PROBABILITY_TOLERANCE = 1e-3  # absolute, per class probability
 VALUE_TOLERANCE = 1e-3  # relative to max(1, |value|), for regression

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from bucketml.training.column_types import build_profile, normalise, type_columns, with_datetime_parts
+from bucketml.training.column_types import build_profile, class_label, normalise, type_columns, with_datetime_parts
 from bucketml.contracts.rejections import Rejection, outcome_object
 from bucketml.storage import Storage
 
@@ -80,7 +80,7 @@ def rejection_object(upload: Upload) -> str:
 def find_target(frame: pd.DataFrame, upload: Upload, spec: dict[str, Any]) -> tuple[str, str]:
     """(column, where it came from): object metadata, then the spec, then the conventions.
 
-    `spec` is the effective spec (bucketml.spec.effective_spec): it already chose between the
+    `spec` is the effective spec (steps.preprocess.effective_spec): it already chose between the
     object metadata and the spec file and says which in `target_origin`."""
     value, origin = spec.get("target"), spec.get("target_origin") or "spec"
     if value:
@@ -112,13 +112,6 @@ def detect_task(target: pd.Series, requested: str | None) -> str:
     if integral and values.nunique() <= MAX_CLASSES_FOR_INTEGER_TARGET:
         return "classification"
     return "regression"
-
-
-def class_label(value: Any) -> str:
-    """Class labels are strings everywhere (model, card, answers); 1.0 and 1 are the same class."""
-    if isinstance(value, (float, np.floating)) and float(value).is_integer():
-        return str(int(value))
-    return str(value).strip()
 
 
 def target_values(target: pd.Series, task: str) -> pd.Series:

@@ -12,13 +12,13 @@ import csv
 import dataclasses
 import gzip
 import io
-import os
 import zlib
 from typing import BinaryIO, Callable
 
 import numpy as np
 import pandas as pd
 
+from bucketml import settings as config
 from bucketml.contracts.rejections import Rejection
 
 MISSING_TOKENS = frozenset({"", "na", "n/a", "nan", "null", "none", "?", "-", "--", "nil", "#n/a"})
@@ -39,13 +39,7 @@ class Limits:
 
     @classmethod
     def from_environment(cls) -> "Limits":
-        names = {
-            "max_upload_bytes": "BUCKETML_MAX_UPLOAD_BYTES",
-            "max_text_bytes": "BUCKETML_MAX_TEXT_BYTES",
-            "max_columns": "BUCKETML_MAX_COLUMNS",
-            "max_rows": "BUCKETML_MAX_ROWS",
-        }
-        return cls(**{field: int(os.environ[env]) for field, env in names.items() if os.environ.get(env)})
+        return cls(**config.upload_limits())
 
 
 @dataclasses.dataclass

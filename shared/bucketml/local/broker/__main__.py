@@ -2,4 +2,4 @@
 
 from bucketml.local.broker.server import main
 
-raise SystemExit(main())
+main()

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import base64
 import dataclasses
-import datetime
 import json
 import logging
 import queue
-import re
 import signal
 import sqlite3
 import threading
@@ -18,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+import click
 import requests
 from cloudevents.http import CloudEvent
 from werkzeug.exceptions import BadRequest, HTTPException, NotFound, RequestEntityTooLarge
@@ -37,6 +35,7 @@ from bucketml.local.broker.store import (
 )
 from bucketml.local.broker.triggers import ManifestError, Topology, Trigger, load_topology
 from bucketml.contracts.events import MODEL_ATTRIBUTE, MalformedEvent, is_json_content_type, parse_request, to_binary_http
+from bucketml.timestamps import from_epoch
 
 log = logging.getLogger("bucketml.broker")
 
@@ -45,9 +44,6 @@ CONNECT_TIMEOUT = 10.0
 MAX_LIMIT = 1000
 # Knative retries these statuses, every 5xx and connection failures; any other 4xx means the event is unwanted.
 RETRYABLE_STATUS = frozenset({404, 408, 409, 429})
-# A delivery to a trigger's dead-letter sink is queued under the trigger's name plus this
-# (Trigger names are DNS labels, so no real trigger ends with it).
-DEAD_LETTER_SUFFIX = "/dead-letter-sink"
 
 
 class _Request(Request):
@@ -225,17 +221,17 @@ class Broker:
             try:
                 self._deliver(record, event)
             except StoreClosed:
-                log.info("pending seq=%d -> %s: the broker stopped during delivery", record.event_seq, record.trigger)
+                log.info("pending seq=%d -> %s: the broker stopped during delivery", record.event_seq, record.label)
             except Exception:
-                log.exception("could not record delivery seq=%d -> %s", record.event_seq, record.trigger)
+                log.exception("could not record delivery seq=%d -> %s", record.event_seq, record.label)
             finally:
                 with self._inflight_lock:
                     self._inflight.discard(record.id)
                 self._wake.set()
 
     def _deliver(self, record: DeliveryRecord, event: StoredEvent) -> None:
-        seq, name, attempts = record.event_seq, record.trigger, record.attempts + 1
-        trigger_name, to_sink = _dead_letter_of(name)
+        seq, name, attempts = record.event_seq, record.label, record.attempts + 1
+        trigger_name, to_sink = record.trigger, record.to_dead_letter_sink
         trigger = self.topology.trigger(trigger_name)
         # The current URL, not the stored one: a restart may have moved the subscriber.
         url = (trigger.delivery.dead_letter_sink if to_sink else trigger.subscriber) if trigger else None
@@ -247,7 +243,7 @@ class Broker:
             return
         started = time.monotonic()
         try:
-            outcome = self._send(trigger, url, self._dead_letter(event, trigger_name) if to_sink else event)
+            outcome = self._send(trigger, url, self._dead_letter(event, record) if to_sink else event)
         except Exception as exc:  # a broker bug must not turn into a hot loop of instant retries
             log.exception("delivery seq=%d -> %s raised", seq, name)
             outcome = _Outcome(error=f"broker error: {exc!r}", retryable=True)
@@ -263,25 +259,24 @@ class Broker:
                 self._accepted(reply_seq, outcome.reply)
         elif outcome.retryable and attempts <= trigger.delivery.retry:
             delay = trigger.delivery.backoff(attempts)
-            self.store.mark_retry(record.id, url, time.time() + delay, outcome.error)
+            self.store.mark_retry(record.id, url, time.time() + delay, outcome.error, outcome.status)
             log.warning("retry seq=%d -> %s attempt %d in %.2fs: %s", seq, name, attempts + 1, delay, outcome.error)
         else:
-            sink = trigger.delivery.dead_letter_sink
-            route = (name + DEAD_LETTER_SUFFIX, sink) if sink and not to_sink else None
-            self.store.mark_dead(record.id, url, outcome.error, route)
+            sink = None if to_sink else trigger.delivery.dead_letter_sink
+            self.store.mark_dead(record.id, url, outcome.error, outcome.status, sink)
             log.error("dead seq=%d -> %s after %d attempt(s): %s%s", seq, name, attempts, outcome.error,
-                      f"; sending it to the dead-letter sink {sink}" if route else "")
+                      f"; sending it to the dead-letter sink {sink}" if sink else "")
 
-    def _dead_letter(self, event: StoredEvent, trigger_name: str) -> StoredEvent:
+    def _dead_letter(self, event: StoredEvent, to_sink: DeliveryRecord) -> StoredEvent:
         """The event as Knative hands it to a dead-letter sink: with where it failed and why."""
         found = self.store.get_event(event.seq)
-        failed = next((d for d in (found[1] if found else []) if d.trigger == trigger_name), None)
+        failed = next((d for d in (found[1] if found else []) if d.trigger == to_sink.trigger and not d.to_dead_letter_sink),
+                      None)
         extensions = {}
         if failed is not None:
             extensions["knativeerrordest"] = failed.subscriber
-            code = re.match(r"HTTP (\d{3})", failed.last_error or "")
-            if code:
-                extensions["knativeerrorcode"] = code.group(1)
+            if failed.last_status is not None:
+                extensions["knativeerrorcode"] = str(failed.last_status)
             if failed.last_error:
                 extensions["knativeerrordata"] = base64.b64encode(failed.last_error.encode()[:1024]).decode()
         return dataclasses.replace(event, attributes={**event.attributes, **extensions})
@@ -381,13 +376,6 @@ class Broker:
         return _json({"status": "ok"})
 
 
-def _dead_letter_of(delivery_name: str) -> tuple[str, bool]:
-    """(trigger name, whether the delivery goes to its dead-letter sink)."""
-    if delivery_name.endswith(DEAD_LETTER_SUFFIX):
-        return delivery_name[: -len(DEAD_LETTER_SUFFIX)], True
-    return delivery_name, False
-
-
 def _data_bytes(event: CloudEvent, headers: Mapping[str, str], body: bytes) -> bytes:
     """The event's data exactly as it travels in binary content mode."""
     if headers.get("ce-specversion"):  # binary mode: the body is the data
@@ -451,19 +439,14 @@ def _delivery_json(record: DeliveryRecord) -> dict:
     next_at = record.next_attempt_at
     return {
         "event_seq": record.event_seq,
-        "trigger": record.trigger,
+        "trigger": record.label,
         "subscriber": record.subscriber,
         "status": record.status,
         "attempts": record.attempts,
-        "next_attempt_at": _iso(next_at) if record.status == "pending" and next_at is not None else None,
+        "next_attempt_at": from_epoch(next_at) if record.status == "pending" and next_at is not None else None,
         "last_error": record.last_error,
         "updated_at": record.updated_at,
     }
-
-
-def _iso(epoch: float) -> str:
-    moment = datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _int_arg(request: Request, name: str, default: int | None = None) -> int | None:
@@ -479,36 +462,38 @@ def _json(payload: Any, status: int = 200, headers: list[tuple[str, str]] | None
     return Response(json.dumps(payload), status, headers, mimetype="application/json")
 
 
-def _subscriber(text: str) -> tuple[str, str]:
-    name, sep, url = text.partition("=")
-    if not (sep and name and url.startswith(("http://", "https://"))):
-        raise argparse.ArgumentTypeError(f"expected SERVICE=http://HOST:PORT, got {text!r}")
-    return name, url
+def _subscribers(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
+    """--subscriber SERVICE=URL, repeatable -> {Service name: base URL}."""
+    found = {}
+    for text in values:
+        name, sep, url = text.partition("=")
+        if not (sep and name and url.startswith(("http://", "https://"))):
+            raise click.BadParameter(f"expected SERVICE=http://HOST:PORT, got {text!r}", ctx, param)
+        found[name] = url
+    return found
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bucketml.local.broker", description="Run the local bucketml event broker.")
-    parser.add_argument("--manifests", required=True, help="folder of Knative Broker/Trigger manifests")
-    parser.add_argument("--db", required=True, help="SQLite file for the event log and delivery queue")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8081)
-    parser.add_argument("--subscriber", type=_subscriber, action="append", default=[], metavar="SERVICE=URL",
-                        help="base URL of a Knative Service a Trigger names (repeatable)")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    args = parser.parse_args(argv)
-    logs.configure(args.log_level)
-
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--manifests", required=True, help="folder of Knative Broker/Trigger manifests")
+@click.option("--db", required=True, help="SQLite file for the event log and delivery queue")
+@click.option("--host", default=config.DEFAULT_HOST, show_default=True)
+@click.option("--port", type=int, default=config.DEFAULT_BROKER_PORT, show_default=True)
+@click.option("--subscriber", "subscribers", multiple=True, callback=_subscribers, metavar="SERVICE=URL",
+              help="base URL of a Knative Service a Trigger names (repeatable)")
+@click.option("--log-level", default="INFO", show_default=True, type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+def main(manifests: str, db: str, host: str, port: int, subscribers: dict[str, str], log_level: str) -> None:
+    """Run the local bucketml event broker (`python -m bucketml.local.broker`). Exit status 1
+    when it cannot start, 2 for a usage error."""
+    logs.configure(log_level)
     try:
-        access = auth.server_policy(args.host, "the broker")  # before binding: refuse to listen unprotected
-        broker = Broker(args.manifests, dict(args.subscriber), args.db, args.host, args.port, access=access,
-                        max_body=config.max_event_bytes())
+        access = auth.server_policy(host, "the broker")  # before binding: refuse to listen unprotected
+        broker = Broker(manifests, subscribers, db, host, port, access=access, max_body=config.max_event_bytes())
     except (ManifestError, OSError, sqlite3.Error, config.ConfigError) as exc:
         log.error("cannot start: %s", exc)
-        return 1
+        raise SystemExit(1) from None
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     broker.start()
     stop.wait()
     broker.shutdown()
-    return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import sqlite3
 import threading
@@ -12,8 +11,14 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 from bucketml.contracts.events import MODEL_ATTRIBUTE
+from bucketml.timestamps import utc_now
 
 PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
+# What a delivery is for: the Trigger's subscriber, or (once that failed for good) its
+# dead-letter sink. The kind column says which; before it existed the kind was spelled as a
+# suffix of the trigger name, which is still how the HTTP API and the log show it.
+SUBSCRIBER, DEAD_LETTER_SINK = "subscriber", "dead-letter-sink"
+DEAD_LETTER_SUFFIX = "/" + DEAD_LETTER_SINK
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -36,7 +41,9 @@ CREATE TABLE IF NOT EXISTS deliveries (
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL,
     last_error TEXT,
-    updated_at TEXT NOT NULL
+    updated_at TEXT NOT NULL,
+    kind TEXT NOT NULL DEFAULT 'subscriber',
+    last_status INTEGER
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (status, next_attempt_at);
 CREATE INDEX IF NOT EXISTS deliveries_by_event ON deliveries (event_seq);
@@ -66,6 +73,18 @@ class DeliveryRecord:
     next_attempt_at: float | None
     last_error: str | None
     updated_at: str
+    kind: str = SUBSCRIBER
+    last_status: int | None = None  # the HTTP status of the last failed attempt, when it got one
+
+    @property
+    def to_dead_letter_sink(self) -> bool:
+        return self.kind == DEAD_LETTER_SINK
+
+    @property
+    def label(self) -> str:
+        """The delivery's name in the HTTP API and the log: the trigger, marked when it is the
+        delivery to the trigger's dead-letter sink."""
+        return self.trigger + DEAD_LETTER_SUFFIX if self.to_dead_letter_sink else self.trigger
 
 
 @dataclass(frozen=True)
@@ -75,10 +94,6 @@ class NewEvent:
     attributes: Mapping[str, Any]
     data: bytes
     routes: Iterable[tuple[str, str]]
-
-
-def _now_iso() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class Store:
@@ -95,6 +110,28 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA busy_timeout=5000")  # another process (the CLI) may read it
         self._db.executescript(_SCHEMA)
+        self._upgrade()
+
+    def _upgrade(self) -> None:
+        """Add the columns a broker.sqlite from before `kind` and `last_status` lacks, filled in
+        from what that release wrote: the trigger-name suffix and the "HTTP <status>" error text."""
+        columns = {row["name"] for row in self._db.execute("PRAGMA table_info(deliveries)")}
+        if {"kind", "last_status"} <= columns:
+            return
+        with self._transaction():
+            if "kind" not in columns:
+                self._db.execute("ALTER TABLE deliveries ADD COLUMN kind TEXT NOT NULL DEFAULT 'subscriber'")
+                self._db.execute(
+                    "UPDATE deliveries SET kind = ?, trigger_name = substr(trigger_name, 1, length(trigger_name) - ?)"
+                    " WHERE substr(trigger_name, -?) = ?",
+                    (DEAD_LETTER_SINK, len(DEAD_LETTER_SUFFIX), len(DEAD_LETTER_SUFFIX), DEAD_LETTER_SUFFIX),
+                )
+            if "last_status" not in columns:
+                self._db.execute("ALTER TABLE deliveries ADD COLUMN last_status INTEGER")
+                self._db.execute(
+                    "UPDATE deliveries SET last_status = CAST(substr(last_error, 6, 3) AS INTEGER)"
+                    " WHERE last_error GLOB 'HTTP [0-9][0-9][0-9]*'"
+                )
 
     def close(self) -> None:
         with self._lock:
@@ -105,7 +142,7 @@ class Store:
     def add_event(self, event: NewEvent) -> int:
         """Insert the event and its pending deliveries in one transaction; return its seq once committed."""
         with self._transaction():
-            return self._insert(event, _now_iso())
+            return self._insert(event, utc_now())
 
     def due(self, now: float, limit: int, exclude: Iterable[int] = ()) -> list[tuple[DeliveryRecord, StoredEvent]]:
         """Pending deliveries whose time has come, oldest first, skipping those already in flight."""
@@ -126,25 +163,26 @@ class Store:
     def mark_delivered(self, delivery_id: int, subscriber: str, reply: NewEvent | None = None) -> int | None:
         """Record success; a reply event is stored in the same transaction, so it is never lost or doubled."""
         with self._transaction():
-            now = _now_iso()
+            now = utc_now()
             self._update(delivery_id, subscriber, DELIVERED, None, None, now)
             return self._insert(reply, now) if reply else None
 
-    def mark_retry(self, delivery_id: int, subscriber: str, at: float, error: str) -> None:
+    def mark_retry(self, delivery_id: int, subscriber: str, at: float, error: str, status: int | None = None) -> None:
         with self._transaction():
-            self._update(delivery_id, subscriber, PENDING, at, error, _now_iso())
+            self._update(delivery_id, subscriber, PENDING, at, error, utc_now(), status)
 
-    def mark_dead(self, delivery_id: int, subscriber: str, error: str, dead_letter_route: tuple[str, str] | None = None) -> None:
-        """Give up on a delivery; with `dead_letter_route` (trigger name, URL) the event is queued
-        for the dead-letter sink in the same transaction, so it cannot fall between the two."""
+    def mark_dead(self, delivery_id: int, subscriber: str, error: str, status: int | None = None,
+                  dead_letter_sink: str | None = None) -> None:
+        """Give up on a delivery; with `dead_letter_sink` (a URL) the event is queued for the same
+        trigger's dead-letter sink in the same transaction, so it cannot fall between the two."""
         with self._transaction():
-            now = _now_iso()
-            self._update(delivery_id, subscriber, DEAD, None, error, now)
-            if dead_letter_route:
+            now = utc_now()
+            self._update(delivery_id, subscriber, DEAD, None, error, now, status)
+            if dead_letter_sink:
                 self._db.execute(
-                    "INSERT INTO deliveries (event_seq, trigger_name, subscriber, status, attempts, next_attempt_at, updated_at)"
-                    " SELECT event_seq, ?, ?, 'pending', 0, 0, ? FROM deliveries WHERE id = ?",
-                    (*dead_letter_route, now, delivery_id),
+                    "INSERT INTO deliveries (event_seq, trigger_name, subscriber, status, attempts, next_attempt_at,"
+                    " updated_at, kind) SELECT event_seq, trigger_name, ?, 'pending', 0, 0, ?, ? FROM deliveries WHERE id = ?",
+                    (dead_letter_sink, now, DEAD_LETTER_SINK, delivery_id),
                 )
 
     def list_events(self, *, after: int | None = None, type_: str | None = None, model: str | None = None, limit: int = 100) -> list[StoredEvent]:
@@ -191,11 +229,14 @@ class Store:
         )
         return seq
 
-    def _update(self, delivery_id: int, subscriber: str, status: str, at: float | None, error: str | None, now: str) -> None:
+    def _update(self, delivery_id: int, subscriber: str, status: str, at: float | None, error: str | None, now: str,
+                http_status: int | None = None) -> None:
+        # A success keeps the last failure's error and status; a failure replaces both.
         self._db.execute(
             "UPDATE deliveries SET status = ?, subscriber = ?, attempts = attempts + 1, next_attempt_at = ?,"
-            " last_error = COALESCE(?, last_error), updated_at = ? WHERE id = ?",
-            (status, subscriber, at, error, now, delivery_id),
+            " last_error = COALESCE(?, last_error), last_status = CASE WHEN ? IS NULL THEN last_status ELSE ? END,"
+            " updated_at = ? WHERE id = ?",
+            (status, subscriber, at, error, error, http_status, now, delivery_id),
         )
 
     def _query(self, sql: str, params: Iterable[Any]) -> list[sqlite3.Row]:
@@ -228,5 +269,5 @@ def _event(row: sqlite3.Row, seq: int) -> StoredEvent:
 def _delivery(row: sqlite3.Row) -> DeliveryRecord:
     return DeliveryRecord(
         row["id"], row["event_seq"], row["trigger_name"], row["subscriber"], row["status"],
-        row["attempts"], row["next_attempt_at"], row["last_error"], row["updated_at"],
+        row["attempts"], row["next_attempt_at"], row["last_error"], row["updated_at"], row["kind"], row["last_status"],
     )

@@ -1,0 +1,211 @@
+"""The data of each event in the catalog (docs/architecture.md, "Event catalog"), typed.
+
+The steps parse what they receive into these models (`parse`: a MalformedEvent, answered with
+400, naming the field) and build what they send from them (`to_data`: exactly the JSON object
+the catalog describes). The JSON is a public contract, so the models describe it and never
+reshape it:
+
+- strict types: "1" stays a string and 1 an integer (an upload's generation keeps the form it
+  arrived in), and True is never a number;
+- extra keys are kept (GCS sends more than preprocess reads; a newer sender may add fields);
+- `to_data()` dumps only the keys that were given, so an absent key (`report_object` of a
+  version without a report) stays absent and a null stays null.
+
+Kept apart from contracts/events.py on purpose: the predict function imports that module and
+the registry, and its cold start must not pay for importing pydantic. The steps import this
+module; the registry imports it only inside the functions that announce versions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Any, Self
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_serializer,
+)
+from pydantic_core import PydanticCustomError
+
+from bucketml.contracts.events import MalformedEvent
+
+# GCS sends int64 values as strings of digits; int() alone would also take 1.9, True or " 7".
+MAX_INT64_DIGITS = 19
+Number = StrictInt | float  # metrics: an integer stays an integer
+
+
+class EventData(BaseModel):
+    """Base of every event's data: strict, keeps unknown keys, dumps with the catalog's key names."""
+
+    model_config = ConfigDict(strict=True, extra="allow", validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
+
+    def to_data(self) -> dict[str, Any]:
+        """The event's `data` object, key for key as it was given."""
+        return self.model_dump(exclude_unset=True)
+
+
+def _positive_whole_number(value: Any) -> Any:
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= MAX_INT64_DIGITS:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise PydanticCustomError("generation", "not a positive whole number")
+    return value
+
+
+Generation = Annotated[int, BeforeValidator(_positive_whole_number)]
+
+
+def _fields_in_error(exc: ValidationError) -> list[str]:
+    """The top-level field names of a ValidationError, in the order the model declares them."""
+    return [str(error["loc"][0]) if error["loc"] else "" for error in exc.errors()]
+
+
+# --- google.cloud.storage.object.v1.finalized -----------------------------------------------------
+
+
+class StorageObjectData(EventData):
+    """What GCS (or the local watcher, or the GCS source adapter) says about a written object.
+
+    Preprocess acts on `bucket`, `name` and `generation` only; the rest describes the object as
+    GCS saw it and is never trusted (the bucket is asked again)."""
+
+    bucket: StrictStr
+    name: StrictStr
+    generation: Generation
+    metageneration: StrictStr | StrictInt | None = None
+    size: StrictStr | StrictInt | None = None  # a string, as GCS sends int64 values
+    md5_hash: StrictStr | None = Field(None, alias="md5Hash")
+    content_type: StrictStr | None = Field(None, alias="contentType")
+    time_created: StrictStr | None = Field(None, alias="timeCreated")
+    updated: StrictStr | None = None
+    metadata: dict[str, StrictStr | None] | None = None
+
+    @field_serializer("generation")
+    def _as_gcs_writes_it(self, generation: int) -> str:
+        return str(generation)
+
+    @classmethod
+    def parse(cls, data: Mapping[str, Any]) -> Self:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            fields = _fields_in_error(exc)
+            if "bucket" in fields or "name" in fields:
+                raise MalformedEvent("storage event data needs string 'bucket' and 'name'") from None
+            if "generation" in fields:
+                raise MalformedEvent(
+                    "storage event data has no valid 'generation' (a positive whole number): "
+                    f"{repr(data.get('generation'))[:60]}"
+                ) from None
+            raise MalformedEvent(f"storage event data's '{fields[0]}' is not what GCS sends: {_first_problem(exc)}") from None
+
+
+# --- the platform's own events -----------------------------------------------------------------
+
+
+class UploadRef(EventData):
+    """The upload an outcome is about: `upload` in every platform event."""
+
+    bucket: StrictStr
+    name: StrictStr
+    generation: StrictInt | StrictStr  # a string from preprocess, as GCS writes it; kept as given
+    md5_hash: StrictStr | None = Field(None, alias="md5Hash")
+
+
+class RowCounts(EventData):
+    uploaded: StrictInt
+    used: StrictInt | None = None  # rows left after dropping those without a target
+    train: StrictInt
+    test: StrictInt
+
+
+class DroppedColumn(EventData):
+    column: StrictStr
+    reason: StrictStr
+    kind: StrictStr | None = None
+
+
+class DatasetPrepared(EventData):
+    """bucketml.dataset.prepared.v1, also stored as prepared.json (written last: the run is complete).
+
+    Train reads `model`, `prepared`, `upload` and `run`; the rest summarises the prepared data
+    for other subscribers and may be missing from an event made by hand."""
+
+    model: StrictStr
+    run: StrictStr | None = None
+    upload: UploadRef
+    prepared: StrictStr  # the object prefix of train.csv, test.csv, schema.json
+    task: StrictStr | None = None
+    target: StrictStr | None = None
+    rows: RowCounts | None = None
+    columns: StrictInt | None = None
+    dropped: list[DroppedColumn] | None = None
+    warnings: list[StrictStr] | None = None
+    profile: StrictStr | None = None  # object name of profile.json (runs made before profiles have none)
+
+    @classmethod
+    def parse(cls, data: Mapping[str, Any]) -> Self:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            fields = _fields_in_error(exc)
+            if {"model", "prepared"} & set(fields) or not isinstance(data.get("upload"), dict):
+                raise MalformedEvent("dataset.prepared data needs 'model', 'prepared' and 'upload'") from None
+            if "upload" in fields:
+                raise MalformedEvent(
+                    "dataset.prepared data's 'upload' needs string 'bucket' and 'name' and a 'generation'"
+                ) from None
+            raise MalformedEvent(f"dataset.prepared data's '{fields[0]}' is not valid: {_first_problem(exc)}") from None
+
+
+class DatasetRejected(EventData):
+    """bucketml.dataset.rejected.v1, also stored as rejected/<model>/<file>.<generation>.json."""
+
+    model: StrictStr
+    upload: UploadRef
+    reason: StrictStr  # a code of contracts/rejections.py REASONS
+    message: StrictStr
+    report: StrictStr  # the object name of this record
+    time: StrictStr
+
+
+class TrainingFailed(EventData):
+    """bucketml.training.failed.v1; the record under failed/ adds the `time`."""
+
+    model: StrictStr
+    upload: UploadRef
+    reason: StrictStr  # no_model, prepared_data_missing
+    message: StrictStr
+    report: StrictStr
+
+
+class ModelTrained(EventData):
+    """bucketml.model.trained.v1: every new version, current or not."""
+
+    model: StrictStr
+    version: StrictInt
+    current_version: StrictInt | None  # equal to `version` when it was promoted; None: nothing is current
+    algorithm: StrictStr
+    metric: StrictStr
+    metrics: dict[str, Number | None]  # None: undefined on the held-out rows (ROC AUC of a missing class)
+    model_object: StrictStr
+    card_object: StrictStr
+    upload: UploadRef
+    report_object: StrictStr | None = None  # absent for versions without a report
+
+
+class ModelPublished(ModelTrained):
+    """bucketml.model.published.v1: the current pointer moved (after a training, a promote or a rollback)."""
+
+    previous_version: StrictInt | None
+    reason: StrictStr | None
+
+
+def _first_problem(exc: ValidationError) -> str:
+    return exc.errors()[0]["msg"]

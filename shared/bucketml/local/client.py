@@ -1,0 +1,115 @@
+"""A client of a running platform: the broker's event log, followed for one upload.
+
+Shared by the `bucketml` command line and `bucketml dev --demo`, which both upload a dataset
+and wait for what became of it. Errors are `Failure`: one line the CLI prints as
+`error: ...` with exit code 1, and the demo prints in its log.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import click
+import requests
+
+from bucketml import auth
+from bucketml import settings as config
+from bucketml.contracts import events
+
+
+class Failure(click.ClickException):
+    """One clear line on stderr, exit code 1."""
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+def auth_headers() -> dict[str, str]:
+    """Authorization for the broker and predict when BUCKETML_TOKEN or BUCKETML_TOKEN_FILE is set."""
+    try:
+        return auth.client_headers()
+    except config.ConfigError as exc:
+        raise Failure(str(exc)) from None
+
+
+def unauthorized(what: str, url: str, response: requests.Response) -> Failure:
+    """The one-line error for a 401 from the broker or predict: which variable to set."""
+    try:
+        detail = response.json()["error"]
+    except (ValueError, KeyError, TypeError):
+        detail = response.text[:200]
+    if auth_headers():
+        return Failure(f"{what} at {url} refused the token in BUCKETML_TOKEN/BUCKETML_TOKEN_FILE (HTTP 401: {detail}); "
+                       "set the token the platform was started with")
+    return Failure(f"{what} at {url} requires a token (HTTP 401); set BUCKETML_TOKEN (or BUCKETML_TOKEN_FILE, "
+                   "a file holding it) to the token the platform was started with")
+
+
+def broker_events(broker: str, **params: Any) -> list[dict]:
+    """One page of the broker's event log (GET /events, docs/http-api.md)."""
+    try:
+        response = requests.get(broker.rstrip("/") + "/events", params=params, headers=auth_headers(), timeout=10)
+    except requests.RequestException:
+        raise Failure(f"the platform is not running at {broker}; start it with `bucketml dev`") from None
+    if response.status_code == 401:
+        raise unauthorized("the broker", broker, response)
+    if response.status_code != 200:
+        raise Failure(f"broker answered HTTP {response.status_code}: {response.text[:200]}")
+    return response.json()["events"]
+
+
+def is_running(broker: str) -> bool:
+    try:
+        return requests.get(broker.rstrip("/") + "/healthz", timeout=3).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def wait_for_outcome(broker: str, name: str, generation: int, timeout: float,
+                     echo: Callable[[str], Any] = click.echo) -> dict:
+    """Follow the events of one upload until it is published, trained, rejected or failed."""
+    deadline = time.monotonic() + timeout
+    after = 0
+    while time.monotonic() < deadline:
+        for event in broker_events(broker, after=after, limit=1000):
+            after = max(after, event["seq"])
+            data = event.get("data") if isinstance(event.get("data"), dict) else {}
+            upload = data if event["type"] == events.OBJECT_FINALIZED else data.get("upload") or {}
+            if upload.get("name") != name or str(upload.get("generation")) != str(generation):
+                continue
+            echo(describe(event["type"], data))
+            # A trained version that is already current is followed by its model.published.
+            promoted = event["type"] == events.MODEL_TRAINED and data.get("current_version") == data.get("version")
+            if event["type"] in events.UPLOAD_OUTCOMES and not promoted:
+                return event
+        time.sleep(0.3)
+    raise Failure(f"no outcome within {timeout:.0f}s; follow it with `bucketml events`")
+
+
+def describe(type_: str, data: dict) -> str:
+    """One line for an event of the upload pipeline."""
+    if type_ == events.OBJECT_FINALIZED:
+        return f"  finalized  {data.get('name')} ({data.get('size')} bytes)"
+    if type_ == events.DATASET_PREPARED:
+        rows = data.get("rows", {})
+        return (f"  prepared   {data.get('task')} on target '{data.get('target')}': {rows.get('train')} train / "
+                f"{rows.get('test')} test rows, {data.get('columns')} feature columns")
+    if type_ in (events.MODEL_PUBLISHED, events.MODEL_TRAINED):
+        metric = data.get("metric")
+        score = data.get("metrics", {}).get(metric)
+        state = "published" if type_ == events.MODEL_PUBLISHED else "trained  "
+        current = data.get("current_version")
+        suffix = "" if type_ == events.MODEL_PUBLISHED or current == data.get("version") else f" (current stays {current})"
+        return (f"  {state}  {data.get('model')} version {data.get('version')}: {data.get('algorithm')} "
+                f"{metric}={format_score(score)}{suffix}")
+    if type_ == events.DATASET_REJECTED:
+        return f"  rejected   {data.get('reason')}: {data.get('message')}  (report: {data.get('report')})"
+    if type_ == events.TRAINING_FAILED:
+        return f"  failed     {data.get('reason')}: {data.get('message')}"
+    return f"  {type_}"
+
+
+def format_score(value: float | None) -> str:
+    """A metric can be undefined (ROC AUC when a class has no held-out row)."""
+    return "n/a" if value is None else f"{value:.4f}"

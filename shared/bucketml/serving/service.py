@@ -1,0 +1,219 @@
+"""What the predict function answers, route by route, over a `ModelManager` (docs/http-api.md).
+
+Each endpoint takes the request (headers, path parameters) and its body, already read within
+the limit, and returns a Response naming the version that computed it. Endpoints are plain
+functions: `bucketml.serving.app` decides whether one runs on the event loop or on a worker
+thread, and maps the domain errors they raise (`bucketml.serving.errors`) to statuses.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import orjson
+import prometheus_client
+from starlette.requests import Request
+from starlette.responses import Response
+
+from bucketml import __version__
+from bucketml import auth
+from bucketml import settings as config
+from bucketml.contracts import events
+from bucketml.encoding import (
+    columns_from_features,
+    columns_from_records,
+    number_matrix,
+    rows_from_features,
+    rows_from_records,
+)
+from bucketml.registry.model_registry import Registry, RegistryError, check_model_name
+from bucketml.serving import open_inference
+from bucketml.serving.errors import InvalidInput, InvalidRequest, ReloadFailed
+from bucketml.serving.inference_log import InferenceLogger
+from bucketml.serving.manager import ModelManager
+from bucketml.serving.metrics import ROWS, labelled
+from bucketml.serving.request_body import json_object
+from bucketml.serving.runtime import OnnxModel
+from bucketml.storage import open_storage
+
+MAX_BODY_BYTES = config.DEFAULT_MAX_REQUEST_BYTES  # BUCKETML_MAX_REQUEST_BYTES sets a service's own
+# A datetime column is one client-facing input of ISO 8601 text; the model's part inputs are internal.
+V2_TYPES = {"number": "FP32", "string": "BYTES", "boolean": "BYTES", "datetime": "BYTES"}
+
+
+def json_response(body: Any, status: int = 200, loaded: OnnxModel | None = None) -> Response:
+    """orjson: several times faster than json for the small bodies that dominate (NaN -> null)."""
+    headers = {"Content-Type": "application/json"}
+    if loaded is not None:
+        headers["Bucketml-Model"] = loaded.model
+        headers["Bucketml-Model-Version"] = str(loaded.version)
+    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), status, headers)
+
+
+class PredictService:
+    def __init__(self, manager: ModelManager, inference_log: InferenceLogger | None = None,
+                 access: auth.Policy | None = None, max_body_bytes: int = MAX_BODY_BYTES):
+        self.manager = manager
+        self.inference_log = inference_log
+        self.access = access if access is not None and access.required else None  # None: no token checked
+        self.max_body_bytes = max_body_bytes
+        self._openapi: bytes | None = None  # the document as JSON, serialized on first request
+
+    @classmethod
+    def from_environment(cls) -> PredictService:
+        """Raises config.ConfigError when the settings do not allow starting (e.g. reachable
+        beyond loopback with no token; the message says what to set)."""
+        host, how = auth.function_listen_host()
+        access = auth.server_policy(host, "the predict function", how)
+        max_body_bytes = config.max_request_bytes()
+        registry = Registry(open_storage(config.bucket_url()))
+        return cls(ModelManager(registry, config.pointer_poll_seconds()), InferenceLogger.from_environment(), access,
+                   max_body_bytes)
+
+    def authenticated(self, request: Request) -> bool:
+        return self.access is None or self.access.refusal(request.headers.get("authorization")) is None
+
+    # --- helpers -----------------------------------------------------------------------
+    def _model(self, model: Any, version: Any) -> OnnxModel:
+        if model is not None and not isinstance(model, str):
+            raise InvalidRequest("'model' must be a string")
+        if version is not None:
+            if isinstance(version, (bool, float)):
+                raise InvalidRequest(f"'version' must be an integer, got {json.dumps(version)}")
+            try:
+                version = int(version)
+            except (TypeError, ValueError):
+                raise InvalidRequest(f"'version' must be an integer, got {version!r}") from None
+        return self.manager.get(model, version)
+
+    @staticmethod
+    def _scored(loaded: OnnxModel, answer: dict, rows: int, body: dict | None = None) -> Response:
+        labelled(ROWS, loaded.model, str(loaded.version)).inc(rows)
+        return json_response(answer if body is None else body, loaded=loaded)
+
+    # --- simple protocol ---------------------------------------------------------------
+    def predict(self, request: Request, raw: bytes) -> Response:
+        body = json_object(raw)
+        loaded = self._model(body.get("model"), body.get("version"))
+        if "records" in body and "features" in body:
+            raise InvalidRequest("send either 'records' or 'features', not both: one request is one batch of rows")
+        if "records" in body:
+            rows = rows_from_records(loaded.columns, body["records"])
+        elif "features" in body:
+            rows = rows_from_features(loaded.columns, body["features"])
+        else:
+            raise InvalidRequest("send {\"records\": [{column: value}]} or {\"features\": [[values in schema order]]}")
+        # Columnar fast path: all-number model, no JSON true/false anywhere in the body.
+        if loaded.numbers_only and b"true" not in raw and b"false" not in raw:
+            matrix = number_matrix(rows, len(loaded.columns))
+            if matrix is not None:
+                return self._scored(loaded, loaded.predict_matrix(matrix), len(rows))
+        values = {c["name"]: [row[j] for row in rows] for j, c in enumerate(loaded.columns)}
+        return self._scored(loaded, loaded.predict(values, len(rows)), len(rows))
+
+    def reload(self, request: Request, raw: bytes) -> Response:
+        """A model.published event (from a Trigger): load the new version now."""
+        try:
+            event = events.parse_request(request.headers, raw)
+            if event["type"] != events.MODEL_PUBLISHED:
+                raise events.MalformedEvent(f"/reload takes {events.MODEL_PUBLISHED} events, not {event['type']}")
+            model = events.event_data(event).get("model")
+        except events.MalformedEvent as exc:
+            raise InvalidRequest(str(exc)) from None
+        if not isinstance(model, str):
+            raise InvalidRequest("the event's data names no 'model'")
+        try:  # a malformed event, not a failed load: 400, so the broker does not retry it
+            check_model_name(model)
+        except RegistryError as exc:
+            raise InvalidRequest(f"the event's data names no valid model: {exc}") from None
+        self.manager.refresh(model)
+        error = self.manager.errors().get(model)
+        if error:  # the broker retries; meanwhile the previous version keeps serving
+            raise ReloadFailed(f"could not load the new version of {model}: {error}")
+        content, status = events.empty_response()
+        return Response(content, status)
+
+    # --- Open Inference Protocol (KServe V2) ------------------------------------------
+    def v2_server(self, request: Request, raw: bytes) -> Response:
+        return json_response({"name": "bucketml", "version": __version__, "extensions": ["binary_tensor_data"]})
+
+    def v2_live(self, request: Request, raw: bytes) -> Response:
+        return json_response({"live": True})
+
+    def v2_ready(self, request: Request, raw: bytes) -> Response:
+        ready = self.manager.ready()
+        if not self.authenticated(request):  # open to probes; what is served only with the token
+            return json_response({"ready": ready}, 200 if ready else 503)
+        body = {"ready": ready, "models": {m: x.version for m, x in self.manager.loaded().items()}}
+        errors = self.manager.errors()
+        if errors:  # a current version that failed to load: the previous one serves meanwhile
+            body["errors"] = errors
+        return json_response(body, 200 if ready else 503)
+
+    def v2_model(self, request: Request, raw: bytes, model: str, version: int | None = None) -> Response:
+        loaded = self._model(model, version)
+        outputs = [{"name": "label", "datatype": "BYTES", "shape": [-1]}]
+        if loaded.task == "classification":
+            outputs.append({"name": "probabilities", "datatype": "FP32", "shape": [-1, len(loaded.classes)]})
+        else:
+            outputs = [{"name": "variable", "datatype": "FP32", "shape": [-1]}]
+        return json_response(
+            {
+                "name": model,
+                "versions": [str(loaded.version)],
+                "platform": "onnxruntime_onnx",
+                "inputs": [{"name": c["name"], "datatype": V2_TYPES[c["type"]], "shape": [-1, 1]} for c in loaded.columns],
+                "outputs": outputs,
+                "parameters": {"task": loaded.task, "classes": loaded.classes},
+            },
+            loaded=loaded,
+        )
+
+    def v2_model_ready(self, request: Request, raw: bytes, model: str, version: int | None = None) -> Response:
+        loaded = self._model(model, version)
+        body = {"name": model, "version": str(loaded.version), "ready": True}
+        error = self.manager.errors().get(model) if version is None else None
+        if error:
+            body["error"] = f"serving version {loaded.version}: the current version could not be loaded ({error})"
+        return json_response(body, loaded=loaded)
+
+    def v2_infer(self, request: Request, raw: bytes, model: str, version: int | None = None) -> Response:
+        loaded = self._model(model, version)
+        infer = open_inference.parse(raw, request.headers.get(open_inference.HEADER_LENGTH), loaded.columns)
+        answer = loaded.predict(infer.values, infer.rows)
+        tensors = open_inference.output_tensors(loaded.task, loaded.classes, answer, infer.rows)
+        body, headers = open_inference.response(model, loaded.version, infer, tensors)
+        labelled(ROWS, loaded.model, str(loaded.version)).inc(infer.rows)
+        return Response(body, 200, headers | {"Bucketml-Model": loaded.model, "Bucketml-Model-Version": str(loaded.version)})
+
+    # --- KServe V1 ---------------------------------------------------------------------
+    def v1_predict(self, request: Request, raw: bytes, model: str) -> Response:
+        body = json_object(raw)
+        loaded = self._model(model, None)
+        instances = body.get("instances")
+        if not isinstance(instances, list) or not instances:
+            raise InvalidInput("'instances' must be a non-empty list of records (objects) or rows (lists in schema order)")
+        if all(isinstance(i, list) for i in instances):
+            values = columns_from_features(loaded.columns, instances)
+        else:
+            values = columns_from_records(loaded.columns, instances)
+        rows = len(next(iter(values.values())))
+        answer = loaded.predict(values, rows)
+        return self._scored(loaded, answer, rows, {"predictions": answer["predictions"], "model": model, "version": loaded.version})
+
+    # --- operations --------------------------------------------------------------------
+    def metrics(self, request: Request, raw: bytes) -> Response:
+        """Prometheus text format."""
+        return Response(prometheus_client.generate_latest(), 200, {"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
+
+    def openapi(self, request: Request, raw: bytes) -> Response:
+        """This function's OpenAPI 3.1 document (openapi.yaml beside this module), as JSON."""
+        if self._openapi is None:
+            import importlib.resources
+
+            import yaml  # here, not at import: it is not on the cold-start path
+
+            text = importlib.resources.files(__package__).joinpath("openapi.yaml").read_text(encoding="utf-8")
+            self._openapi = orjson.dumps(yaml.safe_load(text))
+        return Response(self._openapi, 200, {"Content-Type": "application/json"})

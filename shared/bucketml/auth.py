@@ -14,7 +14,7 @@ import hmac
 import ipaddress
 from dataclasses import dataclass
 
-from bucketml import settings as config
+from bucketml import settings
 from bucketml.settings import ConfigError
 
 __all__ = ["ConfigError", "Policy", "Refusal", "client_headers", "function_listen_host", "is_loopback", "server_policy"]
@@ -83,7 +83,7 @@ def is_loopback(host: str) -> bool:
 def server_policy(listen_host: str, server: str, how: str | None = None) -> Policy:
     """The policy of a server listening on `listen_host` (`how`: why it is reachable there, for
     the message); ConfigError (with what to set) when it must not start as configured."""
-    access = config.Access.from_env()  # the token is read even when unused: a broken setting is reported, not skipped
+    access = settings.Access.from_env()  # the token is read even when unused: a broken setting is reported, not skipped
     mode, token = access.mode, access.token
     if mode == "none":
         return Policy(None, server)
@@ -106,7 +106,7 @@ def function_listen_host() -> tuple[str, str]:
     so it counts as not loopback. Otherwise it is the --host functions-framework was started
     with (its HOST variable, default 0.0.0.0), read from functions-framework's own command-line
     context, which is current while it imports the function's module."""
-    platform = config.platform()
+    platform = settings.platform()
     if platform.knative_service:
         return "0.0.0.0", "K_SERVICE is set: it runs as a Knative or Cloud Run service"
     import click
@@ -124,5 +124,5 @@ def function_listen_host() -> tuple[str, str]:
 
 def client_headers() -> dict[str, str]:
     """The Authorization header for requests to the broker or predict, when a token is set."""
-    token = config.token()
+    token = settings.token()
     return {"Authorization": f"Bearer {token}"} if token else {}

@@ -10,12 +10,12 @@ from __future__ import annotations
 import logging
 import sys
 
-from bucketml import settings as config
+from bucketml import settings
 
 
 def configure(level: int | str = logging.INFO) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    if config.platform().log_format == "json":
+    if settings.platform().log_format == "json":
         from pythonjsonlogger.json import JsonFormatter
 
         handler.setFormatter(JsonFormatter(
@@ -23,5 +23,5 @@ def configure(level: int | str = logging.INFO) -> None:
             rename_fields={"levelname": "severity", "name": "logger"},
         ))
     else:
-        handler.setFormatter(logging.Formatter(config.LOG_FORMAT, datefmt=config.LOG_DATE_FORMAT))
+        handler.setFormatter(logging.Formatter(settings.LOG_FORMAT, datefmt=settings.LOG_DATE_FORMAT))
     logging.basicConfig(level=level, handlers=[handler], force=True)

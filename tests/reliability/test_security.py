@@ -11,7 +11,7 @@ models in real onnxruntime, the CLI as a user types it.
 3. No pickle-family loader anywhere in the product code.
 4. Events are not trusted: preprocess re-reads the object and works only on the exact
    generation the event names (the behaviour is specified in
-   `bucketml.preprocessing.handle_finalized`'s docstring).
+   `bucketml.steps.preprocess.handle_finalized`'s docstring).
 5. Images run as a non-root user, manifests ask Kubernetes to enforce it, and no secret is
    committed.
 """

@@ -20,6 +20,7 @@ from bucketml.local.client import (
     Failure,
     auth_headers,
     broker_events,
+    call,
     describe,
     format_score,
     is_running,
@@ -440,12 +441,8 @@ def predict(name: str, payload: str, version: int | None, url: str) -> None:
     body["model"] = name
     if version is not None:
         body["version"] = version
-    try:
-        response = requests.post(url.rstrip("/") + "/predict", json=body, headers=auth_headers(), timeout=30)
-    except requests.RequestException:
-        raise Failure(f"the predict function is not running at {url}; start the platform with `bucketml dev`") from None
-    if response.status_code == 401:
-        raise unauthorized("the predict function", url, response)
+    response = call("POST", url, "/predict", "the predict function", json=body, timeout=30,
+                    when_down=f"the predict function is not running at {url}; start the platform with `bucketml dev`")
     if response.status_code != 200:
         try:
             message = response.json()["error"]

@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 from cloudevents.http import from_json
 
-from bucketml import settings as config
+from bucketml import settings
 from bucketml.contracts import events
 from bucketml import logs
 from bucketml.storage import StorageError, open_storage
@@ -34,9 +34,9 @@ def run(event_file: str) -> int:
         event = from_json(Path(event_file).read_bytes())
         if event["type"] != events.DATASET_PREPARED:
             raise events.MalformedEvent(f"this job trains on {events.DATASET_PREPARED} events, not {event['type']}")
-        announced = handle_prepared(open_storage(config.bucket_url()), events.event_data(event))
+        announced = handle_prepared(open_storage(settings.bucket_url()), events.event_data(event))
         for outcome in announced:
-            events.emit(config.event_sink_url(), outcome)
+            events.emit(settings.event_sink_url(), outcome)
             log.info("sent %s %s", outcome["type"], outcome["id"])
     except (OSError, ValueError, KeyError) as exc:  # unreadable file, not a CloudEvent, malformed data
         log.error("cannot train on %s: %s", event_file, exc)

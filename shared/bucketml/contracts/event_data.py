@@ -49,6 +49,19 @@ class EventData(BaseModel):
         """The event's `data` object, key for key as it was given."""
         return self.model_dump(exclude_unset=True)
 
+    @classmethod
+    def parse(cls, data: Mapping[str, Any]) -> Self:
+        """The data a step received; MalformedEvent (a 400) naming the field that is wrong."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise MalformedEvent(cls.what_is_wrong(data, _fields_in_error(exc), exc)) from None
+
+    @classmethod
+    def what_is_wrong(cls, data: Mapping[str, Any], fields: list[str], exc: ValidationError) -> str:
+        """The sender-facing sentence for a failed validation; events steps receive say more."""
+        return f"{cls.__name__} data's '{fields[0]}' is not valid: {_first_problem(exc)}"
+
 
 def _positive_whole_number(value: Any) -> Any:
     if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= MAX_INT64_DIGITS:
@@ -91,19 +104,13 @@ class StorageObjectData(EventData):
         return str(generation)
 
     @classmethod
-    def parse(cls, data: Mapping[str, Any]) -> Self:
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            fields = _fields_in_error(exc)
-            if "bucket" in fields or "name" in fields:
-                raise MalformedEvent("storage event data needs string 'bucket' and 'name'") from None
-            if "generation" in fields:
-                raise MalformedEvent(
-                    "storage event data has no valid 'generation' (a positive whole number): "
-                    f"{repr(data.get('generation'))[:60]}"
-                ) from None
-            raise MalformedEvent(f"storage event data's '{fields[0]}' is not what GCS sends: {_first_problem(exc)}") from None
+    def what_is_wrong(cls, data: Mapping[str, Any], fields: list[str], exc: ValidationError) -> str:
+        if "bucket" in fields or "name" in fields:
+            return "storage event data needs string 'bucket' and 'name'"
+        if "generation" in fields:
+            return ("storage event data has no valid 'generation' (a positive whole number): "
+                    f"{repr(data.get('generation'))[:60]}")
+        return f"storage event data's '{fields[0]}' is not what GCS sends: {_first_problem(exc)}"
 
 
 # --- the platform's own events -----------------------------------------------------------------
@@ -150,18 +157,12 @@ class DatasetPrepared(EventData):
     profile: StrictStr | None = None  # object name of profile.json (runs made before profiles have none)
 
     @classmethod
-    def parse(cls, data: Mapping[str, Any]) -> Self:
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            fields = _fields_in_error(exc)
-            if {"model", "prepared"} & set(fields) or not isinstance(data.get("upload"), dict):
-                raise MalformedEvent("dataset.prepared data needs 'model', 'prepared' and 'upload'") from None
-            if "upload" in fields:
-                raise MalformedEvent(
-                    "dataset.prepared data's 'upload' needs string 'bucket' and 'name' and a 'generation'"
-                ) from None
-            raise MalformedEvent(f"dataset.prepared data's '{fields[0]}' is not valid: {_first_problem(exc)}") from None
+    def what_is_wrong(cls, data: Mapping[str, Any], fields: list[str], exc: ValidationError) -> str:
+        if {"model", "prepared"} & set(fields) or not isinstance(data.get("upload"), dict):
+            return "dataset.prepared data needs 'model', 'prepared' and 'upload'"
+        if "upload" in fields:
+            return "dataset.prepared data's 'upload' needs string 'bucket' and 'name' and a 'generation'"
+        return f"dataset.prepared data's '{fields[0]}' is not valid: {_first_problem(exc)}"
 
 
 class DatasetRejected(EventData):

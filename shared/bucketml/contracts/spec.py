@@ -370,6 +370,11 @@ def _what_it_must_be(field: str) -> str:
     return "a string"
 
 
+# pydantic's error type for a numeric bound -> how the message says it, and the bound's key in ctx.
+BOUND_ERRORS = {"greater_than_equal": ("at least", "ge"), "less_than_equal": ("at most", "le"),
+                "greater_than": ("greater than", "gt")}
+
+
 def _describe(error: Mapping[str, Any], source: str) -> str:
     loc, kind, value, ctx = error["loc"], error["type"], error["input"], error.get("ctx") or {}
     field, item = str(loc[0]), len(loc) > 1
@@ -387,12 +392,9 @@ def _describe(error: Mapping[str, Any], source: str) -> str:
         return f"'{field}': {value!r} is not a JSON list; use a,b,c or [\"a\", \"b\"]"
     if kind == "finite_number":
         return f"'{field}' must be a finite number (got {value})"
-    if kind == "greater_than_equal":
-        return f"'{field}' must be at least {_bound(ctx['ge'])} (got {_got(_number(value, source))})"
-    if kind == "less_than_equal":
-        return f"'{field}' must be at most {_bound(ctx['le'])} (got {_got(_number(value, source))})"
-    if kind == "greater_than":
-        return f"'{field}' must be greater than {_bound(ctx['gt'])} (got {_got(_number(value, source))})"
+    if kind in BOUND_ERRORS:
+        words, limit = BOUND_ERRORS[kind]
+        return f"'{field}' must be {words} {_bound(ctx[limit])} (got {_got(_number(value, source))})"
     if kind == "string_too_short":
         return f"'{field}': names must be non-empty strings" if item else f"'{field}' must be a non-empty string"
     if kind == "too_short":

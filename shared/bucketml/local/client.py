@@ -14,7 +14,7 @@ import click
 import requests
 
 from bucketml import auth
-from bucketml import settings as config
+from bucketml import settings
 from bucketml.contracts import events
 
 
@@ -29,7 +29,7 @@ def auth_headers() -> dict[str, str]:
     """Authorization for the broker and predict when BUCKETML_TOKEN or BUCKETML_TOKEN_FILE is set."""
     try:
         return auth.client_headers()
-    except config.ConfigError as exc:
+    except settings.ConfigError as exc:
         raise Failure(str(exc)) from None
 
 
@@ -46,14 +46,23 @@ def unauthorized(what: str, url: str, response: requests.Response) -> Failure:
                    "a file holding it) to the token the platform was started with")
 
 
+def call(method: str, base_url: str, path: str, what: str, *, when_down: str, timeout: float,
+         **request: Any) -> requests.Response:
+    """One request to the broker or predict with the token; a part that is down or refuses the
+    token is a Failure saying what to do (`when_down`, or which variable to set)."""
+    try:
+        response = requests.request(method, base_url.rstrip("/") + path, headers=auth_headers(), timeout=timeout, **request)
+    except requests.RequestException:
+        raise Failure(when_down) from None
+    if response.status_code == 401:
+        raise unauthorized(what, base_url, response)
+    return response
+
+
 def broker_events(broker: str, **params: Any) -> list[dict]:
     """One page of the broker's event log (GET /events, docs/http-api.md)."""
-    try:
-        response = requests.get(broker.rstrip("/") + "/events", params=params, headers=auth_headers(), timeout=10)
-    except requests.RequestException:
-        raise Failure(f"the platform is not running at {broker}; start it with `bucketml dev`") from None
-    if response.status_code == 401:
-        raise unauthorized("the broker", broker, response)
+    response = call("GET", broker, "/events", "the broker", params=params, timeout=10,
+                    when_down=f"the platform is not running at {broker}; start it with `bucketml dev`")
     if response.status_code != 200:
         raise Failure(f"broker answered HTTP {response.status_code}: {response.text[:200]}")
     return response.json()["events"]

@@ -18,7 +18,7 @@ from starlette.responses import Response
 
 from bucketml import __version__
 from bucketml import auth
-from bucketml import settings as config
+from bucketml import settings
 from bucketml.contracts import events
 from bucketml.encoding import (
     columns_from_features,
@@ -37,7 +37,7 @@ from bucketml.serving.request_body import json_object
 from bucketml.serving.runtime import OnnxModel
 from bucketml.storage import open_storage
 
-MAX_BODY_BYTES = config.DEFAULT_MAX_REQUEST_BYTES  # BUCKETML_MAX_REQUEST_BYTES sets a service's own
+MAX_BODY_BYTES = settings.DEFAULT_MAX_REQUEST_BYTES  # BUCKETML_MAX_REQUEST_BYTES sets a service's own
 # A datetime column is one client-facing input of ISO 8601 text; the model's part inputs are internal.
 V2_TYPES = {"number": "FP32", "string": "BYTES", "boolean": "BYTES", "datetime": "BYTES"}
 
@@ -62,13 +62,13 @@ class PredictService:
 
     @classmethod
     def from_environment(cls) -> PredictService:
-        """Raises config.ConfigError when the settings do not allow starting (e.g. reachable
+        """Raises settings.ConfigError when the settings do not allow starting (e.g. reachable
         beyond loopback with no token; the message says what to set)."""
         host, how = auth.function_listen_host()
         access = auth.server_policy(host, "the predict function", how)
-        max_body_bytes = config.max_request_bytes()
-        registry = Registry(open_storage(config.bucket_url()))
-        return cls(ModelManager(registry, config.pointer_poll_seconds()), InferenceLogger.from_environment(), access,
+        max_body_bytes = settings.max_request_bytes()
+        registry = Registry(open_storage(settings.bucket_url()))
+        return cls(ModelManager(registry, settings.pointer_poll_seconds()), InferenceLogger.from_environment(), access,
                    max_body_bytes)
 
     def authenticated(self, request: Request) -> bool:

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from cloudevents.http import CloudEvent
 
-from bucketml import settings as config
+from bucketml import settings
 from bucketml.contracts import events
 from bucketml import logs
 from bucketml.storage import (
@@ -32,7 +32,7 @@ from bucketml.storage import (
 
 log = logging.getLogger("bucketml.function")
 
-MAX_EVENT_BYTES = config.max_event_bytes()  # one CloudEvent: the broker ingress's limit (BUCKETML_MAX_EVENT_BYTES)
+MAX_EVENT_BYTES = settings.max_event_bytes()  # one CloudEvent: the broker ingress's limit (BUCKETML_MAX_EVENT_BYTES)
 
 
 def configure_logging() -> None:
@@ -41,7 +41,7 @@ def configure_logging() -> None:
 
 @functools.lru_cache(maxsize=1)
 def storage() -> Storage:
-    return open_storage(config.bucket_url())
+    return open_storage(settings.bucket_url())
 
 
 def _error(status: int, message: str) -> tuple[str, int, dict[str, str]]:
@@ -78,7 +78,7 @@ def _serve(request, what: str, run: Callable[[CloudEvent], CloudEvent | list[Clo
         if isinstance(reply, list):
             *earlier, reply = reply or [None]
             for extra in earlier:  # before the reply, so subscribers see them in order
-                events.emit(config.event_sink_url(), extra)
+                events.emit(settings.event_sink_url(), extra)
     except (events.MalformedEvent, InvalidObjectName) as exc:
         log.warning("refused %s: %s", _which(event), exc)
         return _error(400, str(exc))

@@ -15,7 +15,7 @@ from google.auth import exceptions as auth_exceptions
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
-from bucketml import settings as config
+from bucketml import settings
 from bucketml.storage.base import (
     NotFound,
     ObjectInfo,
@@ -40,7 +40,7 @@ class GCSStorage(Storage):
         self.bucket_name = bucket_name
         self.url = f"gs://{bucket_name}"
         if client is None:
-            endpoint = endpoint or config.platform().storage_emulator_host
+            endpoint = endpoint or settings.platform().storage_emulator_host
             if endpoint:
                 if "://" not in endpoint:  # STORAGE_EMULATOR_HOST is often just host:port
                     endpoint = f"http://{endpoint}"

@@ -18,7 +18,7 @@ from typing import BinaryIO, Callable
 import numpy as np
 import pandas as pd
 
-from bucketml import settings as config
+from bucketml import settings
 from bucketml.contracts.rejections import Rejection
 
 MISSING_TOKENS = frozenset({"", "na", "n/a", "nan", "null", "none", "?", "-", "--", "nil", "#n/a"})
@@ -39,7 +39,7 @@ class Limits:
 
     @classmethod
     def from_environment(cls) -> "Limits":
-        return cls(**config.upload_limits())
+        return cls(**settings.upload_limits())
 
 
 @dataclasses.dataclass

@@ -24,7 +24,7 @@ from werkzeug.serving import WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request, Response
 
 from bucketml import auth
-from bucketml import settings as config
+from bucketml import settings
 from bucketml import logs
 from bucketml.local.broker.store import (
     DeliveryRecord,
@@ -39,7 +39,7 @@ from bucketml.timestamps import from_epoch
 
 log = logging.getLogger("bucketml.broker")
 
-MAX_BODY = config.DEFAULT_MAX_EVENT_BYTES  # BUCKETML_MAX_EVENT_BYTES sets a broker's own
+MAX_BODY = settings.DEFAULT_MAX_EVENT_BYTES  # BUCKETML_MAX_EVENT_BYTES sets a broker's own
 CONNECT_TIMEOUT = 10.0
 MAX_LIMIT = 1000
 # Knative retries these statuses, every 5xx and connection failures; any other 4xx means the event is unwanted.
@@ -476,8 +476,8 @@ def _subscribers(ctx: click.Context, param: click.Parameter, values: tuple[str, 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--manifests", required=True, help="folder of Knative Broker/Trigger manifests")
 @click.option("--db", required=True, help="SQLite file for the event log and delivery queue")
-@click.option("--host", default=config.DEFAULT_HOST, show_default=True)
-@click.option("--port", type=int, default=config.DEFAULT_BROKER_PORT, show_default=True)
+@click.option("--host", default=settings.DEFAULT_HOST, show_default=True)
+@click.option("--port", type=int, default=settings.DEFAULT_BROKER_PORT, show_default=True)
 @click.option("--subscriber", "subscribers", multiple=True, callback=_subscribers, metavar="SERVICE=URL",
               help="base URL of a Knative Service a Trigger names (repeatable)")
 @click.option("--log-level", default="INFO", show_default=True, type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
@@ -487,8 +487,8 @@ def main(manifests: str, db: str, host: str, port: int, subscribers: dict[str, s
     logs.configure(log_level)
     try:
         access = auth.server_policy(host, "the broker")  # before binding: refuse to listen unprotected
-        broker = Broker(manifests, subscribers, db, host, port, access=access, max_body=config.max_event_bytes())
-    except (ManifestError, OSError, sqlite3.Error, config.ConfigError) as exc:
+        broker = Broker(manifests, subscribers, db, host, port, access=access, max_body=settings.max_event_bytes())
+    except (ManifestError, OSError, sqlite3.Error, settings.ConfigError) as exc:
         log.error("cannot start: %s", exc)
         raise SystemExit(1) from None
     stop = threading.Event()

@@ -14,7 +14,7 @@ import pytest
 from bucketml.contracts import events
 from bucketml.steps import train as trainer
 from bucketml.training import candidates as candidate_models
-from bucketml.training import search as training
+from bucketml.training import search as candidate_search
 from bucketml.training.cross_validation import cv_splits
 from bucketml.training.search import CandidateSearch
 from bucketml.training.preparation import load_prepared
@@ -283,7 +283,7 @@ def test_log_loss_selects_and_compares_versions(tmp_path):
 @pytest.mark.parametrize("name", ["iris", "diabetes"])
 def test_above_the_svm_row_cap_the_svm_is_linear_or_a_sampled_kernel_by_cross_validation(tmp_path, monkeypatch, name):
     monkeypatch.setattr(candidate_models, "SVM_MAX_ROWS", 50)
-    monkeypatch.setattr(training, "CV_MAX_ROWS", 60)
+    monkeypatch.setattr(candidate_search, "CV_MAX_ROWS", 60)
     result = train_upload(LocalStorage(tmp_path / "bucket"), "big", bundled(name), {"algorithms": "svm"})
     card = result["card"]
     (svm,) = card["candidates"]
@@ -431,13 +431,13 @@ def test_budget_stops_mid_search_with_the_best_setting_so_far(monkeypatch):
     3 s, refitting is estimated at 1.5 s, so with 8 s the second setting fits the budget and
     a third does not. The candidate keeps the best of the two it tried."""
     now = [0.0]
-    real_fit = training.fit_model
+    real_fit = candidate_search.fit_model
 
     def one_second_fit(*args):
         now[0] += 1.0
         return real_fit(*args)
 
-    monkeypatch.setattr(training, "fit_model", one_second_fit)
+    monkeypatch.setattr(candidate_search, "fit_model", one_second_fit)
     frame = bundled("iris")
     x = frame.drop(columns="target").astype("float32")
     y = frame["target"].astype(str)

@@ -7,7 +7,7 @@ Run: functions-framework --source functions/deadletter/main.py --target deadlett
 
 import functions_framework
 
-from bucketml.steps import deadletter as dead_letters
+from bucketml.steps.deadletter import keep
 from bucketml.steps.cloudevent_http import configure_logging, handle_any
 
 configure_logging()
@@ -15,4 +15,4 @@ configure_logging()
 
 @functions_framework.http
 def deadletter(request):
-    return handle_any(request, dead_letters.keep)
+    return handle_any(request, keep)

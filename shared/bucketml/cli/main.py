@@ -484,16 +484,16 @@ def events_command(ctx: click.Context, model: str | None, type_: str | None, lim
 @bucket_option
 def events_dead(dead_letter_id: str | None, bucket: str) -> None:
     """List the dead-letter store (deadletters/ in the bucket), or show one record in full."""
-    from bucketml.steps import deadletter as dead_letters
+    from bucketml.steps import deadletter
 
     storage = _storage(bucket)
     if dead_letter_id:
         try:
-            click.echo(json.dumps(dead_letters.get(storage, dead_letter_id).record, indent=2))
-        except dead_letters.DeadLetterNotFound as exc:
+            click.echo(json.dumps(deadletter.get(storage, dead_letter_id).record, indent=2))
+        except deadletter.DeadLetterNotFound as exc:
             raise Failure(str(exc)) from None
         return
-    found = list(dead_letters.summaries(storage))
+    found = list(deadletter.summaries(storage))
     if not found:
         click.echo("no dead letters: every event reached its subscribers")
         return
@@ -512,12 +512,12 @@ def events_dead(dead_letter_id: str | None, bucket: str) -> None:
 def events_replay(dead_letter_id: str, bucket: str, broker: str) -> None:
     """Send a dead letter to the broker again; it is routed by the Triggers as on first arrival
     (every bucketml handler is idempotent). The record stays, with the replay noted."""
-    from bucketml.steps import deadletter as dead_letters
+    from bucketml.steps import deadletter
 
     storage = _storage(bucket)
     try:
-        letter = dead_letters.replay(storage, dead_letter_id, broker)
-    except dead_letters.DeadLetterNotFound as exc:
+        letter = deadletter.replay(storage, dead_letter_id, broker)
+    except deadletter.DeadLetterNotFound as exc:
         raise Failure(str(exc)) from None
     except events.SinkUnavailable as exc:
         raise Failure(f"{exc}; is the platform running (`bucketml dev`)?") from None

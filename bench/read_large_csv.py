@@ -24,7 +24,7 @@ import pandas as pd
 
 READERS = {
     "bucketml": (
-        "from bucketml.csv_reading import read_csv\n"
+        "from bucketml.training.reading import read_csv\n"
         "frame = read_csv(lambda: open(PATH, 'rb'), 'big.csv', {})\n"
         "rows_kept, rows_read = len(frame), frame.attrs['rows_read']\n"
     ),

@@ -1,4 +1,4 @@
-"""The GCS event source (bucketml.gcs_source) without a cluster.
+"""The GCS event source (bucketml.cloud.gcs_source) without a cluster.
 
 The path is the production one with emulators standing in for Google: fake-gcs-server publishes
 bucket notifications to a topic of the Pub/Sub emulator, the adapter pulls them and posts the

@@ -5,7 +5,7 @@ Without Eventarc, a bucket's notifications go to a Pub/Sub topic
 --payload-format=json`). This adapter pulls them from a subscription of that topic and posts each
 one to the sink (K_SINK, injected by a Knative SinkBinding or ContainerSource) as the same
 `google.cloud.storage.object.v1.finalized` CloudEvent the local watcher sends
-(`bucketml.events.finalized_event`), in binary content mode.
+(`bucketml.contracts.events.finalized_event`), in binary content mode.
 
 A message is acknowledged only after the sink answered 2xx; any other outcome nacks it, so Pub/Sub
 redelivers it. Killing the adapter loses nothing: what it had not acknowledged comes back.

@@ -155,7 +155,7 @@ def split(features: pd.DataFrame, y: pd.Series, classes: list[str], rare: list[s
 
 def prepare(frame: pd.DataFrame, upload: Upload, spec: dict[str, Any]) -> dict[str, Any]:
     """Decide target, task and columns; split; profile. Returns the schema, the two frames and
-    the profile (bucketml.columns.build_profile)."""
+    the profile (bucketml.training.column_types.build_profile)."""
     target, target_origin = find_target(frame, upload, spec)
     notes: list[str] = list(frame.attrs.get("notes", []))  # what reading the file decided
     uploaded = int(frame.attrs.get("rows_read", len(frame)))

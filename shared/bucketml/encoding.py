@@ -294,28 +294,37 @@ def number_matrix(rows: list, width: int) -> np.ndarray | None:
 # --- records and feature rows -> columns -----------------------------------------------------
 
 
-def columns_from_records(columns: Columns, records: Any) -> dict[str, list]:
+def columns_from_records(columns: Columns, records: Any, ignored: frozenset[str] = frozenset()) -> dict[str, list]:
     names = [c["name"] for c in columns]
-    return dict(zip(names, map(list, zip(*rows_from_records(columns, records)))))
+    return dict(zip(names, map(list, zip(*rows_from_records(columns, records, ignored)))))
 
 
-def rows_from_records(columns: Columns, records: Any) -> list:
-    """Each record's values in schema order (a tuple per record), after checking the records."""
+def rows_from_records(columns: Columns, records: Any, ignored: frozenset[str] = frozenset()) -> list:
+    """Each record's values in schema order (a tuple per record), after checking the records.
+
+    `ignored`: names a record may also carry, whose values are dropped (the uploaded columns the
+    model does not take: its target, the columns preprocess dropped); any other name is unknown."""
     if not isinstance(records, list) or not records:
         raise InvalidInput("'records' must be a non-empty list of objects")
     if len(records) > MAX_ROWS:
         raise TooManyRows(f"at most {MAX_ROWS} records per request, got {len(records)}")
     names = [c["name"] for c in columns]
     known = set(names)
+    accepted: set[str] | None = None  # known | ignored, made only when a record has more than known
     for i, record in enumerate(records):
         if type(record) is dict and len(record) == len(known) and known.issuperset(record):
             continue  # exactly the model's columns: the usual case, checked in one step
+        if ignored and type(record) is dict:
+            if accepted is None:
+                accepted = known | ignored
+            if accepted.issuperset(record) and record.keys() >= known:
+                continue  # a row as uploaded: every column, and some the model ignores
         if not isinstance(record, dict):
             raise InvalidInput(f"records[{i}] must be an object of column: value")
         missing = [n for n in names if n not in record]
         if missing:
             raise InvalidInput(f"records[{i}] lacks column(s) {', '.join(missing)}; send null for an unknown value")
-        unknown = [k for k in record if k not in known]
+        unknown = [k for k in record if k not in known and k not in ignored]
         if unknown:
             raise InvalidInput(f"records[{i}] has unknown column(s) {', '.join(map(str, unknown))}; expected {', '.join(names)}")
     if len(names) == 1:  # itemgetter of one name gives the value, not a tuple

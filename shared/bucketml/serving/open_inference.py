@@ -4,7 +4,9 @@ Tensors arrive as JSON `data` or, with Triton's binary tensor data extension (wh
 tritonclient sends by default), as raw bytes after a JSON header whose length is in the
 `Inference-Header-Content-Length` header; each such input says its `binary_data_size`.
 Outputs are JSON unless the request asks for binary (`parameters.binary_data_output`, or
-`binary_data` on a requested output). One input per model column, shape [rows] or [rows, 1].
+`binary_data` on a requested output). One input per model column, shape [rows] or [rows, 1];
+an input named after an uploaded column the model ignores (its target, a dropped column) is
+read, to account for its bytes, and left out.
 """
 
 from __future__ import annotations
@@ -45,8 +47,10 @@ class InferRequest:
     binary: set[str]  # outputs to return as binary data
 
 
-def parse(body: bytes, header_length: str | None, columns: list[dict]) -> InferRequest:
-    """An infer request for a model with `columns`; InvalidRequest or InvalidInput name what is wrong."""
+def parse(body: bytes, header_length: str | None, columns: list[dict],
+          ignored: frozenset[str] = frozenset()) -> InferRequest:
+    """An infer request for a model with `columns`; inputs named in `ignored` are accepted and
+    left out. InvalidRequest or InvalidInput name what is wrong."""
     binary_part = b""
     if header_length is not None:
         try:
@@ -96,7 +100,7 @@ def parse(body: bytes, header_length: str | None, columns: list[dict]) -> InferR
 
     names = list(kinds)
     missing = [n for n in names if n not in by_name]
-    unknown = [n for n in by_name if n not in kinds]
+    unknown = [n for n in by_name if n not in kinds and n not in ignored]
     if missing or unknown:
         raise InvalidInput(
             f"inputs must be exactly the model's columns; missing: {', '.join(missing) or 'none'}; "

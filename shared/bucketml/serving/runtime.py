@@ -26,6 +26,9 @@ class OnnxModel:
         # Every column a number: requests can take the columnar fast path (predict_matrix).
         self.numbers_only = all(c["type"] == "number" for c in self.columns)
         self._inputs = [c.get("input", c["name"]) for c in self.columns]
+        # The uploaded columns the model does not take, accepted in requests and dropped.
+        self.ignored_inputs: list[str] = ignored_inputs(card)
+        self.ignored: frozenset[str] = frozenset(self.ignored_inputs)
         self._session: Any = None
         self._output_names: list[str] = []
 
@@ -56,3 +59,20 @@ class OnnxModel:
         else:
             answer["predictions"] = outputs[0].reshape(-1).astype(np.float64).tolist()
         return answer
+
+
+def ignored_inputs(card: dict[str, Any]) -> list[str]:
+    """The columns of the upload that are not the model's inputs, as the card records them: the
+    target, then the columns preprocess dropped (identifiers, constants, what the spec drops...).
+    A request may carry them (rows as uploaded); they are ignored. A card that records neither
+    (one registered by hand, or older) gives none: such requests stay unknown columns."""
+    schema = card.get("schema") or {}
+    inputs = {c["name"] for c in schema.get("columns", [])}
+    target = schema.get("target", card.get("target"))
+    data = card.get("data") if isinstance(card.get("data"), dict) else {}
+    names = [target] + [d.get("column") for d in data.get("dropped") or [] if isinstance(d, dict)]
+    ignored: list[str] = []
+    for name in names:
+        if isinstance(name, str) and name and name not in inputs and name not in ignored:
+            ignored.append(name)
+    return ignored

@@ -99,7 +99,7 @@ class PredictService:
         if "records" in body and "features" in body:
             raise InvalidRequest("send either 'records' or 'features', not both: one request is one batch of rows")
         if "records" in body:
-            rows = rows_from_records(loaded.columns, body["records"])
+            rows = rows_from_records(loaded.columns, body["records"], loaded.ignored)
         elif "features" in body:
             rows = rows_from_features(loaded.columns, body["features"])
         else:
@@ -165,7 +165,7 @@ class PredictService:
                 "platform": "onnxruntime_onnx",
                 "inputs": [{"name": c["name"], "datatype": V2_TYPES[c["type"]], "shape": [-1, 1]} for c in loaded.columns],
                 "outputs": outputs,
-                "parameters": {"task": loaded.task, "classes": loaded.classes},
+                "parameters": {"task": loaded.task, "classes": loaded.classes, "ignored_inputs": loaded.ignored_inputs},
             },
             loaded=loaded,
         )
@@ -180,7 +180,8 @@ class PredictService:
 
     def v2_infer(self, request: Request, raw: bytes, model: str, version: int | None = None) -> Response:
         loaded = self._model(model, version)
-        infer = open_inference.parse(raw, request.headers.get(open_inference.HEADER_LENGTH), loaded.columns)
+        infer = open_inference.parse(raw, request.headers.get(open_inference.HEADER_LENGTH), loaded.columns,
+                                     loaded.ignored)
         answer = loaded.predict(infer.values, infer.rows)
         tensors = open_inference.output_tensors(loaded.task, loaded.classes, answer, infer.rows)
         body, headers = open_inference.response(model, loaded.version, infer, tensors)
@@ -197,7 +198,7 @@ class PredictService:
         if all(isinstance(i, list) for i in instances):
             values = columns_from_features(loaded.columns, instances)
         else:
-            values = columns_from_records(loaded.columns, instances)
+            values = columns_from_records(loaded.columns, instances, loaded.ignored)
         rows = len(next(iter(values.values())))
         answer = loaded.predict(values, rows)
         return self._scored(loaded, answer, rows, {"predictions": answer["predictions"], "model": model, "version": loaded.version})

@@ -54,3 +54,8 @@ def test_predict_errors_are_one_line(tmp_path):
     assert_one_line_error(run("predict", "m", "{bad", cwd=tmp_path), "not valid JSON")
     assert_one_line_error(run("predict", "m", json.dumps({"a": 1}), cwd=tmp_path), "not running", "bucketml dev")
     assert_one_line_error(run("events", cwd=tmp_path), "not running")
+
+
+def test_upload_says_where_it_asks_predict(tmp_path):
+    result = run("upload", "--help", cwd=tmp_path)
+    assert result.returncode == 0 and "--predict-url" in result.stdout and "BUCKETML_PREDICT_URL" in result.stdout, result

@@ -17,6 +17,7 @@ from helpers import (
     BUCKETML,
     churn_frame,
     for_upload,
+    free_port,
     free_ports,
     running_platform,
     wait_for_event,
@@ -109,6 +110,54 @@ def test_upload_trains_serves_and_hot_swaps(platform):
     while predict(platform, {"model": "churn", "records": RECORDS}).json()["version"] != 1:
         assert time.monotonic() < deadline, "predict kept serving version 2 after the rollback"
         time.sleep(0.1)
+
+
+def upload(platform, model: str, filename: str, content: bytes, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    """`bucketml upload` as a user types it, against the running platform."""
+    staging = platform["root"] / "staging" / filename
+    staging.parent.mkdir(exist_ok=True)
+    staging.write_bytes(content)
+    env = dict(os.environ, BUCKETML_BROKER_URL=platform["broker"], BUCKETML_PREDICT_URL=platform["predict"],
+               BUCKETML_BUCKET=str(platform["bucket"]))
+    return subprocess.run([BUCKETML, "upload", str(staging), "--model", model, "--timeout", str(timeout), *args],
+                          capture_output=True, text=True, env=env, timeout=180)
+
+
+def test_upload_command_returns_once_predict_serves_the_version(platform):
+    first = upload(platform, "served", "first.csv", churn_frame(seed=5).to_csv(index=False).encode())
+    assert first.returncode == 0 and "Traceback" not in first.stderr, first
+    lines = first.stdout.splitlines()
+    assert lines[-2].startswith("  published  served version 1: "), first.stdout
+    assert lines[-1] == "  served     served version 1", first.stdout
+    # Right after the command, with no sleep and no retry: served, pinned and unpinned.
+    pinned = predict(platform, {"model": "served", "version": 1, "records": RECORDS})
+    unpinned = predict(platform, {"model": "served", "records": RECORDS})
+    assert pinned.status_code == 200 and pinned.json()["version"] == 1, pinned.text
+    assert unpinned.status_code == 200 and unpinned.json()["version"] == 1, unpinned.text
+
+    second = upload(platform, "served", "second.csv", churn_frame(seed=6).to_csv(index=False).encode())
+    assert second.returncode == 0 and second.stdout.splitlines()[-1] == "  served     served version 2", second
+    unpinned = predict(platform, {"model": "served", "records": RECORDS})
+    assert unpinned.status_code == 200 and unpinned.json()["version"] == 2, unpinned.text
+
+    # Trained but not promoted: the line that says so is the last; nothing is waited for.
+    kept = upload(platform, "served", "third.csv", churn_frame(seed=6).to_csv(index=False).encode(),
+                  "--set", "promotion=if_better")
+    assert kept.returncode == 0, kept
+    assert kept.stdout.splitlines()[-1].endswith("(current stays 2)"), kept.stdout
+    assert predict(platform, {"model": "served", "records": RECORDS}).json()["version"] == 2
+
+
+def test_upload_command_fails_in_one_line_when_predict_does_not_serve(platform):
+    nobody = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    # One timeout covers training and serving: what is left of it after training is waited.
+    result = upload(platform, "unserved", "data.csv", churn_frame(seed=7).to_csv(index=False).encode(),
+                    "--predict-url", nobody, timeout=25)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result
+    assert "  published  unserved version 1: " in result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: unserved version 1 was published"), result.stderr
+    assert f"predict at {nobody} does not serve it yet" in lines[0]
 
 
 def test_duplicate_delivery_makes_one_version(platform):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import json
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -26,6 +27,7 @@ from bucketml.local.client import (
     is_running,
     unauthorized,
     wait_for_outcome,
+    wait_until_served,
 )
 from bucketml.storage import StorageError, open_storage
 
@@ -84,13 +86,21 @@ def dev(bucket, state_dir, host, predict_port, broker_port, preprocess_port, tra
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="A dataset spec field for this upload (repeatable), e.g. --set drop=id,notes --set metric=f1_macro; "
                    "overrides datasets/<model>/bucketml.yaml.")
-@click.option("--wait/--no-wait", default=True, show_default=True, help="Wait for the outcome.")
-@click.option("--timeout", default=900.0, show_default=True, help="Seconds to wait for the outcome.")
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="Wait for the outcome and, when a version is published, until predict serves it.")
+@click.option("--timeout", default=900.0, show_default=True,
+              help="Seconds to wait for the outcome and for predict to serve a published version.")
 @bucket_option
 @broker_option
+@click.option("--predict-url", envvar="BUCKETML_PREDICT_URL", default=config.predict_url(), show_default=True,
+              help="The predict function (BUCKETML_PREDICT_URL), asked whether it serves a published version.")
 def upload(file: Path, model: str, target: str | None, task: str | None, settings: tuple[str, ...], wait: bool,
-           timeout: float, bucket: str, broker: str) -> None:
-    """Upload FILE as a dataset for a model and wait until it is published or rejected.
+           timeout: float, bucket: str, broker: str, predict_url: str) -> None:
+    """Upload FILE as a dataset for a model and wait until it is served, trained but not
+    promoted, rejected or failed.
+
+    A published version is waited for until predict (--predict-url) answers unpinned requests
+    with it, so a /predict right after this command returns gets that version.
 
     --target, --task and --set are stored as the object's custom metadata, where they take
     precedence over the model's bucketml.yaml."""
@@ -108,9 +118,12 @@ def upload(file: Path, model: str, target: str | None, task: str | None, setting
     if not is_running(broker):
         click.echo(f"the platform is not running at {broker}; `bucketml dev` will process the upload when it starts")
         return
+    deadline = time.monotonic() + timeout
     outcome = wait_for_outcome(broker, name, info.generation, timeout)
     if outcome["type"] in (events.DATASET_REJECTED, events.TRAINING_FAILED):
         sys.exit(1)
+    if outcome["type"] == events.MODEL_PUBLISHED:
+        wait_until_served(predict_url, model, outcome["data"]["version"], deadline - time.monotonic())
 
 
 def check_upload_size(file: Path) -> None:

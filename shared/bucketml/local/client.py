@@ -1,7 +1,8 @@
 """A client of a running platform: the broker's event log, followed for one upload.
 
-Shared by the `bucketml` command line and `bucketml dev --demo`, which both upload a dataset
-and wait for what became of it. Errors are `Failure`: one line the CLI prints as
+Shared by the `bucketml` command line and `bucketml dev --demo`, which both upload a dataset,
+wait for what became of it and, once a version is published, for the predict function to
+serve it. Errors are `Failure`: one line the CLI prints as
 `error: ...` with exit code 1, and the demo prints in its log.
 """
 
@@ -94,6 +95,65 @@ def wait_for_outcome(broker: str, name: str, generation: int, timeout: float,
                 return event
         time.sleep(0.3)
     raise Failure(f"no outcome within {timeout:.0f}s; follow it with `bucketml events`")
+
+
+def wait_until_served(predict: str, model: str, version: int, timeout: float,
+                      echo: Callable[[str], Any] = click.echo) -> None:
+    """After model.published: wait until the predict function at `predict` serves `version`
+    of `model` to unpinned requests, then echo the `served` line.
+
+    Served means `GET /v2/models/{model}/ready` names that version (the version an unpinned
+    /predict to that replica computes with) and `GET /v2/models/{model}/versions/{version}/ready`
+    answers 200. A replica picks a new version up on the published event (/reload) or its next
+    poll of the pointer; until then the previous version, or none, answers. Predict that is
+    down, refuses or does not serve the version before `timeout` is one Failure line."""
+    deadline = time.monotonic() + max(timeout, 0.0)
+    said_waiting = False
+    started = time.monotonic()
+    while True:
+        reason = _serving(predict, model, version)
+        if reason is None:
+            echo(f"  served     {model} version {version}")
+            return
+        if time.monotonic() >= deadline:
+            break
+        if not said_waiting and time.monotonic() - started > 5:
+            echo(f"  waiting    for predict at {predict} to serve {model} version {version} ({reason})")
+            said_waiting = True
+        time.sleep(min(0.2, max(deadline - time.monotonic(), 0.0)))
+    raise Failure(f"{model} version {version} was published, but predict at {predict} does not serve it yet "
+                  f"({reason}); set --predict-url or BUCKETML_PREDICT_URL if predict runs elsewhere")
+
+
+def _serving(predict: str, model: str, version: int) -> str | None:
+    """None when predict serves `version` of `model` to unpinned requests, else why not."""
+    try:
+        current = call("GET", predict, f"/v2/models/{model}/ready", "the predict function", timeout=5,
+                       when_down="not reachable")
+        if current.status_code != 200:
+            return f"HTTP {current.status_code}: {_error_of(current)}"
+        served = current.json().get("version")
+        if str(served) != str(version):
+            error = current.json().get("error")
+            return f"it serves version {served}" + (f"; {error}" if error else "")
+        pinned = call("GET", predict, f"/v2/models/{model}/versions/{version}/ready", "the predict function",
+                      timeout=5, when_down="not reachable")
+        if pinned.status_code != 200:
+            return f"HTTP {pinned.status_code} for version {version}: {_error_of(pinned)}"
+    except Failure as exc:
+        if exc.message != "not reachable":  # a refused token: waiting does not help
+            raise
+        return "not reachable"
+    except (ValueError, AttributeError):
+        return "an answer that is not JSON"
+    return None
+
+
+def _error_of(response: requests.Response) -> str:
+    try:
+        return str(response.json()["error"])[:200]
+    except (ValueError, KeyError, TypeError):
+        return response.text[:200]
 
 
 def describe(type_: str, data: dict) -> str:

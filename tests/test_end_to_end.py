@@ -140,8 +140,11 @@ def test_upload_command_returns_once_predict_serves_the_version(platform):
     unpinned = predict(platform, {"model": "served", "records": RECORDS})
     assert unpinned.status_code == 200 and unpinned.json()["version"] == 2, unpinned.text
 
-    # Trained but not promoted: the line that says so is the last; nothing is waited for.
-    kept = upload(platform, "served", "third.csv", churn_frame(seed=6).to_csv(index=False).encode(),
+    # Trained but not promoted (labels shuffled, under if_better): the line that says so is the
+    # last; nothing is waited for.
+    shuffled = churn_frame(seed=6)
+    shuffled["label"] = shuffled["label"].sample(frac=1.0, random_state=0).to_numpy()
+    kept = upload(platform, "served", "third.csv", shuffled.to_csv(index=False).encode(),
                   "--set", "promotion=if_better")
     assert kept.returncode == 0, kept
     assert kept.stdout.splitlines()[-1].endswith("(current stays 2)"), kept.stdout

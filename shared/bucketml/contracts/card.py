@@ -299,6 +299,14 @@ class Promotion(CardPart):
     current_version: int | None = None
     current_score: Number | None = None
     new_score: Number | None = None
+    # if_better (see steps.train.decide_promotion): both versions on the current version's test
+    # rows, the trivial baseline on the new rows, and the tolerance the scores were held to.
+    current_rows: str | None = None
+    current_rows_score_new: Number | None = None
+    current_rows_score_current: Number | None = None
+    baseline_score: Number | None = None
+    tolerance: Number | None = None
+    tolerance_kind: str | None = None  # "absolute" (scores) or "relative" (rmse, mae, log_loss)
 
 
 class Upload(CardPart):

@@ -199,6 +199,9 @@ class ModelTrained(EventData):
     card_object: StrictStr
     upload: UploadRef
     report_object: StrictStr | None = None  # absent for versions without a report
+    # model.trained only: the training's promotion decision, {promoted, reason} as the card's
+    # `promotion` has them; absent for versions made before promotion records.
+    promotion: dict[str, Any] | None = None
 
 
 class ModelPublished(ModelTrained):

@@ -15,17 +15,18 @@ from collections.abc import Mapping
 from importlib import metadata as importlib_metadata
 from typing import Any
 
+import numpy as np
 from cloudevents.http import CloudEvent
 
 from bucketml.contracts import events
 from bucketml.contracts.event_data import DatasetPrepared, TrainingFailed
 from bucketml.training.column_types import with_categories
-from bucketml.training.preparation import load_prepared
+from bucketml.training.preparation import from_csv, load_prepared
 from bucketml.training.export import ParityError, check_parity, served_columns, to_onnx, with_metadata
 from bucketml.registry.model_registry import Registry, RegistryError, UploadRegistered, check_model_name
 from bucketml.contracts.rejections import outcome_object
 from bucketml.encoding import feeds_from_columns, new_session
-from bucketml.contracts.spec import better, metric_for, with_defaults
+from bucketml.contracts.spec import LOWER_IS_BETTER, better, metric_for, with_defaults
 from bucketml.storage import InvalidObjectName, NotFound, Storage
 from bucketml.training.metrics import score
 from bucketml.training.search import CandidateSearch, TrainingError
@@ -70,7 +71,8 @@ def handle_prepared(storage: Storage, data: Mapping[str, Any]) -> list[CloudEven
     schema = dict(schema, columns=with_categories(schema["columns"], train[0]))
     metric = metric_for(spec, schema["task"])
     # Decided before the version is registered, so the card can say what happened.
-    promotion = decide_promotion(registry, model, spec, schema, chosen.metrics[metric], test, metric, onnx_bytes)
+    promotion = decide_promotion(registry, model, spec, schema, chosen.metrics[metric], test, metric, onnx_bytes,
+                                 train)
     newer = newer_generation(storage, upload)
     if promotion["promoted"] and newer is not None:  # a late delivery: the newer upload's training decides
         promotion.update(promoted=False, reason=f"{upload['name']} was replaced by generation {newer} after this upload")
@@ -170,17 +172,37 @@ def newer_generation(storage: Storage, upload: dict[str, Any]) -> int | None:
         return None
 
 
+# if_better: how much worse than the current version a new one may score on held-out rows and
+# still be promoted (held-out scores are noisy; an honest new sample must not lose by chance).
+# Scores in [0, 1] (and r2): absolute; error metrics (rmse, mae, log_loss): relative to the
+# current version's score.
+ABSOLUTE_TOLERANCE = 0.02
+RELATIVE_TOLERANCE = 0.05
+
+
 def decide_promotion(
     registry: Registry, model: str, spec: dict[str, Any], schema: dict[str, Any], new_score: float, test: tuple, metric: str,
-    new_onnx: bytes,
+    new_onnx: bytes, train: tuple | None = None,
 ) -> dict[str, Any]:
     """Whether the new version should become current, and why (recorded in the card).
 
     `promotion: always` promotes. `if_better` runs the CURRENT and the NEW version's ONNX
-    models on the NEW held-out rows and promotes only if the new score is strictly better by
-    `metric`. A
-    current version with a different schema (task, columns and their types, classes) cannot
-    be compared, nor one that fails to run: then the new version is promoted.
+    models, as predict serves them, on the current version's held-out rows (its prepared
+    test.csv, through its card's lineage.prepared) and on the new upload's, and promotes
+    unless one of these holds:
+
+    - on the current version's rows the new version is worse than the current one by more
+      than the tolerance (`within_tolerance`);
+    - on the new rows the new version is worse than the current one by more than the tolerance;
+    - on the new rows the new version is not strictly better than the trivial baseline: the
+      training rows' most frequent class (class priors as probabilities), or their mean target.
+
+    A current version whose prepared rows are gone, fail to load or to run, or leave the
+    metric undefined, is compared as before the current rows were used: the new version must
+    be strictly better on the new rows (and better than the baseline); the reason says so.
+    A current version with a different schema (task, columns and their types, classes)
+    cannot be compared, nor one that fails to run on the new rows: then the new version is
+    promoted.
     """
     policy = spec.get("promotion") or "always"
     record: dict[str, Any] = {
@@ -201,7 +223,8 @@ def decide_promotion(
         if difference:
             record["reason"] = f"not comparable with version {current}: {difference}"
             return record
-        record["current_score"] = onnx_score(registry.model_bytes(model, current), card["schema"], test, metric)
+        current_onnx = registry.model_bytes(model, current)
+        record["current_score"] = onnx_score(current_onnx, card["schema"], test, metric)
     except Exception as exc:  # a current version that cannot be read or run is no reason to keep it
         record["reason"] = f"version {current} could not be evaluated: {exc}"
         return record
@@ -211,12 +234,85 @@ def decide_promotion(
     if new_score is None or record["current_score"] is None:  # roc_auc when a class has no test row
         record["reason"] = f"{metric} is undefined on the new test rows: not comparable with version {current}"
         return record
-    record["promoted"] = better(metric, new_score, record["current_score"])
-    relation = "better than" if record["promoted"] else "not better than"
-    record["reason"] = (
-        f"{metric} {new_score:.4f} is {relation} version {current}'s {record['current_score']:.4f} on the new test rows"
-    )
+    tolerance, relative = (RELATIVE_TOLERANCE, True) if metric in LOWER_IS_BETTER else (ABSOLUTE_TOLERANCE, False)
+    record.update(tolerance=tolerance, tolerance_kind="relative" if relative else "absolute",
+                  current_rows=None, current_rows_score_new=None, current_rows_score_current=None, baseline_score=None)
+    refusals: list[str] = []
+    fallback = None
+    try:  # the current version's own held-out rows: data the new upload cannot have spoilt
+        prefix = card["lineage"]["prepared"]
+        prepared_schema = json.loads(registry.storage.read(prefix + "schema.json"))
+        current_test = from_csv(registry.storage.read(prefix + "test.csv"), prepared_schema)
+        on_new = onnx_score(new_onnx, schema, current_test, metric)
+        on_current = onnx_score(current_onnx, card["schema"], current_test, metric)
+        if on_new is None or on_current is None:
+            raise ValueError(f"{metric} is undefined on them")
+        record.update(current_rows=prefix + "test.csv", current_rows_score_new=on_new, current_rows_score_current=on_current)
+        if not within_tolerance(metric, on_new, on_current):
+            refusals.append(
+                f"{metric} {on_new:.4f} on version {current}'s test rows is worse than its {on_current:.4f} "
+                f"by more than the tolerance ({tolerance_text(tolerance, relative)})"
+            )
+    except Exception as exc:  # rows gone (NotFound), unreadable, or the models fail on them
+        fallback = f"version {current}'s test rows could not be used ({type(exc).__name__}: {exc})"
+    baseline = baseline_score(schema, train, test, metric) if train is not None else None
+    record["baseline_score"] = baseline
+    if baseline is not None and not better(metric, new_score, baseline):
+        refusals.append(f"{metric} {new_score:.4f} on the new test rows is no better than the baseline's {baseline:.4f} "
+                        f"({'the most frequent class' if schema['task'] == 'classification' else 'the mean target'})")
+    if fallback is not None:  # the comparison made before the current rows were used
+        if not better(metric, new_score, record["current_score"]):
+            refusals.append(f"{metric} {new_score:.4f} is not better than version {current}'s "
+                            f"{record['current_score']:.4f} on the new test rows")
+    elif not within_tolerance(metric, new_score, record["current_score"]):
+        refusals.append(
+            f"{metric} {new_score:.4f} on the new test rows is worse than version {current}'s "
+            f"{record['current_score']:.4f} by more than the tolerance ({tolerance_text(tolerance, relative)})"
+        )
+    record["promoted"] = not refusals
+    if refusals:
+        reason = "; ".join(refusals)
+    elif fallback is None:
+        reason = (
+            f"{metric} {new_score:.4f} vs version {current}'s {record['current_score']:.4f} on the new test rows and "
+            f"{record['current_rows_score_new']:.4f} vs {record['current_rows_score_current']:.4f} on version {current}'s "
+            f"test rows: within the tolerance ({tolerance_text(tolerance, relative)})"
+            + (f", and better than the baseline's {baseline:.4f}" if baseline is not None else "")
+        )
+    else:
+        reason = f"{metric} {new_score:.4f} is better than version {current}'s {record['current_score']:.4f} on the new test rows"
+    record["reason"] = f"{fallback}: compared on the new test rows only; {reason}" if fallback else reason
     return record
+
+
+def within_tolerance(metric: str, score: float, current: float) -> bool:
+    """`score` is not worse than `current` by more than the tolerance: absolute 0.02 for scores
+    (higher is better), relative 5% of `current` for errors (lower is better)."""
+    if metric in LOWER_IS_BETTER:
+        return score <= current * (1 + RELATIVE_TOLERANCE) + 1e-12
+    return score >= current - ABSOLUTE_TOLERANCE - 1e-12
+
+
+def tolerance_text(tolerance: float, relative: bool) -> str:
+    return f"{tolerance:.0%} of the current score" if relative else f"{tolerance:g}"
+
+
+def baseline_score(schema: dict[str, Any], train: tuple, test: tuple, metric: str) -> float | None:
+    """`metric` on `test` of the trivial model of the training rows: the most frequent class
+    (class priors as probabilities) for classification, the mean target for regression."""
+    y_train, y_test = train[1], test[1]
+    if len(y_train) == 0 or len(y_test) == 0:
+        return None
+    if schema["task"] == "classification":
+        classes = [str(c) for c in schema["classes"]]
+        counts = y_train.astype(str).value_counts()
+        priors = np.array([counts.get(c, 0) for c in classes], dtype="float64") / len(y_train)
+        majority = str(counts.idxmax())
+        predicted = np.full(len(y_test), majority, dtype=object).astype(str)
+        probabilities = np.tile(priors, (len(y_test), 1))
+        return score("classification", y_test.to_numpy().astype(str), predicted, probabilities, classes)[metric]
+    predicted = np.full(len(y_test), float(y_train.astype("float64").mean()))
+    return score(schema["task"], y_test.to_numpy(), predicted)[metric]
 
 
 def schema_difference(current: dict[str, Any], new: dict[str, Any]) -> str | None:

@@ -23,6 +23,7 @@ from bucketml.local.client import (
     broker_events,
     call,
     describe,
+    error_text,
     format_score,
     is_running,
     unauthorized,
@@ -457,11 +458,7 @@ def predict(name: str, payload: str, version: int | None, url: str) -> None:
     response = call("POST", url, "/predict", "the predict function", json=body, timeout=30,
                     when_down=f"the predict function is not running at {url}; start the platform with `bucketml dev`")
     if response.status_code != 200:
-        try:
-            message = response.json()["error"]
-        except (ValueError, KeyError):
-            message = response.text[:200]
-        raise Failure(f"HTTP {response.status_code}: {message}")
+        raise Failure(f"HTTP {response.status_code}: {error_text(response)}")
     click.echo(json.dumps(response.json(), indent=2))
 
 

@@ -26,6 +26,18 @@ class Failure(click.ClickException):
         click.echo(f"error: {self.format_message()}", err=True)
 
 
+class Unreachable(Failure):
+    """The part did not answer at all (connection refused, timeout): one that may be starting."""
+
+
+def error_text(response: requests.Response) -> str:
+    """What a part said was wrong: its JSON `error`, else the start of the body."""
+    try:
+        return str(response.json()["error"])
+    except (ValueError, KeyError, TypeError):
+        return response.text[:200]
+
+
 def auth_headers() -> dict[str, str]:
     """Authorization for the broker and predict when BUCKETML_TOKEN or BUCKETML_TOKEN_FILE is set."""
     try:
@@ -36,12 +48,9 @@ def auth_headers() -> dict[str, str]:
 
 def unauthorized(what: str, url: str, response: requests.Response) -> Failure:
     """The one-line error for a 401 from the broker or predict: which variable to set."""
-    try:
-        detail = response.json()["error"]
-    except (ValueError, KeyError, TypeError):
-        detail = response.text[:200]
     if auth_headers():
-        return Failure(f"{what} at {url} refused the token in BUCKETML_TOKEN/BUCKETML_TOKEN_FILE (HTTP 401: {detail}); "
+        return Failure(f"{what} at {url} refused the token in BUCKETML_TOKEN/BUCKETML_TOKEN_FILE "
+                       f"(HTTP 401: {error_text(response)}); "
                        "set the token the platform was started with")
     return Failure(f"{what} at {url} requires a token (HTTP 401); set BUCKETML_TOKEN (or BUCKETML_TOKEN_FILE, "
                    "a file holding it) to the token the platform was started with")
@@ -54,7 +63,7 @@ def call(method: str, base_url: str, path: str, what: str, *, when_down: str, ti
     try:
         response = requests.request(method, base_url.rstrip("/") + path, headers=auth_headers(), timeout=timeout, **request)
     except requests.RequestException:
-        raise Failure(when_down) from None
+        raise Unreachable(when_down) from None
     if response.status_code == 401:
         raise unauthorized(what, base_url, response)
     return response
@@ -131,7 +140,7 @@ def _serving(predict: str, model: str, version: int) -> str | None:
         current = call("GET", predict, f"/v2/models/{model}/ready", "the predict function", timeout=5,
                        when_down="not reachable")
         if current.status_code != 200:
-            return f"HTTP {current.status_code}: {_error_of(current)}"
+            return f"HTTP {current.status_code}: {error_text(current)}"
         served = current.json().get("version")
         if str(served) != str(version):
             error = current.json().get("error")
@@ -139,21 +148,12 @@ def _serving(predict: str, model: str, version: int) -> str | None:
         pinned = call("GET", predict, f"/v2/models/{model}/versions/{version}/ready", "the predict function",
                       timeout=5, when_down="not reachable")
         if pinned.status_code != 200:
-            return f"HTTP {pinned.status_code} for version {version}: {_error_of(pinned)}"
-    except Failure as exc:
-        if exc.message != "not reachable":  # a refused token: waiting does not help
-            raise
+            return f"HTTP {pinned.status_code} for version {version}: {error_text(pinned)}"
+    except Unreachable:  # predict may be starting or reloading: keep asking (a refused token is raised)
         return "not reachable"
     except (ValueError, AttributeError):
         return "an answer that is not JSON"
     return None
-
-
-def _error_of(response: requests.Response) -> str:
-    try:
-        return str(response.json()["error"])[:200]
-    except (ValueError, KeyError, TypeError):
-        return response.text[:200]
 
 
 def describe(type_: str, data: dict) -> str:

@@ -218,10 +218,12 @@ class Registry:
         published before) gets a new one."""
         card, current = self.model_card(model, version), self.current(model)
         data = self._version_data(model, version, card, current)
-        trained = data.to_data()
+        trained = data
         if card.promotion is not None and card.promotion.promoted is not None:  # model.trained only
-            trained["promotion"] = {"promoted": card.promotion.promoted, "reason": card.promotion.reason}
-        announced = [events.platform_event(events.MODEL_TRAINED, function, model, trained, id_=f"trained-{model}-{version}")]
+            promotion = {"promoted": card.promotion.promoted, "reason": card.promotion.reason}
+            trained = type(data).model_validate(dict(data.to_data(), promotion=promotion))
+        announced = [events.platform_event(events.MODEL_TRAINED, function, model, trained.to_data(),
+                                           id_=f"trained-{model}-{version}")]
         if current.version == version:
             announced.append(self._published(model, version, function, data, current))
         return announced

@@ -223,14 +223,15 @@ def decide_promotion(
         if difference:
             record["reason"] = f"not comparable with version {current}: {difference}"
             return record
-        current_onnx = registry.model_bytes(model, current)
-        record["current_score"] = onnx_score(current_onnx, card["schema"], test, metric)
+        current_session = new_session(registry.model_bytes(model, current))
+        record["current_score"] = onnx_score(current_session, card["schema"], test, metric)
     except Exception as exc:  # a current version that cannot be read or run is no reason to keep it
         record["reason"] = f"version {current} could not be evaluated: {exc}"
         return record
     # Both sides scored the same way, by onnxruntime as predict serves them: float32 noise
     # between sklearn and ONNX must not decide "strictly better" between equal models.
-    new_score = record["new_score"] = onnx_score(new_onnx, schema, test, metric)
+    candidate_session = new_session(new_onnx)
+    new_score = record["new_score"] = onnx_score(candidate_session, schema, test, metric)
     if new_score is None or record["current_score"] is None:  # roc_auc when a class has no test row
         record["reason"] = f"{metric} is undefined on the new test rows: not comparable with version {current}"
         return record
@@ -243,8 +244,8 @@ def decide_promotion(
         prefix = card["lineage"]["prepared"]
         prepared_schema = json.loads(registry.storage.read(prefix + "schema.json"))
         current_test = from_csv(registry.storage.read(prefix + "test.csv"), prepared_schema)
-        on_new = onnx_score(new_onnx, schema, current_test, metric)
-        on_current = onnx_score(current_onnx, card["schema"], current_test, metric)
+        on_new = onnx_score(candidate_session, schema, current_test, metric)
+        on_current = onnx_score(current_session, card["schema"], current_test, metric)
         if on_new is None or on_current is None:
             raise ValueError(f"{metric} is undefined on them")
         record.update(current_rows=prefix + "test.csv", current_rows_score_new=on_new, current_rows_score_current=on_current)
@@ -329,11 +330,10 @@ def schema_difference(current: dict[str, Any], new: dict[str, Any]) -> str | Non
     return None
 
 
-def onnx_score(onnx_bytes: bytes, schema: dict[str, Any], test: tuple, metric: str) -> float:
-    """`metric` of an exported model, run by onnxruntime as predict serves it, on `test`."""
+def onnx_score(session: Any, schema: dict[str, Any], test: tuple, metric: str) -> float:
+    """`metric` of an exported model's onnxruntime session (as predict serves it) on `test`."""
     x, y = test
     columns = schema["columns"]
-    session = new_session(onnx_bytes)
     values = {c["name"]: x[c["name"]].tolist() for c in columns}
     outputs = session.run(None, feeds_from_columns(columns, values, len(x)))
     if schema["task"] == "classification":

@@ -15,7 +15,7 @@ from bucketml.contracts import events
 from bucketml.steps import train as trainer
 from bucketml.training import candidates as candidate_models
 from bucketml.training import search as candidate_search
-from bucketml.training.cross_validation import cv_splits
+from bucketml.training.cross_validation import fold_plan
 from bucketml.training.search import CandidateSearch
 from bucketml.training.preparation import load_prepared
 from bucketml.training.export import PROBABILITY_TOLERANCE, TIE_MARGIN, check_parity, served_columns, to_onnx
@@ -144,31 +144,42 @@ def test_chosen_model_is_as_good_as_the_best_plain_sklearn_candidate(trained, na
     chosen = card["metrics"][metric]
     print(f"{name}: bucketml {card['algorithm']} {card['candidates'][0]['params']} {metric}={chosen:.4f}; "
           f"plain sklearn best {max(plain, key=plain.get)} {max(plain.values()):.4f}; {plain}")
-    assert chosen >= max(plain.values()) - 0.01, (chosen, plain)
+    # One held-out row of wine or iris is worth 0.03: a one-row difference there is not a loss.
+    test_rows = len(result["test"][0])
+    tolerance = max(0.01, 1.0 / test_rows) if task == "classification" else 0.01
+    assert chosen >= max(plain.values()) - tolerance, (chosen, plain)
 
-    # Chosen by cross-validation on the training rows: the best CV score that exported.
+    # Chosen by cross-validation on the training rows: the best-ranked candidate that exported,
+    # ranked by its mean fold score less one standard error.
     ranking = card["selection"]["ranking"]
-    assert [r["cv_score"] for r in ranking] == sorted((r["cv_score"] for r in ranking), reverse=True)
+    assert [r["rank_score"] for r in ranking] == sorted((r["rank_score"] for r in ranking), reverse=True)
+    assert all(r["rank_score"] <= r["cv_score"] for r in ranking)
     assert card["algorithm"] == ranking[0]["name"]
     assert card["candidate_failures"] == []
     selection = card["selection"]
-    assert selection["metric"] == metric and selection["folds"] == 3
+    folds, repeats = fold_plan(len(result["train"][0]))
+    assert selection["metric"] == metric and (selection["folds"], selection["repeats"]) == (folds, repeats)
     assert selection["train_rows"] == selection["cv_rows"] == len(result["train"][0])
-    assert selection["test_rows"] == len(result["test"][0])
-    assert selection["search_stopped"] is None and selection["settings_tried"] == selection["settings_planned"]
+    assert selection["test_rows"] == test_rows
 
-    # Every candidate: a search of several settings, its CV score, settings, held-out metrics.
-    assert {c["name"] for c in card["candidates"]} == set(plain)
-    for candidate in card["candidates"]:
+    # Every candidate was cross-validated (or dropped early for scoring far worse than the
+    # leader); each has its CV score, settings and held-out metrics.
+    singles = [c for c in card["candidates"] if c["name"] != "ensemble"]
+    assert {c["name"] for c in singles} | {s["name"] for s in card["skipped"]} == set(plain)
+    assert all(s["reason"].startswith("dropped after") for s in card["skipped"])
+    for candidate in singles:
         search = candidate["search"]
-        assert len(search) >= 3 and candidate["untried"] == [] and candidate["search_stopped"] is None
         scored = [t for t in search if t["cv_score"] is not None]
-        best = max(t["cv_score"] for t in scored)
-        assert candidate["cv_score"] == best
-        assert candidate["params"] == next(t["params"] for t in scored if t["cv_score"] == best)
-        assert all(len(t["fold_scores"]) == 3 and t["rows"] == len(result["train"][0]) for t in search)
+        best = max(t["rank_score"] for t in scored)
+        assert candidate["params"] == next(t["params"] for t in scored if t["rank_score"] == best)
+        assert all(len(t["fold_scores"]) == folds * repeats and t["rows"] == len(result["train"][0]) for t in search)
         assert candidate["fit_seconds"] > 0 and candidate["search_seconds"] > 0
         assert metric in candidate["metrics"]
+    ensemble = selection["ensemble"]
+    if ensemble and ensemble["chosen"]:
+        (averaged,) = [c for c in card["candidates"] if c["name"] == "ensemble"]
+        assert averaged["members"] == ensemble["weights"] and len(ensemble["weights"]) >= 2
+        assert ensemble["rank_score"] > ensemble["best_single"]["rank_score"]
     by_name = {c["name"]: c for c in card["candidates"]}
     assert by_name[card["algorithm"]]["metrics"] == card["metrics"]
     assert result["chosen"].name == card["algorithm"] and result["chosen"].params == by_name[card["algorithm"]]["params"]
@@ -284,6 +295,7 @@ def test_log_loss_selects_and_compares_versions(tmp_path):
 def test_above_the_svm_row_cap_the_svm_is_linear_or_a_sampled_kernel_by_cross_validation(tmp_path, monkeypatch, name):
     monkeypatch.setattr(candidate_models, "SVM_MAX_ROWS", 50)
     monkeypatch.setattr(candidate_search, "CV_MAX_ROWS", 60)
+    monkeypatch.setattr(candidate_search, "SEARCH_SECONDS", 600.0)  # every setting, whatever the machine
     result = train_upload(LocalStorage(tmp_path / "bucket"), "big", bundled(name), {"algorithms": "svm"})
     card = result["card"]
     (svm,) = card["candidates"]
@@ -327,23 +339,28 @@ def test_held_out_labels_do_not_change_the_choice(trained):
     assert first.best_.metrics["accuracy"] + second.best_.metrics["accuracy"] == pytest.approx(1.0)
 
 
-def test_settings_that_build_the_same_models_are_not_fitted_twice(trained):
+def test_settings_that_build_the_same_models_are_not_fitted_twice(trained, monkeypatch):
     """On small data a forest's trees stay shallower than max_depth=12 and boosting's trees
     have at most 15 leaves: those settings are recorded as the same as the unlimited ones.
     Checked here by fitting both on the same cross-validation folds: identical predictions."""
+    monkeypatch.setattr(candidate_search, "SEARCH_SECONDS", 600.0)  # every setting of both candidates
     result = trained["breast_cancer"]
-    by_name = {c["name"]: c for c in result["card"]["candidates"]}
-    schema, (x_train, y_train) = result["schema"], result["train"]
+    schema, (x_train, y_train), test = result["schema"], result["train"], result["test"]
+    x_train, y_train = x_train.iloc[:300], y_train.iloc[:300]  # 240 rows per fold: at most 12 leaves
+    spec = dict(schema["spec"], algorithms=["random_forest", "gradient_boosting"])
+    search = CandidateSearch.for_spec(schema, spec).fit(x_train, y_train).evaluate(*test)
+    by_name = {c.name: [t.summary() for t in c.trials] for c in search.results_ if c.name != "ensemble"}
+    splits = search._rows.for_cap(None).splits
     factories = candidate_models.estimators("classification")
     for name, limited, unlimited in (
         ("random_forest", {"max_depth": 12, "min_samples_leaf": 3}, {"max_depth": None, "min_samples_leaf": 3}),
         ("gradient_boosting", {"learning_rate": 0.1, "max_leaf_nodes": 15}, {"learning_rate": 0.1, "max_leaf_nodes": 31}),
     ):
-        trial = next(t for t in by_name[name]["search"] if t["params"] == limited)
+        trial = next(t for t in by_name[name] if t["params"] == limited)
         assert trial["same_as"] == unlimited and trial["seconds"] == 0
-        assert trial["fold_scores"] == next(t for t in by_name[name]["search"] if t["params"] == unlimited)["fold_scores"]
+        assert trial["fold_scores"] == next(t for t in by_name[name] if t["params"] == unlimited)["fold_scores"]
         factory, scale = factories[name]
-        for fit_rows, validation_rows in cv_splits("classification", y_train):
+        for fit_rows, validation_rows in splits:
             models = [
                 Pipeline([
                     ("prepare", candidate_models.preprocessor(schema["columns"], scale, dense=name in candidate_models.DENSE_INPUT)),
@@ -426,10 +443,8 @@ def test_tiny_budget_stops_the_search_and_still_yields_a_version(tmp_path):
     assert card["parity"]["passed"] is True
 
 
-def test_budget_stops_mid_search_with_the_best_setting_so_far(monkeypatch):
-    """On a fake clock where every fit takes one second: the first setting's three folds take
-    3 s, refitting is estimated at 1.5 s, so with 8 s the second setting fits the budget and
-    a third does not. The candidate keeps the best of the two it tried."""
+def one_second_fits(monkeypatch) -> list[float]:
+    """A fake clock on which every fit (fold or refit) takes one second."""
     now = [0.0]
     real_fit = candidate_search.fit_model
 
@@ -438,20 +453,54 @@ def test_budget_stops_mid_search_with_the_best_setting_so_far(monkeypatch):
         return real_fit(*args)
 
     monkeypatch.setattr(candidate_search, "fit_model", one_second_fit)
+    return now
+
+
+def iris_halves():
     frame = bundled("iris")
     x = frame.drop(columns="target").astype("float32")
     y = frame["target"].astype(str)
     schema = {"task": "classification", "columns": [{"name": c, "type": "number"} for c in x.columns]}
-    spec = {"algorithms": ["logistic_regression"], "max_training_seconds": 8}
+    return schema, (x.iloc[::2], y.iloc[::2]), (x.iloc[1::2], y.iloc[1::2])
+
+
+def test_budget_stops_mid_search_with_the_best_setting_so_far(monkeypatch):
+    """On a fake clock where every fit takes one second: 75 training rows are cross-validated
+    by 5 folds twice, so a setting takes 10 s and refitting is estimated at 1.25 s; with 24 s
+    the second setting fits the budget and a third does not. The candidate keeps the best of
+    the two it tried."""
+    now = one_second_fits(monkeypatch)
+    monkeypatch.setattr(candidate_search, "SEARCH_SECONDS", 600.0)  # only max_training_seconds limits
+    schema, train, test = iris_halves()
+    spec = {"algorithms": ["logistic_regression"], "max_training_seconds": 24}
     search = CandidateSearch.for_spec(schema, spec, clock=lambda: now[0])
-    search.fit(x.iloc[::2], y.iloc[::2]).evaluate(x.iloc[1::2], y.iloc[1::2])
+    search.fit(*train).evaluate(*test)
     (candidate,) = search.results_
-    settings = candidate_models.search_space("logistic_regression", len(x))
+    settings = candidate_models.search_space("logistic_regression", len(train[0]))
     assert [t.params for t in candidate.trials] == settings[:2]
     assert candidate.untried == settings[2:]
-    assert "max_training_seconds=8" in candidate.search_stopped
+    assert "max_training_seconds=24" in candidate.search_stopped
     assert search.summary_["search_stopped"] == candidate.search_stopped
     assert search.summary_["settings_tried"] == 2 and search.summary_["settings_planned"] == 3
-    best = max(candidate.trials, key=lambda t: t.score)  # on a tie the earlier one, like the search
+    best = max(candidate.trials, key=lambda t: t.rank_score("accuracy"))  # on a tie the earlier one
     assert candidate.params == best.params and candidate.cv_score == best.score
-    assert now[0] == 7.0  # 2 settings x 3 folds + the refit
+    assert now[0] == 21.0  # 2 settings x 10 fits + the refit
+
+
+def test_the_search_budget_grows_with_the_rows(monkeypatch):
+    """With the spec's default max_training_seconds, the other settings get SEARCH_SECONDS plus
+    one second per SEARCH_ROWS_PER_SECOND training rows: a small dataset is served in seconds,
+    a larger one is searched longer. Every candidate is still screened."""
+    now = one_second_fits(monkeypatch)
+    schema, train, test = iris_halves()
+    spec = {"algorithms": ["logistic_regression", "random_forest"]}
+    for seconds, tried in ((5.0, 2), (45.0, 4)):
+        monkeypatch.setattr(candidate_search, "SEARCH_SECONDS", seconds)
+        now[0] = 0.0
+        search = CandidateSearch.for_spec(schema, spec, clock=lambda: now[0]).fit(*train).evaluate(*test)
+        summary = search.summary_
+        budget = seconds + len(train[0]) / candidate_search.SEARCH_ROWS_PER_SECOND
+        assert summary["search_budget_seconds"] == pytest.approx(budget, abs=1e-3)
+        # The screen (10 fits each) always runs; other settings only within the search budget.
+        assert summary["settings_tried"] == tried, summary
+        assert f"the search budget for {len(train[0])} training rows" in summary["search_stopped"]

@@ -67,6 +67,10 @@ METRICS = {
     "regression": ("r2", "rmse", "mae"),
 }
 DEFAULT_METRIC = {"classification": "accuracy", "regression": "r2"}
+# The imbalance rule: a classification target is imbalanced when its largest class has at least
+# this many times the training rows of its smallest (training.candidates.imbalanced); its
+# default metric is then balanced_accuracy (default_metric).
+IMBALANCE_RATIO = 3.0
 LOWER_IS_BETTER = frozenset({"rmse", "mae", "log_loss"})
 # Computed from the predicted class probabilities (roc_auc: one-vs-rest macro when multiclass).
 PROBABILITY_METRICS = frozenset({"roc_auc", "log_loss"})
@@ -135,9 +139,10 @@ class DatasetSpec(BaseModel):
     )
     metric: Metric | None = Field(
         None,
-        description="Metric that chooses the best candidate and its settings (3-fold cross-validation on the "
-        "training rows) and compares versions (on the held-out rows). Classification: "
-        + ", ".join(METRICS["classification"]) + " (default accuracy; log_loss: lower is better); regression: "
+        description="Metric that chooses the best candidate and its settings (cross-validation on the "
+        "training rows) and compares versions (on held-out rows). Classification: "
+        + ", ".join(METRICS["classification"]) + " (default accuracy, or balanced_accuracy when the largest class "
+        "has at least " + f"{IMBALANCE_RATIO:g}" + " times the training rows of the smallest; log_loss: lower is better); regression: "
         + ", ".join(METRICS["regression"]) + " (default r2; rmse and mae: lower is better).",
     )
     test_size: float = Field(
@@ -145,8 +150,9 @@ class DatasetSpec(BaseModel):
     )
     promotion: Promotion = Field(
         "always",
-        description="always: a new version becomes current; if_better: only if it beats the current "
-        "version on the new held-out rows (by the metric).",
+        description="always: a new version becomes current; if_better: only if, by the metric, it is not "
+        "worse than the current version on either version's held-out rows (beyond a tolerance) and beats "
+        "a trivial baseline (docs/datasets.md).",
     )
     max_training_seconds: float = Field(
         600,
@@ -213,8 +219,8 @@ class DatasetSpec(BaseModel):
 
     # --- what depends on the task -----------------------------------------------------------
 
-    def metric_for(self, task: str) -> str:
-        return self.metric or DEFAULT_METRIC[task]
+    def metric_for(self, task: str, imbalanced: bool = False) -> str:
+        return self.metric or default_metric(task, imbalanced)
 
     def algorithms_for(self, task: str) -> list[str]:
         return list(self.algorithms or ALGORITHMS[task])
@@ -490,8 +496,14 @@ def check_for_task(spec: Mapping[str, Any], task: str) -> None:
     check_algorithms(spec, task)
 
 
-def metric_for(spec: Mapping[str, Any], task: str) -> str:
-    return spec.get("metric") or DEFAULT_METRIC[task]
+def metric_for(spec: Mapping[str, Any], task: str, imbalanced: bool = False) -> str:
+    return spec.get("metric") or default_metric(task, imbalanced)
+
+
+def default_metric(task: str, imbalanced: bool = False) -> str:
+    """The metric when the spec names none: balanced accuracy for an imbalanced classification
+    target (training.candidates.imbalanced), where accuracy rewards ignoring the small classes."""
+    return "balanced_accuracy" if task == "classification" and imbalanced else DEFAULT_METRIC[task]
 
 
 def algorithms_for(spec: Mapping[str, Any], task: str) -> list[str]:

@@ -26,7 +26,7 @@ from bucketml.training.export import ParityError, check_parity, served_columns, 
 from bucketml.registry.model_registry import Registry, RegistryError, UploadRegistered, check_model_name
 from bucketml.contracts.rejections import outcome_object
 from bucketml.encoding import feeds_from_columns, new_session
-from bucketml.contracts.spec import LOWER_IS_BETTER, better, metric_for, with_defaults
+from bucketml.contracts.spec import LOWER_IS_BETTER, better, with_defaults
 from bucketml.storage import InvalidObjectName, NotFound, Storage
 from bucketml.training.metrics import score
 from bucketml.training.search import CandidateSearch, TrainingError
@@ -69,7 +69,7 @@ def handle_prepared(storage: Storage, data: Mapping[str, Any]) -> list[CloudEven
     except (TrainingError, ParityError) as exc:
         return failed(storage, model, upload, "no_model", str(exc))
     schema = dict(schema, columns=with_categories(schema["columns"], train[0]))
-    metric = metric_for(spec, schema["task"])
+    metric = selection.metric_  # the spec's, or the default the training rows called for
     # Decided before the version is registered, so the card can say what happened.
     promotion = decide_promotion(registry, model, spec, schema, chosen.metrics[metric], test, metric, onnx_bytes,
                                  train)

@@ -14,19 +14,25 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 from sklearn.calibration import CalibratedClassifierCV
-from sklearn.compose import ColumnTransformer
+from sklearn.compose import ColumnTransformer, TransformedTargetRegressor
 from sklearn.ensemble import (
     HistGradientBoostingClassifier,
     HistGradientBoostingRegressor,
     RandomForestClassifier,
     RandomForestRegressor,
+    VotingClassifier,
+    VotingRegressor,
 )
+from sklearn.frozen import FrozenEstimator
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.model_selection import FixedThresholdClassifier
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import OneHotEncoder, StandardScaler
+from sklearn.preprocessing import LabelEncoder, OneHotEncoder, StandardScaler
 from sklearn.svm import SVC, SVR, LinearSVC, LinearSVR
+from sklearn.utils import Bunch
 
+from bucketml.contracts.spec import IMBALANCE_RATIO
 from bucketml.training.column_types import model_columns
 
 SEED = 42
@@ -38,10 +44,18 @@ SVM_MAX_ROWS = 5000
 # nodes (16 MB, under 600 MiB) for any number of rows, at -0.2 points of accuracy there; on
 # fewer than about 3,000 rows a tree never has that many leaves, so nothing changes.
 FOREST_MAX_LEAVES = 2000
-# Above this largest/smallest class ratio in the training rows, classes are weighted "balanced".
-IMBALANCE_RATIO = 3.0
+# Metrics that count every class alike: candidates chosen by them weight classes "balanced",
+# so that the fit pursues what the selection measures.
+CLASS_WEIGHTED_METRICS = frozenset({"balanced_accuracy", "f1_macro"})
+# A regression target is tried on a log scale (log1p, answered back in its units with expm1)
+# when it has no negative value and its skewness is at least this (prices, counts, incomes).
+LOG_SCALE_SKEWNESS = 1.0
 # Estimators that take only dense input (the one-hot encoding is then dense too).
 DENSE_INPUT = frozenset({"gradient_boosting"})
+# A category with fewer training rows is encoded with the column's other rare ones (see `preprocessor`).
+MIN_CATEGORY_ROWS = 5
+# At most this many one-hot columns per string column in front of an estimator that takes dense input.
+MAX_DENSE_CATEGORIES = 32
 # Folds of the SVM classifier's own probability calibration (not the search's folds).
 CALIBRATION_FOLDS = 3
 
@@ -70,13 +84,14 @@ class CandidateDefinition:
     estimator: EstimatorFactory  # takes one setting as keyword arguments (none: the defaults)
     scale: bool  # its numbers are standardised (never in front of trees)
     columns: tuple[dict[str, Any], ...]
+    frequent: dict[str, list[str]] | None = None  # see `frequent_categories`
 
     @property
     def dense(self) -> bool:
         return self.name in DENSE_INPUT
 
     def preprocessor(self) -> ColumnTransformer:
-        return preprocessor(list(self.columns), self.scale, dense=self.dense)
+        return preprocessor(list(self.columns), self.scale, dense=self.dense, frequent=self.frequent)
 
     def pipeline(self, params: dict[str, Any]) -> Pipeline:
         return Pipeline([("prepare", self.preprocessor()), ("model", self.estimator(**params))])
@@ -85,7 +100,30 @@ class CandidateDefinition:
         return search_space(self.name, rows)
 
 
-def preprocessor(columns: list[dict[str, str]], scale: bool, dense: bool = False) -> ColumnTransformer:
+def frequent_categories(x: pd.DataFrame, columns: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Per string (and boolean) column, its categories with at least MIN_CATEGORY_ROWS training
+    rows, most frequent first (at least the most frequent one)."""
+    _, strings = model_columns(columns)
+    frequent = {}
+    for name in strings:
+        counts = x[name].astype(str).value_counts()
+        kept = [str(value) for value, count in counts.items() if count >= MIN_CATEGORY_ROWS]
+        frequent[name] = kept or [str(counts.index[0])]
+    return frequent
+
+
+def preprocessor(
+    columns: list[dict[str, str]], scale: bool, dense: bool = False, frequent: dict[str, list[str]] | None = None
+) -> ColumnTransformer:
+    """Imputed (and scaled) numbers, one-hot encoded strings, from the raw columns.
+
+    `frequent` (`frequent_categories`): only these categories get a column, at most
+    MAX_DENSE_CATEGORIES of them in front of an estimator that takes dense input; a rarer one
+    encodes as all zeros, like a category never seen. An identifier-like column (tickets,
+    cabins) otherwise becomes hundreds of columns that each say nothing, and dense input
+    (gradient boosting) pays for every one of them in every split. (OneHotEncoder's own
+    min_frequency would do this, but skl2onnx cannot convert it for a single string column.)
+    None: every category seen in fitting gets a column."""
     # Datetime parts are numbers; booleans ('true'/'false'/'') are categories.
     numbers, strings = model_columns(columns)
     number_steps = [("impute", SimpleImputer(strategy="median"))]
@@ -96,11 +134,16 @@ def preprocessor(columns: list[dict[str, str]], scale: bool, dense: bool = False
         parts.append(("numbers", Pipeline(number_steps), numbers))
     if strings:
         # Missing strings arrive as '' (a category of their own); unseen ones encode as all zeros.
-        parts.append(("strings", OneHotEncoder(handle_unknown="ignore"), strings))
+        categories: Any = "auto"
+        if frequent is not None:
+            categories = [sorted(frequent[name][:MAX_DENSE_CATEGORIES] if dense else frequent[name]) for name in strings]
+        parts.append(("strings", OneHotEncoder(categories=categories, handle_unknown="ignore"), strings))
     return ColumnTransformer(parts, sparse_threshold=0 if dense else 0.3)
 
 
-def estimators(task: str, balanced: bool = False, random_state: int = SEED) -> dict[str, tuple[EstimatorFactory, bool]]:
+def estimators(
+    task: str, balanced: bool = False, random_state: int = SEED, binary: bool = False
+) -> dict[str, tuple[EstimatorFactory, bool]]:
     """name -> (factory, needs scaling), in the fixed order they are cross-validated: roughly
     cheapest first on large data, so a training budget (max_training_seconds) spends itself
     on the likeliest-useful candidates. On a tie of scores the earlier one wins. A factory
@@ -116,6 +159,10 @@ def estimators(task: str, balanced: bool = False, random_state: int = SEED) -> d
     epsilon-insensitive dual did not converge on unscaled targets).
     """
     weight = "balanced" if balanced else None
+    # Weighted HistGradientBoosting bins every number by weighted percentiles, one call per bin
+    # edge: 0.1 s per column per fit, seconds per fit on a few thousand rows. A binary target
+    # gets its balance from the tuned decision threshold instead (out_of_fold.tune_threshold).
+    boosting_weight = None if binary else weight
     seed = random_state
 
     def svm_classifier(kernel: str = "rbf", C: float = 1.0, gamma: str = "scale") -> CalibratedClassifierCV:
@@ -135,7 +182,7 @@ def estimators(task: str, balanced: bool = False, random_state: int = SEED) -> d
             "logistic_regression": (lambda **p: LogisticRegression(max_iter=1000, class_weight=weight, **p), True),
             "svm": (svm_classifier, True),
             "gradient_boosting": (
-                lambda **p: HistGradientBoostingClassifier(random_state=seed, class_weight=weight, **p), False
+                lambda **p: HistGradientBoostingClassifier(random_state=seed, class_weight=boosting_weight, **p), False
             ),
             "random_forest": (
                 lambda **p: RandomForestClassifier(
@@ -155,12 +202,13 @@ def estimators(task: str, balanced: bool = False, random_state: int = SEED) -> d
 
 
 def definitions(
-    task: str, columns: list[dict[str, Any]], wanted: list[str], balanced: bool = False, random_state: int = SEED
+    task: str, columns: list[dict[str, Any]], wanted: list[str], balanced: bool = False, random_state: int = SEED,
+    binary: bool = False, frequent: dict[str, list[str]] | None = None,
 ) -> list[CandidateDefinition]:
     """The wanted candidates, in the fixed order of `estimators`."""
     return [
-        CandidateDefinition(name, factory, scale, tuple(columns))
-        for name, (factory, scale) in estimators(task, balanced, random_state).items()
+        CandidateDefinition(name, factory, scale, tuple(columns), frequent)
+        for name, (factory, scale) in estimators(task, balanced, random_state, binary).items()
         if name in wanted
     ]
 
@@ -202,14 +250,33 @@ def class_ratio(y: pd.Series) -> float:
     return float(counts.max() / counts.min()) if len(counts) else 1.0
 
 
-def class_weight_note(task: str, y: pd.Series) -> str | None:
-    """The note of a target imbalanced enough for "balanced" class weights, else None."""
-    if task != "classification":
+def imbalanced(task: str, y: pd.Series) -> bool:
+    """The imbalance rule: a classification target whose largest class has at least
+    IMBALANCE_RATIO times the training rows of its smallest (its default metric is then
+    balanced accuracy: contracts.spec.default_metric)."""
+    return task == "classification" and class_ratio(y) >= IMBALANCE_RATIO
+
+
+def class_weight_note(task: str, y: pd.Series, metric: str) -> str | None:
+    """The note of candidates that weight classes "balanced" (a metric that counts every class
+    alike), else None."""
+    if task != "classification" or metric not in CLASS_WEIGHTED_METRICS:
         return None
-    ratio = class_ratio(y)
-    if ratio > IMBALANCE_RATIO:
-        return f"class_weight: balanced (largest/smallest class ratio {ratio:.1f} > {IMBALANCE_RATIO:g})"
-    return None
+    return f"class_weight: balanced, as {metric} counts every class alike (largest/smallest class ratio {class_ratio(y):.1f})"
+
+
+def log_scale_helps_maybe(y: pd.Series) -> bool:
+    """Whether a regression target is worth trying on a log scale (LOG_SCALE_SKEWNESS)."""
+    values = y.astype("float64")
+    return len(values) > 2 and float(values.min()) >= 0 and float(values.skew()) >= LOG_SCALE_SKEWNESS
+
+
+def on_scale(model: Any, scale: str) -> Any:
+    """`model` fitted on the target as it is ("raw") or on log1p of it ("log"), answering in the
+    target's units either way (export.py converts this wrapper to ONNX)."""
+    if scale == "raw":
+        return model
+    return TransformedTargetRegressor(regressor=model, func=np.log1p, inverse_func=np.expm1, check_inverse=False)
 
 
 def float32_thresholds(model: Any) -> None:
@@ -230,17 +297,44 @@ def float32_thresholds(model: Any) -> None:
             predictor.nodes["num_threshold"] = rounded.astype(np.float64)
 
 
+def ensemble_model(task: str, members: list[tuple[str, Any]], weights: list[float], classes: list[str]) -> Any:
+    """The soft-voting (classification) or averaging (regression) ensemble of fitted members,
+    weighted. The members are already fitted on the training rows: VotingClassifier.fit would
+    fit every one of them again, so the fitted attributes are set as fit sets them."""
+    if task == "classification":
+        model = VotingClassifier(members, voting="soft", weights=np.asarray(weights, dtype="float64"),
+                                 flatten_transform=False)  # skl2onnx converts only this form
+        model.le_ = LabelEncoder().fit(classes)
+        model.classes_ = model.le_.classes_
+    else:
+        model = VotingRegressor(members, weights=np.asarray(weights, dtype="float64"))
+    model.estimators_ = [fitted for _, fitted in members]
+    model.named_estimators_ = Bunch(**dict(members))
+    return model
+
+
+def thresholded(model: Any, threshold: float, x: pd.DataFrame, y: pd.Series) -> FixedThresholdClassifier:
+    """A fitted binary classifier that answers its second class when that class's probability is
+    at least `threshold` (scikit-learn's FixedThresholdClassifier around the model as fitted)."""
+    wrapper = FixedThresholdClassifier(FrozenEstimator(model), threshold=threshold, response_method="predict_proba")
+    return wrapper.fit(x, y)  # FrozenEstimator: nothing is fitted again
+
+
 def fit_model(name: str, model: Any, x: Any, y: Any) -> Any:
-    """Fit a candidate's Pipeline (or, in cross-validation, its bare estimator on prepared input)."""
+    """Fit a candidate's Pipeline (or, in cross-validation, its bare estimator on prepared input),
+    either of them possibly on a log scale (`on_scale`)."""
     model.fit(x, y)
     if name == "gradient_boosting":
-        float32_thresholds(model.named_steps["model"] if isinstance(model, Pipeline) else model)
+        inner = model.regressor_ if isinstance(model, TransformedTargetRegressor) else model
+        float32_thresholds(inner.named_steps["model"] if isinstance(inner, Pipeline) else inner)
     return model
 
 
 def tree_size(name: str, model: Any) -> int | None:
     """The random forest's deepest tree (root: depth 0), the gradient boosting's largest tree
     in leaves; what the search needs to know to skip settings that build the same models."""
+    if isinstance(model, TransformedTargetRegressor):
+        model = model.regressor_
     if name == "random_forest":
         return max(int(tree.tree_.max_depth) for tree in model.estimators_)
     if name == "gradient_boosting":

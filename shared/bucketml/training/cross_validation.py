@@ -7,11 +7,15 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import KFold, StratifiedKFold
+from sklearn.model_selection import RepeatedKFold, RepeatedStratifiedKFold
 
 from bucketml.training.candidates import SEED, CandidateDefinition
 
-CV_FOLDS = 3
+CV_FOLDS = 3  # the folds of large data; smaller data gets more (see `fold_plan`)
+# (most cross-validated rows, folds, repeats), first match: on small data each fold's score is
+# noisy (a 60-row fold of an imbalanced target holds a handful of the small class), so more folds
+# and a repeat with other folds steady the estimate that picks the model, at little cost there.
+FOLD_PLAN = ((300, 5, 2), (5_000, 5, 1))
 # Each fold's prepared (imputed, scaled, encoded) input is kept for the other settings (and
 # the candidates with the same preprocessing) while it takes at most this many bytes;
 # otherwise it is prepared again for every setting, as Pipeline.fit does.
@@ -40,15 +44,25 @@ def sample_rows(
     return x.iloc[positions], y.iloc[positions]
 
 
+def fold_plan(rows: int) -> tuple[int, int]:
+    """(folds, repeats) for cross-validating on `rows` rows (FOLD_PLAN)."""
+    for most, folds, repeats in FOLD_PLAN:
+        if rows <= most:
+            return folds, repeats
+    return CV_FOLDS, 1
+
+
 def cv_splits(
-    task: str, y: pd.Series, folds: int = CV_FOLDS, random_state: int = SEED
+    task: str, y: pd.Series, folds: int = CV_FOLDS, random_state: int = SEED, repeats: int = 1
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """`folds` (train, validation) position pairs: stratified for classification (a class with
-    fewer rows than folds is simply missing from some folds), shuffled with the seed."""
+    """`folds` x `repeats` (train, validation) position pairs, repeat by repeat (each repeat's
+    validation rows cover every row once): stratified for classification (a class with fewer
+    rows than folds is simply missing from some folds), shuffled with the seed."""
     if task == "classification" and y.value_counts().max() >= folds:
-        splitter = StratifiedKFold(folds, shuffle=True, random_state=random_state)
+        splitter = RepeatedStratifiedKFold(n_splits=folds, n_repeats=repeats, random_state=random_state)
         return list(splitter.split(np.zeros(len(y)), y.to_numpy()))
-    return list(KFold(folds, shuffle=True, random_state=random_state).split(np.zeros(len(y))))
+    splitter = RepeatedKFold(n_splits=folds, n_repeats=repeats, random_state=random_state)
+    return list(splitter.split(np.zeros(len(y))))
 
 
 class RowSet(NamedTuple):
@@ -67,10 +81,13 @@ class TrainingRows:
     Uncapped settings cross-validate on a sample of at most `sample_limit` rows and refit on
     all; a capped setting (the exact kernel SVM) does both on its own sample."""
 
-    def __init__(self, task: str, x: pd.DataFrame, y: pd.Series, sample_limit: int, folds: int, random_state: int) -> None:
+    def __init__(self, task: str, x: pd.DataFrame, y: pd.Series, sample_limit: int, folds: int | None,
+                 random_state: int) -> None:
+        """`folds`: None sizes the folds and repeats to the cross-validated rows (`fold_plan`)."""
         self.task, self.x, self.y = task, x, y
-        self.folds, self.random_state = folds, random_state
-        self.cv_x, self.cv_y = sample_rows(task, x, y, sample_limit, folds, random_state)
+        self.random_state = random_state
+        self.cv_x, self.cv_y = sample_rows(task, x, y, sample_limit, folds or CV_FOLDS, random_state)
+        self.folds, self.repeats = (folds, 1) if folds else fold_plan(len(self.cv_x))
         self._sets: dict[int | None, RowSet] = {}
 
     def effective_cap(self, cap: int | None) -> int | None:
@@ -85,7 +102,8 @@ class TrainingRows:
             else:
                 x, y = sample_rows(self.task, self.x, self.y, key, self.folds, self.random_state)
                 fit_x, fit_y = x, y
-            self._sets[key] = RowSet(x, y, cv_splits(self.task, y, self.folds, self.random_state), fit_x, fit_y)
+            splits = cv_splits(self.task, y, self.folds, self.random_state, self.repeats)
+            self._sets[key] = RowSet(x, y, splits, fit_x, fit_y)
         return self._sets[key]
 
 

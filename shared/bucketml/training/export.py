@@ -9,8 +9,14 @@ from typing import Any
 import numpy as np
 import onnx
 import pandas as pd
-from skl2onnx import convert_sklearn
+from onnx import TensorProto
+from skl2onnx import convert_sklearn, update_registered_converter
+from skl2onnx._parse import _parse_sklearn
 from skl2onnx.common.data_types import FloatTensorType, StringTensorType
+from skl2onnx.common.shape_calculator import _infer_linear_classifier_output_types
+from sklearn.compose import TransformedTargetRegressor
+from sklearn.frozen import FrozenEstimator
+from sklearn.model_selection import FixedThresholdClassifier
 
 from bucketml.training.column_types import with_datetime_parts
 from bucketml.encoding import datetime_input, feeds_from_columns, new_session
@@ -22,6 +28,69 @@ TIE_MARGIN = 1e-4  # labels may differ only where sklearn's top two probabilitie
 
 class ParityError(Exception):
     """The ONNX model does not compute what the sklearn pipeline computes."""
+
+
+# --- the two wrappers training puts around a model, in ONNX -------------------------------------
+# skl2onnx has no converter for either (its TunedThresholdClassifierCV converter answers the
+# inner model's labels, ignoring the threshold), so each gets one here: the inner model is
+# converted as skl2onnx converts a Pipeline step, and a few nodes are added after it.
+
+
+def _convert_log_target(scope, operator, container) -> None:
+    """TransformedTargetRegressor(func=log1p, inverse_func=expm1): the inner model, then expm1."""
+    model = operator.raw_operator
+    if model.func is not np.log1p or model.inverse_func is not np.expm1:
+        raise NotImplementedError("only the log1p/expm1 target transform is converted")
+    (value,) = _parse_sklearn(scope, model.regressor_, operator.inputs)
+    exponent = scope.get_unique_variable_name("exp_prediction")
+    one = scope.get_unique_variable_name("one")
+    container.add_initializer(one, TensorProto.FLOAT, [], [1.0])
+    container.add_node("Exp", [value.onnx_name], [exponent], name=scope.get_unique_operator_name("Exp"))
+    container.add_node("Sub", [exponent, one], [operator.outputs[0].full_name], name=scope.get_unique_operator_name("Sub"))
+
+
+def _convert_fixed_threshold(scope, operator, container) -> None:
+    """FixedThresholdClassifier (binary, on predict_proba): the inner model's probabilities, and
+    the label classes_[1] where its probability is at least the threshold, else classes_[0]."""
+    model = operator.raw_operator
+    if model.response_method != "predict_proba" or len(model.classes_) != 2:
+        raise NotImplementedError("only a binary threshold on predict_proba is converted")
+    inner = model.estimator_.estimator if isinstance(model.estimator_, FrozenEstimator) else model.estimator_
+    scope.add_options(id(inner), options={"zipmap": False})
+    container.add_options(id(inner), options={"zipmap": False})
+    _, probabilities = _parse_sklearn(scope, inner, operator.inputs)
+    column, threshold, classes = (scope.get_unique_variable_name(n) for n in ("positive_column", "threshold", "classes"))
+    container.add_initializer(column, TensorProto.INT64, [], [1])
+    # float32 like the probabilities; the threshold sits halfway between two probabilities seen
+    # in training (out_of_fold.tune_threshold), far from where float32 rounding could flip a row.
+    container.add_initializer(threshold, TensorProto.FLOAT, [], [float(np.float32(model.threshold))])
+    names = [str(c) for c in model.classes_]
+    container.add_initializer(classes, TensorProto.STRING, [2], [n.encode("utf-8") for n in names])
+    positive, reached, index = (scope.get_unique_variable_name(n) for n in ("positive", "reached", "label_index"))
+    container.add_node("Gather", [probabilities.onnx_name, column], [positive], axis=1,
+                       name=scope.get_unique_operator_name("Gather"))
+    container.add_node("GreaterOrEqual", [positive, threshold], [reached], name=scope.get_unique_operator_name("GreaterOrEqual"))
+    container.add_node("Cast", [reached], [index], to=TensorProto.INT64, name=scope.get_unique_operator_name("Cast"))
+    container.add_node("Gather", [classes, index], [operator.outputs[0].full_name], axis=0,
+                       name=scope.get_unique_operator_name("Gather"))
+    container.add_node("Identity", [probabilities.onnx_name], [operator.outputs[1].full_name],
+                       name=scope.get_unique_operator_name("Identity"))
+
+
+def _regressor_shape(operator) -> None:
+    """[N, 1] float, from any number of inputs (one per column)."""
+    operator.outputs[0].type = FloatTensorType([operator.inputs[0].get_first_dimension(), 1])
+
+
+def _classifier_shape(operator) -> None:
+    """Labels [N] and probabilities [N, classes], from any number of inputs (as skl2onnx's own
+    TunedThresholdClassifierCV shape calculator does)."""
+    _infer_linear_classifier_output_types(operator)
+
+
+update_registered_converter(TransformedTargetRegressor, "BucketmlLogTargetRegressor", _regressor_shape, _convert_log_target)
+update_registered_converter(FixedThresholdClassifier, "BucketmlFixedThresholdClassifier", _classifier_shape,
+                            _convert_fixed_threshold, options={"zipmap": [False], "nocl": [False]})
 
 
 def onnx_inputs(columns: list[dict[str, Any]]) -> list[tuple[str, Any]]:
@@ -59,17 +128,30 @@ def to_onnx(pipeline, schema: dict[str, Any]) -> tuple[bytes, list[str]]:
     inputs = onnx_inputs(schema["columns"])
     options = {}
     if schema["task"] == "classification":
-        options[id(pipeline.steps[-1][1])] = {"zipmap": False}  # plain probability matrix, not dicts
+        # A plain probability matrix, not dicts: from the classifier that answers (a Pipeline's last step).
+        options[id(pipeline.steps[-1][1] if hasattr(pipeline, "steps") else pipeline)] = {"zipmap": False}
     with warnings.catch_warnings():
         # The converter reads SVC attributes that sklearn 1.9 flags as deprecated, and hands
         # onnx booleans for integer attributes (tree ensembles), which onnx<1.34 only warns about.
         warnings.simplefilter("ignore", category=FutureWarning)
         warnings.simplefilter("ignore", category=DeprecationWarning)
         model = convert_sklearn(pipeline, initial_types=inputs, options=options)
+    drop_unused_initializers(model)
     names = [i.name for i in model.graph.input]
     if len(names) != len(inputs):
         raise ParityError(f"the ONNX model has {len(names)} inputs for {len(inputs)} columns")
     return model.SerializeToString(), names
+
+
+def drop_unused_initializers(model: onnx.ModelProto) -> None:
+    """Remove constants no node reads (the voting converter leaves one): onnxruntime would warn
+    about each one in predict's log every time it loads the model."""
+    used = {name for node in model.graph.node for name in node.input}
+    for attribute_graph in (a.g for node in model.graph.node for a in node.attribute if a.HasField("g")):
+        used.update(name for node in attribute_graph.node for name in node.input)
+    unused = [i for i in model.graph.initializer if i.name not in used]
+    for initializer in unused:
+        model.graph.initializer.remove(initializer)
 
 
 def set_metadata(model: onnx.ModelProto, metadata: dict[str, str]) -> None:
@@ -103,6 +185,15 @@ def edge_rows(schema: dict[str, Any], x: pd.DataFrame) -> pd.DataFrame:
     return with_datetime_parts(edge, schema["columns"])
 
 
+def decision_margin(model, probabilities: np.ndarray) -> np.ndarray:
+    """How far each row is from answering another label: the gap between its two most probable
+    classes, or for a tuned threshold the distance of the second class's probability from it."""
+    if isinstance(model, FixedThresholdClassifier):
+        return np.abs(probabilities[:, 1] - model.threshold)
+    top2 = np.sort(probabilities, axis=1)[:, -2:]
+    return top2[:, 1] - top2[:, 0]
+
+
 def check_parity(onnx_bytes: bytes, pipeline, schema: dict[str, Any], x: pd.DataFrame) -> dict[str, Any]:
     """Run both on `x` plus edge rows; raise ParityError with the first disagreement."""
     rows = pd.concat([x, edge_rows(schema, x)], ignore_index=True)
@@ -115,8 +206,7 @@ def check_parity(onnx_bytes: bytes, pipeline, schema: dict[str, Any], x: pd.Data
         expected_labels = pipeline.predict(rows)
         expected_probabilities = pipeline.predict_proba(rows)
         gap = float(np.max(np.abs(probabilities - expected_probabilities)))
-        top2 = np.sort(expected_probabilities, axis=1)[:, -2:]
-        ties = (top2[:, 1] - top2[:, 0]) <= TIE_MARGIN
+        ties = decision_margin(pipeline, expected_probabilities) <= TIE_MARGIN
         mismatched = np.flatnonzero((labels.astype(str) != expected_labels.astype(str)) & ~ties)
         report.update(max_probability_difference=gap, tolerance=PROBABILITY_TOLERANCE, label_mismatches=len(mismatched))
         if len(mismatched) or gap > PROBABILITY_TOLERANCE:

@@ -144,8 +144,8 @@ def binary_threshold_scores(metric: str, positive: np.ndarray, probability: np.n
     # f1_macro over the classes that are true or predicted by that threshold
     f1_positive = 2 * true_positive / np.maximum(2 * true_positive + false_positive + false_negative, 1)
     f1_negative = 2 * true_negative / np.maximum(2 * true_negative + false_negative + false_positive, 1)
-    has_positive = (positives > 0) | (predicted.sum(axis=1) > 0)
-    has_negative = (negatives > 0) | ((~predicted).sum(axis=1) > 0)
+    has_positive = ((positives > 0) | (predicted.sum(axis=1) > 0)).astype(int)
+    has_negative = ((negatives > 0) | ((~predicted).sum(axis=1) > 0)).astype(int)
     return (f1_positive * has_positive + f1_negative * has_negative) / np.maximum(has_positive + has_negative, 1)
 
 

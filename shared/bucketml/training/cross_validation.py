@@ -15,7 +15,7 @@ CV_FOLDS = 3  # the folds of large data; smaller data gets more (see `fold_plan`
 # (most cross-validated rows, folds, repeats), first match: on small data each fold's score is
 # noisy (a 60-row fold of an imbalanced target holds a handful of the small class), so more folds
 # and a repeat with other folds steady the estimate that picks the model, at little cost there.
-FOLD_PLAN = ((300, 5, 2), (5_000, 5, 1))
+FOLD_PLAN = ((300, 5, 2), (2_000, 5, 1))
 # Each fold's prepared (imputed, scaled, encoded) input is kept for the other settings (and
 # the candidates with the same preprocessing) while it takes at most this many bytes;
 # otherwise it is prepared again for every setting, as Pipeline.fit does.

@@ -72,11 +72,13 @@ from bucketml.training.out_of_fold import (
 CV_MAX_ROWS = 20_000
 # After the screen, only this many of the best candidates try their other settings.
 SEARCH_TOP = 2
-# Early dropping in the screen: a candidate whose mean score on its first folds is worse than
-# the leader's on the same folds by more than DROP_MARGIN (absolute; error metrics: relative)
-# is not cross-validated further; checked from DROP_AFTER_FOLDS folds on.
+# Early dropping in the screen, checked from DROP_AFTER_FOLDS folds on: a candidate whose mean
+# score on its first folds is worse than the leader's on the same folds by more than DROP_MARGIN
+# (absolute; error metrics: relative), or worse at all while its other folds would take more
+# than SLOW_DROP_SHARE times the search budget, is not cross-validated further.
 DROP_AFTER_FOLDS = 2
 DROP_MARGIN = 0.1
+SLOW_DROP_SHARE = 2.0
 # The other settings (step 2) get at most SEARCH_SECONDS + rows / SEARCH_ROWS_PER_SECOND seconds
 # from the start, within max_training_seconds: the search grows with the data, and a small
 # dataset is served in seconds (docs/benchmarks.md has the figures it was set by).
@@ -606,7 +608,7 @@ class CandidateSearch:
                 trial.fold_scores.append(None)  # scored below, once every fold has its predictions
                 if first:
                     trial.check_scores.append(fold_score(oof, index, self._check_metric, row_set.cv_y, classes))
-                    hopeless = self._hopeless(trial, cap)
+                    hopeless = self._hopeless(trial, cap, began)
                     if hopeless and index + 1 < len(folds):
                         trial.error, trial.dropped = hopeless, True
                         break
@@ -630,10 +632,12 @@ class CandidateSearch:
         binary_tuned = len(self._classes) == 2 and self.metric_ in THRESHOLD_METRICS
         return "roc_auc" if binary_tuned else self.metric_
 
-    def _hopeless(self, trial: Trial, cap: int | None) -> str | None:
+    def _hopeless(self, trial: Trial, cap: int | None, started: float) -> str | None:
         """Why a candidate's screen stops early, or None: after DROP_AFTER_FOLDS folds its mean
         score on them is worse than the leading candidate's on the very same folds by more than
-        DROP_MARGIN (absolute; relative for error metrics)."""
+        DROP_MARGIN (absolute; relative for error metrics), or worse at all while its remaining
+        folds would take more than SLOW_DROP_SHARE of the search budget (successive halving's
+        idea: the time goes to the candidates that are ahead)."""
         done = len(trial.check_scores)
         if done < DROP_AFTER_FOLDS or None in trial.check_scores:
             return None
@@ -649,14 +653,17 @@ class CandidateSearch:
             return None
         lower = metric in LOWER_IS_BETTER
         pick = min if lower else max
-        best_mean, _ = pick(leader_means, key=lambda pair: pair[0])
+        best_mean, best = pick(leader_means, key=lambda pair: pair[0])
         gap = (mean - best_mean) / max(abs(best_mean), 1e-12) if lower else best_mean - mean
-        if gap <= DROP_MARGIN:
-            return None
-        leader = next(run.name for run in self._runs for t in run.trials if any(t is m for _, m in leader_means)
-                      and float(np.mean(t.check_scores[:done])) == best_mean)
-        return (f"dropped after {done} of {trial.folds} folds: {metric} {mean:.4f} there, against {best_mean:.4f} "
-                f"for {leader} on the same folds")
+        leader = next(run.name for run in self._runs if any(t is best for t in run.trials))
+        behind = f"{metric} {mean:.4f} there, against {best_mean:.4f} for {leader} on the same folds"
+        if gap > DROP_MARGIN:
+            return f"dropped after {done} of {trial.folds} folds: {behind}"
+        remaining = (self.clock() - started) / done * (trial.folds - done)
+        if gap > 0 and remaining > SLOW_DROP_SHARE * self._search_budget:
+            return (f"dropped after {done} of {trial.folds} folds: behind and slow ({behind}; its other folds "
+                    f"would take about {remaining:.1f} s, the search budget is {self._search_budget:.1f} s)")
+        return None
 
     def _predictions(self, model: Any, x: Any) -> np.ndarray:
         """A fold model's answer on validation rows: probabilities over all the classes (a class

@@ -107,6 +107,41 @@ def test_imbalanced_binary_target_is_served_at_its_tuned_threshold(tmp_path):
     assert balanced_accuracy_score(truth, labels) > balanced_accuracy_score(truth, at_half)
 
 
+def three_plans(rows: int, seed: int) -> pd.DataFrame:
+    """Three classes in shares of about 75, 18 and 7 %, overlapping in two numbers."""
+    rng = np.random.default_rng(seed)
+    plan = rng.choice(["basic", "plus", "pro"], rows, p=[0.75, 0.18, 0.07])
+    centre = pd.Series(plan).map({"basic": 0.0, "plus": 1.2, "pro": 2.2}).to_numpy()
+    return pd.DataFrame({"usage": (centre + rng.normal(0, 0.9, rows)).round(3),
+                         "seats": (centre + rng.normal(0, 1.2, rows)).round(3), "plan": plan})
+
+
+def test_imbalanced_classes_are_answered_by_weighted_probabilities(tmp_path):
+    """More than two classes: the answer is the class whose probability divided by its share of
+    the training rows is largest, when that scores better out of fold; served so."""
+    storage = LocalStorage(tmp_path / "bucket")
+    frame = three_plans(1300, seed=2)
+    train, held_out = frame.iloc[:1100], frame.iloc[1100:]
+    publish(storage, "plans", train, "data.csv", {"target": "plan", "algorithms": "gradient_boosting"})
+    card = current_card(storage, "plans")
+    assert card["metric"] == "balanced_accuracy"
+    weights = chosen_candidate(card)["class_weights"]
+    assert list(weights) == ["basic", "plus", "pro"] and weights["basic"] < weights["plus"] < weights["pro"]
+
+    with predict_server(tmp_path / "bucket", tmp_path) as server:
+        response = server.predict({"model": "plans", "records": records_of(held_out)})
+        assert response.status_code == 200, response.text
+        answer = response.json()
+    probabilities = np.array(answer["probabilities"])
+    classes = np.array(answer["classes"])
+    weighted = classes[np.argmax(probabilities * np.array([weights[c] for c in classes]), axis=1)]
+    assert list(answer["predictions"]) == list(weighted)
+    most_probable = classes[np.argmax(probabilities, axis=1)]
+    assert (weighted != most_probable).sum() >= 5, "the weights changed no served answer"
+    truth = held_out["plan"].to_numpy()
+    assert balanced_accuracy_score(truth, weighted) > balanced_accuracy_score(truth, most_probable)
+
+
 def test_the_spec_metric_wins_and_accuracy_is_not_tuned(tmp_path):
     storage = LocalStorage(tmp_path / "bucket")
     publish(storage, "churn", rare_churn(600, seed=5), "data.csv",

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
+from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.compose import ColumnTransformer, TransformedTargetRegressor
 from sklearn.ensemble import (
@@ -315,6 +316,31 @@ def ensemble_model(task: str, members: list[tuple[str, Any]], weights: list[floa
     model.estimators_ = [fitted for _, fitted in members]
     model.named_estimators_ = Bunch(**dict(members))
     return model
+
+
+class ClassWeightedClassifier(ClassifierMixin, BaseEstimator):
+    """A fitted classifier that answers the class whose probability times its weight is largest
+    (out_of_fold.tune_class_weights); its probabilities are the model's. scikit-learn has no
+    multiclass counterpart of FixedThresholdClassifier; export.py converts this one to ONNX."""
+
+    def __init__(self, estimator: Any, weights: list[float]) -> None:
+        self.estimator = estimator
+        self.weights = weights
+
+    def fit(self, x: Any = None, y: Any = None) -> ClassWeightedClassifier:
+        self.classes_ = self.estimator.classes_  # the estimator is fitted already: nothing to fit
+        return self
+
+    def predict_proba(self, x: Any) -> np.ndarray:
+        return self.estimator.predict_proba(x)
+
+    def predict(self, x: Any) -> np.ndarray:
+        weighted = self.predict_proba(x) * np.asarray(self.weights)
+        return np.asarray(self.classes_)[np.argmax(weighted, axis=1)]
+
+
+def reweighted(model: Any, weights: list[float]) -> ClassWeightedClassifier:
+    return ClassWeightedClassifier(model, list(weights)).fit()
 
 
 def thresholded(model: Any, threshold: float, x: pd.DataFrame, y: pd.Series) -> FixedThresholdClassifier:

@@ -18,6 +18,7 @@ from sklearn.compose import TransformedTargetRegressor
 from sklearn.frozen import FrozenEstimator
 from sklearn.model_selection import FixedThresholdClassifier
 
+from bucketml.training.candidates import ClassWeightedClassifier
 from bucketml.training.column_types import with_datetime_parts
 from bucketml.encoding import datetime_input, feeds_from_columns, new_session
 
@@ -30,10 +31,10 @@ class ParityError(Exception):
     """The ONNX model does not compute what the sklearn pipeline computes."""
 
 
-# --- the two wrappers training puts around a model, in ONNX -------------------------------------
-# skl2onnx has no converter for either (its TunedThresholdClassifierCV converter answers the
-# inner model's labels, ignoring the threshold), so each gets one here: the inner model is
-# converted as skl2onnx converts a Pipeline step, and a few nodes are added after it.
+# --- the wrappers training puts around a model, in ONNX -----------------------------------------
+# skl2onnx has no converter for them (its TunedThresholdClassifierCV converter answers the inner
+# model's labels, ignoring the threshold), so each gets one here: the inner model is converted
+# as skl2onnx converts a Pipeline step, and a few nodes are added after it.
 
 
 def _convert_log_target(scope, operator, container) -> None:
@@ -77,6 +78,27 @@ def _convert_fixed_threshold(scope, operator, container) -> None:
                        name=scope.get_unique_operator_name("Identity"))
 
 
+def _convert_class_weighted(scope, operator, container) -> None:
+    """ClassWeightedClassifier: the inner model's probabilities, and the class whose probability
+    times its weight is largest."""
+    model = operator.raw_operator
+    inner = model.estimator
+    scope.add_options(id(inner), options={"zipmap": False})
+    container.add_options(id(inner), options={"zipmap": False})
+    _, probabilities = _parse_sklearn(scope, inner, operator.inputs)
+    weights, classes = scope.get_unique_variable_name("class_weights"), scope.get_unique_variable_name("classes")
+    container.add_initializer(weights, TensorProto.FLOAT, [len(model.weights)], [float(w) for w in model.weights])
+    names = [str(c) for c in model.classes_]
+    container.add_initializer(classes, TensorProto.STRING, [len(names)], [n.encode("utf-8") for n in names])
+    weighted, index = scope.get_unique_variable_name("weighted"), scope.get_unique_variable_name("label_index")
+    container.add_node("Mul", [probabilities.onnx_name, weights], [weighted], name=scope.get_unique_operator_name("Mul"))
+    container.add_node("ArgMax", [weighted], [index], axis=1, keepdims=0, name=scope.get_unique_operator_name("ArgMax"))
+    container.add_node("Gather", [classes, index], [operator.outputs[0].full_name], axis=0,
+                       name=scope.get_unique_operator_name("Gather"))
+    container.add_node("Identity", [probabilities.onnx_name], [operator.outputs[1].full_name],
+                       name=scope.get_unique_operator_name("Identity"))
+
+
 def _regressor_shape(operator) -> None:
     """[N, 1] float, from any number of inputs (one per column)."""
     operator.outputs[0].type = FloatTensorType([operator.inputs[0].get_first_dimension(), 1])
@@ -91,6 +113,8 @@ def _classifier_shape(operator) -> None:
 update_registered_converter(TransformedTargetRegressor, "BucketmlLogTargetRegressor", _regressor_shape, _convert_log_target)
 update_registered_converter(FixedThresholdClassifier, "BucketmlFixedThresholdClassifier", _classifier_shape,
                             _convert_fixed_threshold, options={"zipmap": [False], "nocl": [False]})
+update_registered_converter(ClassWeightedClassifier, "BucketmlClassWeightedClassifier", _classifier_shape,
+                            _convert_class_weighted, options={"zipmap": [False], "nocl": [False]})
 
 
 def onnx_inputs(columns: list[dict[str, Any]]) -> list[tuple[str, Any]]:
@@ -190,6 +214,8 @@ def decision_margin(model, probabilities: np.ndarray) -> np.ndarray:
     classes, or for a tuned threshold the distance of the second class's probability from it."""
     if isinstance(model, FixedThresholdClassifier):
         return np.abs(probabilities[:, 1] - model.threshold)
+    if isinstance(model, ClassWeightedClassifier):
+        probabilities = probabilities * np.asarray(model.weights)
     top2 = np.sort(probabilities, axis=1)[:, -2:]
     return top2[:, 1] - top2[:, 0]
 

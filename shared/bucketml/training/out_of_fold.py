@@ -72,22 +72,26 @@ def _folds_per_repeat(splits: list[tuple[np.ndarray, np.ndarray]], rows: int) ->
     return len(splits)
 
 
-def labels(probabilities: np.ndarray, classes: Sequence[str], threshold: float | None = None) -> np.ndarray:
-    """The class a model answers: the most probable one (the first on a tie), or for a binary
-    target with `threshold` the second class when its probability is at least the threshold."""
+def labels(probabilities: np.ndarray, classes: Sequence[str], threshold: float | None = None,
+           weights: Sequence[float] | None = None) -> np.ndarray:
+    """The class a model answers: the most probable one (the first on a tie); for a binary
+    target with `threshold`, the second class when its probability is at least the threshold;
+    with class `weights`, the class whose probability times its weight is largest."""
     names = np.asarray(classes, dtype=object)
     if threshold is not None:
         return names[(probabilities[..., 1] >= threshold).astype(int)]
+    if weights is not None:
+        return names[np.argmax(probabilities * np.asarray(weights), axis=-1)]
     return names[np.argmax(probabilities, axis=-1)]
 
 
 def _score(metric: str, y: np.ndarray, predictions: np.ndarray, classes: Sequence[str] | None,
-           threshold: float | None) -> float | None:
+           threshold: float | None, weights: Sequence[float] | None = None) -> float | None:
     if classes is None:
         return regression_score(metric, y, predictions)
     if metric in PROBABILITY_METRICS:
         return metric_value(metric, y, labels(predictions, classes), predictions, list(classes), strict=False)
-    return label_score(metric, y, labels(predictions, classes, threshold))
+    return label_score(metric, y, labels(predictions, classes, threshold, weights))
 
 
 # The search scores thousands of folds (settings, thresholds, ensemble rounds); these compute
@@ -150,14 +154,14 @@ def binary_threshold_scores(metric: str, positive: np.ndarray, probability: np.n
 
 
 def fold_scores(oof: OutOfFold, metric: str, y: pd.Series, classes: Sequence[str] | None,
-                threshold: float | None = None) -> list[float | None]:
+                threshold: float | None = None, weights: Sequence[float] | None = None) -> list[float | None]:
     """`metric` on each fold's validation rows, in fold order."""
     truth = y.to_numpy()
     truth = truth.astype(str) if classes is not None else truth.astype("float64")
     scores = []
     for fold, (_, validation) in enumerate(oof.splits):
         predictions = oof.values[oof.repeat_of(fold), validation]
-        scores.append(_score(metric, truth[validation], predictions, classes, threshold))
+        scores.append(_score(metric, truth[validation], predictions, classes, threshold, weights))
     return scores
 
 
@@ -181,11 +185,12 @@ def pessimistic(metric: str, scores: Sequence[float | None]) -> float | None:
     return mean + error if metric in LOWER_IS_BETTER else mean - error
 
 
-def single_class(oof: OutOfFold, classes: Sequence[str] | None, threshold: float | None = None) -> bool:
+def single_class(oof: OutOfFold, classes: Sequence[str] | None, threshold: float | None = None,
+                 weights: Sequence[float] | None = None) -> bool:
     """Whether the labels answered for every row are one and the same class."""
     if classes is None:
         return False
-    return len(np.unique(labels(np.nan_to_num(oof.values), classes, threshold))) == 1
+    return len(np.unique(labels(np.nan_to_num(oof.values), classes, threshold, weights))) == 1
 
 
 def tune_threshold(oof: OutOfFold, metric: str, y: pd.Series, classes: Sequence[str]) -> tuple[float, float] | None:
@@ -217,6 +222,23 @@ def tune_threshold(oof: OutOfFold, metric: str, y: pd.Series, classes: Sequence[
     if below.size:
         threshold = (threshold + float(np.max(below))) / 2
     return threshold, float(means[best])
+
+
+def tune_class_weights(oof: OutOfFold, metric: str, y: pd.Series, classes: Sequence[str]) -> tuple[list[float], float] | None:
+    """For more than two classes and a metric that counts every class alike: the answer becomes
+    the class whose probability divided by its share of the training rows is largest (the
+    decision that maximises balanced accuracy when the probabilities are right), if that scores
+    better out of fold than the most probable class. (class weights, mean fold score), or None."""
+    if metric not in THRESHOLD_METRICS or len(classes) <= 2:
+        return None
+    shares = y.astype(str).value_counts(normalize=True)
+    weights = [1.0 / float(shares.get(c, 1.0)) for c in classes]
+    weights = [w / max(weights) for w in weights]
+    plain = _mean(fold_scores(oof, metric, y, classes))
+    weighted = _mean(fold_scores(oof, metric, y, classes, weights=weights))
+    if weighted is None or plain is None or weighted <= plain + 1e-12:
+        return None
+    return weights, weighted
 
 
 def _mean(scores: Sequence[float | None]) -> float | None:

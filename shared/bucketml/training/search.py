@@ -46,6 +46,7 @@ from bucketml.training.candidates import (
     ensemble_model,
     fit_model,
     frequent_categories,
+    reweighted,
     imbalanced,
     log_scale_helps_maybe,
     on_scale,
@@ -64,6 +65,7 @@ from bucketml.training.out_of_fold import (
     pessimistic,
     select_ensemble,
     single_class,
+    tune_class_weights,
     tune_threshold,
 )
 
@@ -108,7 +110,8 @@ class Trial:
     scale: str = "raw"  # the target's scale in the fit (candidates.on_scale)
     oof: OutOfFold | None = None  # every fold's predictions on its validation rows
     threshold: float | None = None  # binary: the tuned decision threshold (out_of_fold.tune_threshold)
-    tuned_fold_scores: list[float | None] | None = None  # the fold scores at that threshold
+    class_weights: list[float] | None = None  # more classes: the decision's weights (out_of_fold.tune_class_weights)
+    tuned_fold_scores: list[float | None] | None = None  # the fold scores at that threshold or with those weights
     rank_metric: str | None = None  # the metric it is ranked by
     check_scores: list[float | None] = dataclasses.field(default_factory=list)  # screen: per fold, for early dropping
     dropped: bool = False  # the screen stopped it early: hopeless against the leader
@@ -175,6 +178,7 @@ class Candidate:
     base: Any = None  # the fitted model before a threshold is put around it
     one_class: bool = False  # it answered one class for every row out of fold
     members: dict[str, int] | None = None  # an ensemble's members and their weights
+    classes: list[str] = dataclasses.field(default_factory=list)  # classification: the classes, sorted
 
     def summary(self) -> dict[str, Any]:
         chosen = self.chosen
@@ -197,6 +201,8 @@ class Candidate:
             out["target_scale"] = chosen.scale
         if chosen is not None and chosen.threshold is not None:
             out["threshold"] = _rounded(chosen.threshold)
+        if chosen is not None and chosen.class_weights is not None:
+            out["class_weights"] = {c: _rounded(w) for c, w in zip(self.classes, chosen.class_weights)}
         if self.members is not None:
             out["members"] = self.members
         if self.confusion is not None:
@@ -685,13 +691,20 @@ class CandidateSearch:
             self._tune(best, self._rows.for_cap(row_cap(run.name, best.params)).cv_y)
 
     def _tune(self, trial: Trial, y: pd.Series) -> None:
+        """The decision rule a metric that counts every class alike calls for: a binary target's
+        threshold, or for more classes weights by inverse class share, where they score better
+        out of fold."""
         if self.task != "classification" or trial.oof is None:
             return
         tuned = tune_threshold(trial.oof, self.metric_, y, self._classes)
-        if tuned is None:
+        if tuned is not None:
+            trial.threshold = tuned[0]
+            trial.tuned_fold_scores = fold_scores(trial.oof, self.metric_, y, self._classes, trial.threshold)
             return
-        trial.threshold = tuned[0]
-        trial.tuned_fold_scores = fold_scores(trial.oof, self.metric_, y, self._classes, trial.threshold)
+        weighted = tune_class_weights(trial.oof, self.metric_, y, self._classes)
+        if weighted is not None:
+            trial.class_weights = weighted[0]
+            trial.tuned_fold_scores = fold_scores(trial.oof, self.metric_, y, self._classes, weights=trial.class_weights)
 
     def _refit(self) -> list[Candidate]:
         """4. Each candidate's best setting refitted on the training rows, in screening order."""
@@ -713,7 +726,10 @@ class CandidateSearch:
         return fitted
 
     def _served(self, model: Any, trial: Trial, x: pd.DataFrame, y: pd.Series) -> Any:
-        """The model as it is served: with its tuned threshold when that is not the default rule."""
+        """The model as it is served: with its tuned threshold when that is not the default rule,
+        or its class weights."""
+        if trial.class_weights is not None:
+            return reweighted(model, trial.class_weights)
         if trial.threshold is None or trial.threshold == 0.5:
             return model
         return thresholded(model, trial.threshold, x, y)
@@ -727,14 +743,15 @@ class CandidateSearch:
             run.name, on_scale(run.definition.pipeline(best.params), best.scale), notes=list(run.notes),
             params=best.params, cv_score=best.score, rank_score=best.rank_score(self.metric_), trials=run.trials,
             untried=[s for s in run.settings if s not in tried], chosen=best,
-            one_class=single_class(best.oof, self._classes or None, best.threshold) if best.oof else False,
+            one_class=single_class(best.oof, self._classes or None, best.threshold, best.class_weights) if best.oof else False,
+            classes=self._classes,
         )
         if candidate.untried or any(t.interrupted for t in run.trials):
             candidate.search_stopped = self.search_stopped_
         for trial in run.trials:
             if trial.error and not trial.interrupted:
                 candidate.notes.append(f"setting {trial.params} failed in cross-validation: {trial.error}")
-        if best.threshold is not None:
+        if best.threshold is not None or best.class_weights is not None:
             candidate.notes.append(self._threshold_note(best))
         train_rows, cv_rows = len(self._rows.x), len(self._rows.cv_x)
         if cv_rows < train_rows and (cap is None or cap >= cv_rows):
@@ -748,6 +765,9 @@ class CandidateSearch:
 
     def _threshold_note(self, trial: Trial) -> str:
         default = float(np.mean([s for s in trial.fold_scores if s is not None]))
+        if trial.class_weights is not None:
+            return (f"answers the class whose probability divided by its share of the training rows is largest: "
+                    f"{self.metric_} {trial.score:.4f} out of fold, {default:.4f} for the most probable class")
         if trial.threshold == 0.5:
             return f"decision threshold 0.5 kept: no other threshold scored better out of fold ({self.metric_} {default:.4f})"
         return (f"decision threshold {trial.threshold:.4f} for '{self._classes[1]}' tuned on out-of-fold probabilities: "
@@ -789,10 +809,10 @@ class CandidateSearch:
         shown = ", ".join(f"{name} x{weight}" for name, weight in weights.items())
         notes = [f"{'soft voting' if classes else 'averaging'} of {shown}, chosen by ensemble selection on "
                  "out-of-fold predictions"]
-        if trial.threshold is not None:
+        if trial.threshold is not None or trial.class_weights is not None:
             notes.append(self._threshold_note(trial))
         return Candidate(
             "ensemble", served, notes=notes, params={"members": weights}, cv_score=trial.score, rank_score=score,
             chosen=trial, base=model, members=weights,
-            one_class=single_class(blended, classes, trial.threshold),
+            one_class=single_class(blended, classes, trial.threshold, trial.class_weights), classes=self._classes,
         )

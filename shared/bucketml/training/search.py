@@ -556,8 +556,13 @@ class CandidateSearch:
             self._runs.append(run)
 
     def _scale_note(self, run: CandidateRun) -> str:
-        scores = {t.scale: t.rank_score(self.metric_) for t in run.trials}
-        shown = ", ".join(f"{scale} {'undefined' if score is None else f'{score:.4f}'}" for scale, score in scores.items())
+        def shown(trial: Trial) -> str:
+            score = trial.rank_score(self.metric_)
+            if score is not None:
+                return f"{trial.scale} {score:.4f}"
+            return f"{trial.scale} {'dropped after ' + str(len(trial.check_scores)) + ' folds' if trial.dropped else 'failed'}"
+
+        shown = ", ".join(shown(t) for t in run.trials)
         target = "a log scale (log1p; answers in the target's units)" if run.scale == "log" else "the target's own scale"
         return f"fitted on {target}: cross-validation {self.metric_} by scale: {shown}"
 
@@ -614,7 +619,7 @@ class CandidateSearch:
                 trial.fold_scores.append(None)  # scored below, once every fold has its predictions
                 if first:
                     trial.check_scores.append(fold_score(oof, index, self._check_metric, row_set.cv_y, classes))
-                    hopeless = self._hopeless(trial, cap, began)
+                    hopeless = self._hopeless(run, trial, cap, began)
                     if hopeless and index + 1 < len(folds):
                         trial.error, trial.dropped = hopeless, True
                         break
@@ -633,12 +638,12 @@ class CandidateSearch:
 
     @property
     def _check_metric(self) -> str:
-        """What early dropping compares: the metric, or ROC AUC where a threshold is still to be
-        tuned (at the default 0.5 a class-weighted model can look far worse than it is)."""
-        binary_tuned = len(self._classes) == 2 and self.metric_ in THRESHOLD_METRICS
-        return "roc_auc" if binary_tuned else self.metric_
+        """What early dropping compares: the metric, or ROC AUC where the decision rule is still
+        to be tuned (before its threshold or class weights, an unweighted model's balanced
+        accuracy can look far worse than it will be)."""
+        return "roc_auc" if self.metric_ in THRESHOLD_METRICS else self.metric_
 
-    def _hopeless(self, trial: Trial, cap: int | None, started: float) -> str | None:
+    def _hopeless(self, run: CandidateRun, trial: Trial, cap: int | None, started: float) -> str | None:
         """Why a candidate's screen stops early, or None: after DROP_AFTER_FOLDS folds its mean
         score on them is worse than the leading candidate's on the very same folds by more than
         DROP_MARGIN (absolute; relative for error metrics), or worse at all while its remaining
@@ -649,8 +654,10 @@ class CandidateSearch:
             return None
         key = self._rows.effective_cap(cap)
         metric = self._check_metric
-        leaders = [t for run in self._runs for t in run.trials
-                   if t.complete and t.check_scores and self._rows.effective_cap(row_cap(run.name, t.params)) == key]
+        # The screened candidates and this one's other target scale (a log scale far behind the
+        # target's own, or the other way round, is not worth its folds either).
+        leaders = [t for other in [*self._runs, run] for t in other.trials
+                   if t.complete and t.check_scores and self._rows.effective_cap(row_cap(other.name, t.params)) == key]
         if not leaders:
             return None
         mean = float(np.mean(trial.check_scores))
@@ -661,7 +668,8 @@ class CandidateSearch:
         pick = min if lower else max
         best_mean, best = pick(leader_means, key=lambda pair: pair[0])
         gap = (mean - best_mean) / max(abs(best_mean), 1e-12) if lower else best_mean - mean
-        leader = next(run.name for run in self._runs if any(t is best for t in run.trials))
+        owner = next(other for other in [*self._runs, run] if any(t is best for t in other.trials))
+        leader = f"{owner.name} on the {best.scale} scale" if owner is run else owner.name
         behind = f"{metric} {mean:.4f} there, against {best_mean:.4f} for {leader} on the same folds"
         if gap > DROP_MARGIN:
             return f"dropped after {done} of {trial.folds} folds: {behind}"

@@ -204,18 +204,20 @@ def models(name: str | None, bucket: str) -> None:
     refused = outcome_records(registry.storage, name)
     if not versions and not any(refused.values()):
         raise Failure(f"model '{name}' has no versions, and no upload of it was rejected or failed")
+    cards = {version: registry.model_card(name, version) for version in versions}
+    scores = {version: f"{card.metric}={format_score(card.score)}" for version, card in cards.items()}
+    # Wide enough for the longest score ("balanced_accuracy=0.8479") and two spaces.
+    width = max([18, *(len(score) + 2 for score in scores.values())])
     if versions:
         current = registry.current(name).version
-        click.echo(f"{'':2}{'version':<9}{'created':<22}{'algorithm':<22}{'score':<18}{'rows':<7}upload")
+        click.echo(f"{'':2}{'version':<9}{'created':<22}{'algorithm':<22}{'score':<{width}}{'rows':<7}upload")
     else:
         click.echo(f"model '{name}' has no versions yet")
-    for version in versions:
-        card = registry.model_card(name, version)
-        score = f"{card.metric}={format_score(card.score)}"
+    for version, card in cards.items():
         mark = "*" if version == current else " "
         counts = card.data.rows if card.data is not None else None
         rows = counts.train if counts is not None and counts.train is not None else ""
-        click.echo(f"{mark:2}{version:<9}{card.created:<22}{card.algorithm:<22}{score:<18}{rows!s:<7}"
+        click.echo(f"{mark:2}{version:<9}{card.created:<22}{card.algorithm:<22}{scores[version]:<{width}}{rows!s:<7}"
                    f"{card.lineage.upload.name}")
     for title, records in refused.items():
         if records:

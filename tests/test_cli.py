@@ -59,3 +59,19 @@ def test_predict_errors_are_one_line(tmp_path):
 def test_upload_says_where_it_asks_predict(tmp_path):
     result = run("upload", "--help", cwd=tmp_path)
     assert result.returncode == 0 and "--predict-url" in result.stdout and "BUCKETML_PREDICT_URL" in result.stdout, result
+
+
+def test_models_lines_up_a_balanced_accuracy_score(tmp_path):
+    """An imbalanced target is scored by balanced accuracy, whose score is wider than the
+    others: the rows column still starts after it, under its header."""
+    from helpers import publish
+    from test_model_quality import rare_churn
+
+    publish(LocalStorage(tmp_path / "bucket"), "churn", rare_churn(300, seed=4), "data.csv", {"target": "churned"})
+    result = run("models", "churn", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    header, row = result.stdout.splitlines()[:2]
+    score = row.split()[4]
+    assert score.startswith("balanced_accuracy=")
+    assert row.index(score) == header.index("score")
+    assert row[header.index("rows"):].split()[0] == "240"  # the training rows, in their own column

@@ -39,7 +39,6 @@ bench/peers-requirements.txt on first use (and again when that file changes).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import http.client
 import json
 import os
@@ -59,6 +58,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+import peer_venv  # bench/peer_venv.py: this folder is the script's first import path
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -95,19 +96,7 @@ def ensure_wrk() -> str:
 
 def peers_python() -> Path:
     """The peers' virtualenv, (re)installed when bench/peers-requirements.txt changes."""
-    python = PEERS_VENV / "bin" / "python"
-    stamp = PEERS_VENV / ".requirements.sha256"
-    wanted = hashlib.sha256(PEERS_REQUIREMENTS.read_bytes()).hexdigest()
-    if python.exists() and stamp.exists() and stamp.read_text() == wanted:
-        return python
-    print(f"installing the peers into {PEERS_VENV.relative_to(REPO)} (pip, about a minute)", flush=True)
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(PEERS_VENV)], check=True)
-    pip = [str(python), "-m", "pip", "install", "--quiet", "--quiet"]  # errors only
-    subprocess.run([*pip, "--upgrade", "pip"], check=True)
-    subprocess.run([*pip, "-r", str(PEERS_REQUIREMENTS)], check=True)
-    stamp.write_text(wanted)
-    return python
+    return peer_venv.ensure(PEERS_VENV, PEERS_REQUIREMENTS, "the peers")
 
 
 @dataclass

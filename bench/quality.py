@@ -48,7 +48,6 @@ The summary's means are over the datasets bucketml answered (and, for a peer, th
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -69,11 +68,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import peer_venv  # bench/peer_venv.py: this folder is the script's first import path
+
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 QUALITY_VENV = BENCH / ".quality-venv"
 QUALITY_REQUIREMENTS = BENCH / "quality-requirements.txt"
-NO_DEPS_MARKER = "# --no-deps"
 BUCKETML = REPO / ".venv" / "bin" / "bucketml"
 SEED = 0
 TEST_SIZE = 0.2
@@ -300,26 +300,7 @@ def run_flaml(job_path: Path) -> None:
 
 def quality_python() -> Path:
     """The quality venv, (re)installed when bench/quality-requirements.txt changes."""
-    python = QUALITY_VENV / "bin" / "python"
-    stamp = QUALITY_VENV / ".requirements.sha256"
-    wanted = hashlib.sha256(QUALITY_REQUIREMENTS.read_bytes()).hexdigest()
-    if python.exists() and stamp.exists() and stamp.read_text() == wanted:
-        return python
-    print(f"installing FLAML and the dataset packages into {QUALITY_VENV.relative_to(REPO)} (pip, a minute or two)", flush=True)
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(QUALITY_VENV)], check=True)
-    # One file, two installs: the lines after the marker go in without their dependencies.
-    text = QUALITY_REQUIREMENTS.read_text()
-    with_deps, _, without_deps = text.partition(NO_DEPS_MARKER)
-    pip = [str(python), "-m", "pip", "install", "--quiet", "--quiet"]  # errors only
-    subprocess.run([*pip, "--upgrade", "pip"], check=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        for part, extra in ((with_deps, []), (without_deps, ["--no-deps"])):
-            requirements = Path(tmp) / "requirements.txt"
-            requirements.write_text(part)
-            subprocess.run([*pip, *extra, "-r", str(requirements)], check=True)
-    stamp.write_text(wanted)
-    return python
+    return peer_venv.ensure(QUALITY_VENV, QUALITY_REQUIREMENTS, "FLAML and the dataset packages")
 
 
 def versions(python: Path, packages: list[str]) -> str:

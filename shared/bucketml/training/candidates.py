@@ -124,7 +124,7 @@ def preprocessor(
     MAX_DENSE_CATEGORIES of them in front of an estimator that takes dense input; a rarer one
     encodes as all zeros, like a category never seen. An identifier-like column (tickets,
     cabins) otherwise becomes hundreds of columns that each say nothing, and dense input
-    (gradient boosting) pays for every one of them in every split. (OneHotEncoder's own
+    (gradient boosting, forests) pays for every one of them in every split. (OneHotEncoder's own
     min_frequency would do this, but skl2onnx cannot convert it for a single string column.)
     None: every category seen in fitting gets a column."""
     # Datetime parts are numbers; booleans ('true'/'false'/'') are categories.
@@ -144,9 +144,7 @@ def preprocessor(
     return ColumnTransformer(parts, sparse_threshold=0 if dense else 0.3)
 
 
-def estimators(
-    task: str, balanced: bool = False, random_state: int = SEED, binary: bool = False
-) -> dict[str, tuple[EstimatorFactory, bool]]:
+def estimators(task: str, balanced: bool = False, random_state: int = SEED) -> dict[str, tuple[EstimatorFactory, bool]]:
     """name -> (factory, needs scaling), in the fixed order they are cross-validated: roughly
     cheapest first on large data, so a training budget (max_training_seconds) spends itself
     on the likeliest-useful candidates. On a tie of scores the earlier one wins. A factory
@@ -161,13 +159,11 @@ def estimators(
     LinearSVR with the squared epsilon-insensitive loss solved in the primal (the plain
     epsilon-insensitive dual did not converge on unscaled targets).
     """
-    weight = "balanced" if balanced else None
     # Gradient boosting is never weighted: weighted HistGradientBoosting bins every number by
     # weighted percentiles, one call per bin edge (0.1 s per column per fit, seconds per fit on a
-    # few thousand rows). A binary target gets its balance from the tuned decision threshold
-    # (out_of_fold.tune_threshold); for more classes the other candidates are weighted, and the
-    # metric chooses among them.
-    boosting_weight = None
+    # few thousand rows). The tuned decision rule balances it instead (a binary threshold, or
+    # class-share weights for more classes: out_of_fold.tune_threshold, tune_class_weights).
+    weight = "balanced" if balanced else None
     seed = random_state
 
     def svm_classifier(kernel: str = "rbf", C: float = 1.0, gamma: str = "scale") -> CalibratedClassifierCV:
@@ -187,7 +183,7 @@ def estimators(
             "logistic_regression": (lambda **p: LogisticRegression(max_iter=1000, class_weight=weight, **p), True),
             "svm": (svm_classifier, True),
             "gradient_boosting": (
-                lambda **p: HistGradientBoostingClassifier(random_state=seed, class_weight=boosting_weight, **p), False
+                lambda **p: HistGradientBoostingClassifier(random_state=seed, **p), False
             ),
             "random_forest": (
                 lambda **p: RandomForestClassifier(
@@ -208,12 +204,12 @@ def estimators(
 
 def definitions(
     task: str, columns: list[dict[str, Any]], wanted: list[str], balanced: bool = False, random_state: int = SEED,
-    binary: bool = False, frequent: dict[str, list[str]] | None = None,
+    frequent: dict[str, list[str]] | None = None,
 ) -> list[CandidateDefinition]:
     """The wanted candidates, in the fixed order of `estimators`."""
     return [
         CandidateDefinition(name, factory, scale, tuple(columns), frequent)
-        for name, (factory, scale) in estimators(task, balanced, random_state, binary).items()
+        for name, (factory, scale) in estimators(task, balanced, random_state).items()
         if name in wanted
     ]
 

@@ -7,8 +7,8 @@ split, within the spec's `max_training_seconds` (docs/architecture.md, "Selectio
 `fit` uses the TRAINING rows only: each candidate's few hyperparameter settings
 (`candidates.search_space`) are scored by cross-validation sized to the data with the metric
 (the spec's, or the task's default: balanced accuracy for an imbalanced target), the best
-setting is refitted on the training rows, binary thresholds are tuned and an ensemble is
-built from the out-of-fold predictions (training.out_of_fold), and the candidates are ranked.
+setting is refitted on the training rows, decision rules (binary thresholds, class weights) are
+tuned and an ensemble is built from the out-of-fold predictions (training.out_of_fold), and the candidates are ranked.
 `evaluate` scores each fitted candidate on the held-out rows for the card; those rows never
 pick a setting, a threshold or a candidate.
 """
@@ -46,10 +46,10 @@ from bucketml.training.candidates import (
     ensemble_model,
     fit_model,
     frequent_categories,
-    reweighted,
     imbalanced,
     log_scale_helps_maybe,
     on_scale,
+    reweighted,
     row_cap,
     svm_variant_note,
     thresholded,
@@ -175,7 +175,7 @@ class Candidate:
     search_stopped: str | None = None
     confusion: dict[str, Any] | None = None  # classification, on the held-out rows
     chosen: Trial | None = None  # the trial of the chosen setting (an ensemble has none)
-    base: Any = None  # the fitted model before a threshold is put around it
+    base: Any = None  # the fitted model before its decision rule (threshold, class weights) is put around it
     one_class: bool = False  # it answered one class for every row out of fold
     members: dict[str, int] | None = None  # an ensemble's members and their weights
     classes: list[str] = dataclasses.field(default_factory=list)  # classification: the classes, sorted
@@ -321,8 +321,9 @@ class CandidateSearch:
        better, for the SEARCH_TOP best candidates only (the others are too far behind for a
        setting to matter as much as the time it costs), round-robin, best first, while the
        estimated cost of the next setting still fits the budget.
-    3. Threshold: a binary target chosen by a metric that needs one (balanced accuracy, f1
-       macro) gets each candidate's decision threshold tuned on its out-of-fold probabilities.
+    3. Decision rule: for a metric that counts every class alike (balanced accuracy, f1 macro),
+       a binary target gets each candidate's decision threshold tuned on its out-of-fold
+       probabilities; more classes get class-share weights where they score better.
     4. Refit each candidate's best setting on the training rows (the exact kernel SVM on at
        most candidates.SVM_MAX_ROWS).
     5. Ensemble: ensemble selection on the out-of-fold predictions (out_of_fold.select_ensemble);
@@ -528,9 +529,8 @@ class CandidateSearch:
     def _screen(self, weight_note: str | None, scales: list[str]) -> None:
         """1. Cross-validate every candidate's default setting (on each scale) while the budget lasts."""
         weighted = weight_note is not None
-        binary = len(self._classes) == 2
         frequent = frequent_categories(self._rows.x, self.columns)
-        for definition in definitions(self.task, self.columns, list(self.algorithms), weighted, self.random_state, binary,
+        for definition in definitions(self.task, self.columns, list(self.algorithms), weighted, self.random_state,
                                       frequent):
             if self._runs and self._elapsed() + self._reserve() >= self._budget:
                 self.skipped_.append({

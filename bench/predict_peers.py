@@ -42,7 +42,6 @@ import argparse
 import http.client
 import json
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -59,7 +58,7 @@ from pathlib import Path
 
 import numpy as np
 
-import peer_venv  # bench/peer_venv.py: this folder is the script's first import path
+from common import ensure_venv, machine, versions  # bench/common.py: this folder is the first import path
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -96,7 +95,7 @@ def ensure_wrk() -> str:
 
 def peers_python() -> Path:
     """The peers' virtualenv, (re)installed when bench/peers-requirements.txt changes."""
-    return peer_venv.ensure(PEERS_VENV, PEERS_REQUIREMENTS, "the peers")
+    return ensure_venv(PEERS_VENV, PEERS_REQUIREMENTS, "the peers")
 
 
 @dataclass
@@ -573,17 +572,6 @@ def print_notes(results: list[Result], args) -> None:
         if r.labels and reference and r is not reference and not r.server.name.startswith("bucketml"):
             agree = np.mean(np.array(r.labels) == np.array(reference.labels))
             print(f"labels of {r.server.name} agree with {reference.server.name} on {agree:.2%} of the batch rows")
-
-
-def versions(python: Path, packages: list[str]) -> str:
-    code = f"import importlib.metadata as m\nprint(', '.join(p + ' ' + m.version(p) for p in {packages!r}))"
-    return subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=False).stdout.strip()
-
-
-def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "unknown CPU")
-    return f"{platform.machine()}, {os.cpu_count()} cores ({model}), Python {platform.python_version()}"
 
 
 def other_benchmarks() -> list[str]:

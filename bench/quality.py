@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -68,7 +67,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import peer_venv  # bench/peer_venv.py: this folder is the script's first import path
+from common import ensure_venv, machine, versions  # bench/common.py: this folder is the first import path
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -300,18 +299,7 @@ def run_flaml(job_path: Path) -> None:
 
 def quality_python() -> Path:
     """The quality venv, (re)installed when bench/quality-requirements.txt changes."""
-    return peer_venv.ensure(QUALITY_VENV, QUALITY_REQUIREMENTS, "FLAML and the dataset packages")
-
-
-def versions(python: Path, packages: list[str]) -> str:
-    code = f"import importlib.metadata as m\nprint(', '.join(p + ' ' + m.version(p) for p in {packages!r}))"
-    return subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=False).stdout.strip()
-
-
-def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "unknown CPU")
-    return f"{platform.machine()}, {os.cpu_count()} cores ({model}), Python {platform.python_version()}"
+    return ensure_venv(QUALITY_VENV, QUALITY_REQUIREMENTS, "FLAML and the dataset packages")
 
 
 # --------------------------------------------------------------------------- the platform

@@ -63,6 +63,15 @@ def prices(rows: int, seed: int) -> pd.DataFrame:
     return pd.DataFrame({"size": size, "rooms": rooms, "area": area, "price": price})
 
 
+def served_answer(tmp_path, model: str, rows: pd.DataFrame) -> dict:
+    """What a real predict process over the test's bucket answers for `rows`, sent as they are
+    (the target column included)."""
+    with predict_server(tmp_path / "bucket", tmp_path) as server:
+        response = server.predict({"model": model, "records": records_of(rows)})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
 def current_card(storage, model: str) -> dict:
     registry = Registry(storage)
     return registry.card(model, registry.current(model).version)
@@ -90,10 +99,7 @@ def test_imbalanced_binary_target_is_served_at_its_tuned_threshold(tmp_path):
     assert 0.0 < threshold < 0.5
     assert any(note.startswith("decision threshold") for note in chosen_candidate(card)["notes"])
 
-    with predict_server(tmp_path / "bucket", tmp_path) as server:
-        response = server.predict({"model": "churn", "records": records_of(held_out)})  # the rows as they are
-        assert response.status_code == 200, response.text
-        answer = response.json()
+    answer = served_answer(tmp_path, "churn", held_out)
     classes, labels = answer["classes"], np.array(answer["predictions"])
     positive = np.array(answer["probabilities"])[:, classes.index("yes")]
     assert classes == ["no", "yes"]
@@ -128,10 +134,7 @@ def test_imbalanced_classes_are_answered_by_weighted_probabilities(tmp_path):
     weights = chosen_candidate(card)["class_weights"]
     assert list(weights) == ["basic", "plus", "pro"] and weights["basic"] < weights["plus"] < weights["pro"]
 
-    with predict_server(tmp_path / "bucket", tmp_path) as server:
-        response = server.predict({"model": "plans", "records": records_of(held_out)})
-        assert response.status_code == 200, response.text
-        answer = response.json()
+    answer = served_answer(tmp_path, "plans", held_out)
     probabilities = np.array(answer["probabilities"])
     classes = np.array(answer["classes"])
     weighted = classes[np.argmax(probabilities * np.array([weights[c] for c in classes]), axis=1)]
@@ -167,16 +170,12 @@ def test_an_ensemble_that_ranks_first_is_exported_whole_and_served_as_fitted(tmp
     assert len(members) >= 2 and members == ensemble["weights"]
     singles = {c["name"]: c for c in card["candidates"] if c["name"] != "ensemble"}
     assert set(members) <= set(singles)
-    # Chosen out of fold, it is ranked above every single candidate there.
-    assert ensemble["rank_score"] > max(c["cv_score"] - 1 for c in singles.values())
+    # Chosen out of fold: ranked above the best single candidate there.
     assert ensemble["rank_score"] > ensemble["best_single"]["rank_score"]
     assert card["parity"]["passed"] is True
 
-    with predict_server(tmp_path / "bucket", tmp_path) as server:
-        response = server.predict({"model": "wave", "records": records_of(held_out)})
-        assert response.status_code == 200, response.text
-        served = np.array(response.json()["predictions"], dtype=float)
-    # The served averages are the members' weighted mean, as the card's members scored them.
+    served = np.array(served_answer(tmp_path, "wave", held_out)["predictions"], dtype=float)
+    # Served, it is at least as good on rows it never saw as its best member (within 0.02).
     truth = held_out["target"].to_numpy()
     assert r2_score(truth, served) > 0.8
     assert r2_score(truth, served) >= max(singles[m]["metrics"]["r2"] for m in members) - 0.02
@@ -216,10 +215,7 @@ def test_a_skewed_price_is_fitted_on_a_log_scale_and_answered_in_its_units(tmp_p
     assert by_scale["log"] > by_scale["raw"]
     assert card["parity"]["passed"] is True
 
-    with predict_server(tmp_path / "bucket", tmp_path) as server:
-        response = server.predict({"model": "houses", "records": records_of(held_out)})
-        assert response.status_code == 200, response.text
-        served = np.array(response.json()["predictions"], dtype=float)
+    served = np.array(served_answer(tmp_path, "houses", held_out)["predictions"], dtype=float)
     truth = held_out["price"].to_numpy()
     assert (served > 0).all() and 0.5 < np.median(served) / np.median(truth) < 2  # in the price's own units
     assert r2_score(truth, served) > 0.6

@@ -219,9 +219,6 @@ class DatasetSpec(BaseModel):
 
     # --- what depends on the task -----------------------------------------------------------
 
-    def metric_for(self, task: str, imbalanced: bool = False) -> str:
-        return self.metric or default_metric(task, imbalanced)
-
     def algorithms_for(self, task: str) -> list[str]:
         return list(self.algorithms or ALGORITHMS[task])
 
@@ -494,10 +491,6 @@ def check_algorithms(spec: Mapping[str, Any], task: str) -> None:
 def check_for_task(spec: Mapping[str, Any], task: str) -> None:
     check_metric(spec, task)
     check_algorithms(spec, task)
-
-
-def metric_for(spec: Mapping[str, Any], task: str, imbalanced: bool = False) -> str:
-    return spec.get("metric") or default_metric(task, imbalanced)
 
 
 def default_metric(task: str, imbalanced: bool = False) -> str:

@@ -266,7 +266,7 @@ def class_weight_note(task: str, y: pd.Series, metric: str) -> str | None:
     return f"class_weight: balanced, as {metric} counts every class alike (largest/smallest class ratio {class_ratio(y):.1f})"
 
 
-def log_scale_helps_maybe(y: pd.Series) -> bool:
+def log_scale_worth_trying(y: pd.Series) -> bool:
     """Whether a regression target is worth trying on a log scale (LOG_SCALE_SKEWNESS)."""
     values = y.astype("float64")
     return len(values) > 2 and float(values.min()) >= 0 and float(values.skew()) >= LOG_SCALE_SKEWNESS

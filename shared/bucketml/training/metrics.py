@@ -89,17 +89,3 @@ def roc_auc(y: np.ndarray, probabilities: np.ndarray, classes: list[str], strict
             continue
         per_class.append(roc_auc_score(positive, probabilities[:, column]))
     return float(np.mean(per_class)) if per_class else None
-
-
-def fold_score(metric: str, model, x, y: pd.Series, classes: list[str]) -> float | None:
-    """`metric` of a model fitted on the other folds, on this fold's rows."""
-    predicted = model.predict(x)
-    if metric not in PROBABILITY_METRICS:
-        return metric_value(metric, y, predicted)
-    fitted = [str(c) for c in model.classes_]
-    probabilities = model.predict_proba(x)
-    if fitted != classes:  # a class with too few rows is missing from this fold's training rows
-        aligned = np.zeros((len(y), len(classes)))
-        aligned[:, [classes.index(c) for c in fitted]] = probabilities
-        probabilities = aligned
-    return metric_value(metric, y, predicted, probabilities, classes, strict=False)

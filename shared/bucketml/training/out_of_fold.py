@@ -43,23 +43,26 @@ class OutOfFold:
     values: np.ndarray
     splits: list[tuple[np.ndarray, np.ndarray]]
 
+    def __post_init__(self) -> None:
+        self._per_repeat = _folds_per_repeat(self.splits, self.values.shape[1])
+
     @classmethod
     def empty(cls, rows: int, splits: list[tuple[np.ndarray, np.ndarray]], classes: int) -> OutOfFold:
-        repeats = max(1, len(splits) // max(1, _folds_per_repeat(splits, rows)))
+        repeats = max(1, len(splits) // _folds_per_repeat(splits, rows))
         shape = (repeats, rows, classes) if classes else (repeats, rows)
         return cls(np.full(shape, np.nan), splits)
 
     def repeat_of(self, fold: int) -> int:
-        return fold // _folds_per_repeat(self.splits, self.values.shape[1])
+        return fold // self._per_repeat
 
     def fill(self, fold: int, predictions: np.ndarray) -> None:
         self.values[self.repeat_of(fold), self.splits[fold][1]] = predictions
 
-    def blend(self, others: Sequence[OutOfFold], weights: Sequence[float]) -> OutOfFold:
-        """The weighted mean of these predictions (this one is among `others` if it counts)."""
-        total = float(sum(weights))
-        values = sum(w * o.values for o, w in zip(others, weights)) / total
-        return OutOfFold(np.asarray(values), self.splits)
+
+def blend(members: Sequence[OutOfFold], weights: Sequence[float]) -> OutOfFold:
+    """The weighted mean of out-of-fold predictions made on the same folds."""
+    values = sum(w * m.values for m, w in zip(members, weights)) / float(sum(weights))
+    return OutOfFold(np.asarray(values), members[0].splits)
 
 
 def _folds_per_repeat(splits: list[tuple[np.ndarray, np.ndarray]], rows: int) -> int:
@@ -69,7 +72,7 @@ def _folds_per_repeat(splits: list[tuple[np.ndarray, np.ndarray]], rows: int) ->
         covered += len(validation)
         if covered >= rows:
             return index + 1
-    return len(splits)
+    return max(1, len(splits))
 
 
 def labels(probabilities: np.ndarray, classes: Sequence[str], threshold: float | None = None,
@@ -262,7 +265,7 @@ def select_ensemble(members: dict[str, OutOfFold], metric: str, y: pd.Series, cl
         for name in members:
             trial = chosen + [name]
             weights = Counter(trial)
-            blended = members[first].blend([members[n] for n in weights], list(weights.values()))
+            blended = blend([members[n] for n in weights], list(weights.values()))
             score = _mean(fold_scores(blended, metric, y, classes))
             if score is not None and sign * (score - best_score) > 1e-12:
                 best_name, best_score = name, score

@@ -47,7 +47,7 @@ from bucketml.training.candidates import (
     fit_model,
     frequent_categories,
     imbalanced,
-    log_scale_helps_maybe,
+    log_scale_worth_trying,
     on_scale,
     reweighted,
     row_cap,
@@ -60,6 +60,7 @@ from bucketml.training.metrics import evaluation
 from bucketml.training.out_of_fold import (
     THRESHOLD_METRICS,
     OutOfFold,
+    blend,
     fold_score,
     fold_scores,
     pessimistic,
@@ -312,7 +313,7 @@ class CandidateSearch:
     0. The metric: the spec's, else accuracy, or balanced accuracy for an imbalanced target
        (candidates.imbalanced), else r2. A metric that counts every class alike makes the
        candidates weight classes "balanced". A skewed regression target with no negative value
-       (candidates.log_scale_helps_maybe) is tried on its own scale and on a log scale.
+       (candidates.log_scale_worth_trying) is tried on its own scale and on a log scale.
     1. Screen: in the fixed order of `candidates.estimators`, cross-validate each candidate's
        first (default) setting, on each target scale tried. Once `budget_seconds` would be
        exceeded (time spent plus the estimated refits of the candidates screened so far) the
@@ -350,7 +351,6 @@ class CandidateSearch:
         cv_folds: int | None = None,
         sample_limit: int = CV_MAX_ROWS,
         random_state: int = SEED,
-        ensemble: bool = True,
         clock: Clock = time.perf_counter,
     ) -> None:
         self.task = task
@@ -361,7 +361,6 @@ class CandidateSearch:
         self.cv_folds = cv_folds  # None: sized to the rows (cross_validation.fold_plan)
         self.sample_limit = sample_limit
         self.random_state = random_state
-        self.ensemble = ensemble
         self.clock = clock
 
     @classmethod
@@ -428,7 +427,7 @@ class CandidateSearch:
         self._decide_metric(y)
         self._check_settings()
         weight_note = class_weight_note(self.task, y, self.metric_)
-        scales = ["raw", "log"] if self.task == "regression" and log_scale_helps_maybe(y) else ["raw"]
+        scales = ["raw", "log"] if self.task == "regression" and log_scale_worth_trying(y) else ["raw"]
         self.target_scales_ = {"tried": scales, "rule": f"log1p tried when no value is negative and the skewness "
                                                            f"is at least {LOG_SCALE_SKEWNESS:g}"}
         self._started = self.clock()
@@ -556,13 +555,13 @@ class CandidateSearch:
             self._runs.append(run)
 
     def _scale_note(self, run: CandidateRun) -> str:
-        def shown(trial: Trial) -> str:
+        def outcome(trial: Trial) -> str:
             score = trial.rank_score(self.metric_)
             if score is not None:
                 return f"{trial.scale} {score:.4f}"
-            return f"{trial.scale} {'dropped after ' + str(len(trial.check_scores)) + ' folds' if trial.dropped else 'failed'}"
+            return f"{trial.scale} " + (f"dropped after {len(trial.check_scores)} folds" if trial.dropped else "failed")
 
-        shown = ", ".join(shown(t) for t in run.trials)
+        shown = ", ".join(outcome(t) for t in run.trials)
         target = "a log scale (log1p; answers in the target's units)" if run.scale == "log" else "the target's own scale"
         return f"fitted on {target}: cross-validation {self.metric_} by scale: {shown}"
 
@@ -787,7 +786,7 @@ class CandidateSearch:
         sampled exact-kernel SVM) can be averaged out of fold."""
         shared = self._rows.for_cap(None)
         pool = [c for c in fitted if c.chosen.oof is not None and self._rows.effective_cap(row_cap(c.name, c.params)) is None]
-        if not self.ensemble or len(pool) < 2:
+        if len(pool) < 2:
             return None
         classes = self._classes or None
         best_single = min(pool, key=lambda c: (c.one_class, self._sign * c.rank_score))
@@ -799,7 +798,7 @@ class CandidateSearch:
             record["reason"] = f"no candidate improved {best_single.name} out of fold"
             return None
         members = [c for c in pool if c.name in weights]
-        blended = best_single.chosen.oof.blend([c.chosen.oof for c in members], [weights[c.name] for c in members])
+        blended = blend([c.chosen.oof for c in members], [weights[c.name] for c in members])
         trial = Trial({"members": weights}, rows=len(shared.cv_x), folds=len(shared.splits), oof=blended,
                       rank_metric=self.metric_,
                       fold_scores=fold_scores(blended, self.metric_, shared.cv_y, classes))

@@ -1,9 +1,12 @@
-"""The virtualenvs the benchmarks install their peers into (bench/.peers-venv,
-bench/.quality-venv), never into the project's environment."""
+"""What the benchmarks with peers share: the virtualenvs they install the peers into
+(bench/.peers-venv, bench/.quality-venv, never the project's environment), and the machine and
+package-version lines they print."""
 
 from __future__ import annotations
 
 import hashlib
+import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -14,7 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 NO_DEPS_MARKER = "# --no-deps"
 
 
-def ensure(venv: Path, requirements: Path, what: str) -> Path:
+def ensure_venv(venv: Path, requirements: Path, what: str) -> Path:
     """The Python of `venv`, created and filled from `requirements` when that file changed since
     the last install (a stamp of its hash is kept in the venv)."""
     python = venv / "bin" / "python"
@@ -38,3 +41,16 @@ def ensure(venv: Path, requirements: Path, what: str) -> Path:
             subprocess.run([*pip, *extra, "-r", str(listed)], check=True)
     stamp.write_text(wanted)
     return python
+
+
+def versions(python: Path, packages: list[str]) -> str:
+    """'name version, ...' of `packages` as installed for `python`."""
+    code = f"import importlib.metadata as m\nprint(', '.join(p + ' ' + m.version(p) for p in {packages!r}))"
+    return subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=False).stdout.strip()
+
+
+def machine() -> str:
+    """Architecture, cores, CPU model and Python version, for the first line of a run."""
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), "unknown CPU")
+    return f"{platform.machine()}, {os.cpu_count()} cores ({model}), Python {platform.python_version()}"

@@ -456,13 +456,40 @@ def test_real_manifests_route_each_platform_event_type(tmp_path, subscriber, bro
     assert services["deadletter"].received == []  # every delivery succeeded
 
 
-def test_real_manifests_merge_delivery_over_broker_defaults():
+def test_a_trigger_with_its_own_delivery_does_not_use_the_brokers_dead_letter_sink(tmp_path, subscriber, broker):
+    """Knative's rule: the Broker's delivery (sink, retries, backoff) applies only to Triggers
+    without a delivery of their own; it is never merged into one that has it."""
+    down = subscriber(lambda request, n: Response("overloaded", status=503))
+    sink = subscriber()
+    folder = write_manifests(tmp_path / "m", trigger("own", "down", {"type": "test.own.v1"}, delivery="    timeout: PT5S\n"),
+                             trigger("inherits", "down", {"type": "test.inherits.v1"}), retry=2)
+    (folder / "broker.yaml").write_text((folder / "broker.yaml").read_text() + DEAD_LETTER_SINK)
+    target = broker(folder, {"down": down.url, "sink": sink.url})
+
+    seq = send(target, event("test.own.v1"))
+    own = wait_until(lambda: settled(target, seq))["deliveries"]
+    # No retries and no dead-letter sink: both came only from the Broker.
+    assert [(d["trigger"], d["status"], d["attempts"]) for d in own] == [("own", "dead", 1)]
+    assert sink.received == []
+
+    seq = send(target, event("test.inherits.v1"))
+    inherits = wait_until(lambda: settled(target, seq))["deliveries"]
+    assert [(d["trigger"], d["status"]) for d in inherits] == [("inherits", "dead"), ("inherits/dead-letter-sink", "delivered")]
+    assert inherits[0]["attempts"] == 3  # the first try and the Broker's two retries
+    assert [r.headers["ce-type"] for r in sink.received] == ["test.inherits.v1"]
+
+
+def test_real_manifests_triggers_with_their_own_delivery_keep_the_sink_and_backoff():
     topology = load_topology(REPO / "infra" / "knative", {"preprocess": "http://p", "train": "http://t", "predict": "http://s:8080",
                                                           "deadletter": "http://d"})
     train = topology.trigger("train-on-prepared")
-    # The Broker's dead-letter sink is inherited; the Trigger's own fields win.
     assert train.delivery == Delivery(retry=5, backoff_policy="exponential", backoff_delay=0.5, timeout=1800.0,
                                       dead_letter_sink="http://d")
+    preprocess = topology.trigger("preprocess-on-upload")
+    assert preprocess.delivery == Delivery(retry=5, backoff_policy="exponential", backoff_delay=0.5, timeout=300.0,
+                                           dead_letter_sink="http://d")
+    # predict-on-published has no delivery of its own: the Broker's applies.
+    assert topology.trigger("predict-on-published").delivery == topology.brokers["default"]
     assert topology.trigger("predict-on-published").subscriber == "http://s:8080/reload"
     assert [train.delivery.backoff(n) for n in (1, 2, 3)] == [1.0, 2.0, 4.0]
     assert Delivery(backoff_policy="linear", backoff_delay=0.5).backoff(3) == 1.5

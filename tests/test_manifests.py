@@ -173,6 +173,28 @@ def test_autoscaling_settings_are_consistent(name):
     assert train["containerConcurrency"] == 1
 
 
+KUSTOMIZATIONS = sorted(path.parent.relative_to(ROOT).as_posix() for path in (ROOT / "infra").rglob("kustomization.yaml"))
+
+
+@pytest.mark.parametrize("folder", KUSTOMIZATIONS)
+def test_a_trigger_with_its_own_delivery_names_the_dead_letter_sink_and_backoff(folder):
+    """On Knative a Trigger's own spec.delivery replaces the Broker's whole (the Broker's applies
+    only to Triggers without one). A Trigger that sets, say, only a timeout would lose the
+    dead-letter sink and the backoff, and a failed event would be dropped."""
+    docs = build(ROOT / folder)
+    [broker] = of_kind(docs, EVENTING, "Broker").values()
+    assert broker["spec"]["delivery"]["deadLetterSink"]["ref"]["name"] == "deadletter"
+    triggers = of_kind(docs, EVENTING, "Trigger")
+    assert triggers, f"{folder}: no Trigger rendered"
+    for name, trigger in triggers.items():
+        delivery = trigger["spec"].get("delivery")
+        if delivery is None:
+            continue  # the Broker's delivery applies
+        missing = [key for key in ("deadLetterSink", "retry", "backoffPolicy", "backoffDelay") if key not in delivery]
+        assert not missing, f"{folder}: Trigger {name} has its own delivery without {', '.join(missing)}"
+        assert delivery["deadLetterSink"] == broker["spec"]["delivery"]["deadLetterSink"], name
+
+
 @by_overlay
 def test_every_subscriber_outlives_its_trigger_delivery_timeout(name, tmp_path):
     docs = overlay(name)

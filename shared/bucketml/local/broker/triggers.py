@@ -140,8 +140,11 @@ def _trigger(path: Path, doc: dict, broker_specs: Mapping[str, dict], subscriber
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in attributes.items()):
         raise ManifestError(f"{path}: {where}: spec.filter.attributes must map names to string values")
     subscriber = _subscriber_url(_mapping(spec.get("subscriber"), path, f"{where}: spec.subscriber"), subscribers, path, where)
-    # Trigger settings override the Broker's field by field.
-    delivery = {**broker_specs[broker], **_mapping(spec.get("delivery"), path, f"{where}: spec.delivery")}
+    # Knative's rule: a Trigger with its own spec.delivery uses it whole; the Broker's delivery
+    # applies only to Triggers without one (no merging field by field, so a Trigger that sets
+    # only a timeout has no dead-letter sink and no retries).
+    own = spec.get("delivery")
+    delivery = broker_specs[broker] if own is None else _mapping(own, path, f"{where}: spec.delivery")
     return Trigger(name, broker, dict(attributes), subscriber, _delivery(delivery, path, where, subscribers))
 
 

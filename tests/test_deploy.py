@@ -1,9 +1,12 @@
 """`bucketml deploy`: --dry-run renders the same objects `kubectl kustomize` builds from an
-overlay with the same settings; applying sends them with server-side apply and waits for the
-Services (against a stub API server: no cluster runs here); bad settings are one clear line."""
+overlay with the same settings, for every --variant (the train Service, or the JobSink variant)
+and --events (the Pub/Sub GCS source, or Eventarc without it), each valid against Knative's
+published schemas; applying sends them with server-side apply and waits for the Services
+(against a stub API server: no cluster runs here); bad settings are one clear line."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -12,6 +15,7 @@ import textwrap
 import threading
 from pathlib import Path
 
+import pydantic
 import pytest
 import yaml
 from werkzeug.serving import make_server
@@ -27,43 +31,52 @@ FLAGS = ["--bucket", SETTINGS.bucket, "--registry", SETTINGS.registry, "--tag", 
          "--namespace", SETTINGS.namespace, "--google-service-account", SETTINGS.google_service_account]
 
 
+def json_patch(target: dict, path: str, value: str) -> dict:
+    return {"target": target, "patch": yaml.safe_dump([{"op": "replace", "path": path, "value": value}])}
+
+
 def overlay(folder: Path, s: deploy.Settings) -> Path:
-    """A kustomize overlay that says what `s` says, written the way a user would."""
-    images = "".join(
-        f"  - name: bucketml-{f}\n    newName: {s.registry}/bucketml-{f}\n    newTag: \"{s.tag}\"\n" for f in deploy.FUNCTIONS
-    )
+    """A kustomize overlay that says what `s` says, written the way a user would: over the base,
+    with the JobSink variant's own resources and patches for --variant jobsink, and the GCS
+    source deleted for --events eventarc."""
+    service = {"group": "serving.knative.dev", "version": "v1", "kind": "Service"}
+    source = {"group": "sources.knative.dev", "version": "v1", "kind": "ContainerSource", "name": "gcs-uploads"}
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "namespace": s.namespace,
+        "resources": [os.path.relpath(BASE, folder)],
+        "images": [{"name": f"bucketml-{f}", "newName": f"{s.registry}/bucketml-{f}", "newTag": s.tag} for f in deploy.FUNCTIONS],
+        "patches": [
+            json_patch(service, "/spec/template/spec/containers/0/env/0/value", s.bucket),
+            json_patch({**service, "name": "train"}, "/spec/template/spec/containers/0/env/1/value", s.broker_url),
+            json_patch(source, "/spec/template/spec/containers/0/env/0/value", s.project),
+            json_patch({"version": "v1", "kind": "ServiceAccount", "name": "bucketml"},
+                       "/metadata/annotations/iam.gke.io~1gcp-service-account", s.google_service_account),
+        ],
+    }
+    if s.variant == "jobsink":
+        variant = deploy.variant_dir("jobsink", BASE)
+        own = yaml.safe_load((variant / "kustomization.yaml").read_text())
+        kustomization["resources"] += [os.path.relpath(variant / r, folder) for r in own["resources"] if (variant / r).is_file()]
+        kustomization["configurations"] = [os.path.relpath(variant / c, folder) for c in own["configurations"]]
+        jobsink = {"group": "sinks.knative.dev", "version": "v1alpha1", "kind": "JobSink", "name": "train"}
+        kustomization["patches"] += own["patches"] + [
+            json_patch(jobsink, "/spec/job/spec/template/spec/containers/0/env/0/value", s.bucket),
+            json_patch(jobsink, "/spec/job/spec/template/spec/containers/0/env/1/value", s.broker_url),
+        ]
+    if s.events == "eventarc":
+        delete = {"$patch": "delete", "apiVersion": "sources.knative.dev/v1", "kind": "ContainerSource",
+                  "metadata": {"name": "gcs-uploads"}}
+        kustomization["patches"].append({"patch": yaml.safe_dump(delete)})
     folder.mkdir(parents=True)
-    (folder / "kustomization.yaml").write_text(textwrap.dedent(f"""\
-        apiVersion: kustomize.config.k8s.io/v1beta1
-        kind: Kustomization
-        namespace: {s.namespace}
-        resources:
-          - {os.path.relpath(BASE, folder)}
-        images:
-        """) + images + textwrap.dedent(f"""\
-        patches:
-          - target: {{group: serving.knative.dev, version: v1, kind: Service}}
-            patch: |-
-              - op: replace
-                path: /spec/template/spec/containers/0/env/0/value
-                value: {s.bucket}
-          - target: {{group: serving.knative.dev, version: v1, kind: Service, name: train}}
-            patch: |-
-              - op: replace
-                path: /spec/template/spec/containers/0/env/1/value
-                value: {s.broker_url}
-          - target: {{group: sources.knative.dev, version: v1, kind: ContainerSource, name: gcs-uploads}}
-            patch: |-
-              - op: replace
-                path: /spec/template/spec/containers/0/env/0/value
-                value: {s.project}
-          - target: {{version: v1, kind: ServiceAccount, name: bucketml}}
-            patch: |-
-              - op: replace
-                path: /metadata/annotations/iam.gke.io~1gcp-service-account
-                value: {s.google_service_account}
-        """))
+    (folder / "kustomization.yaml").write_text(yaml.safe_dump(kustomization, sort_keys=False))
     return folder
+
+
+def kustomize(folder: Path) -> list[dict]:
+    # The variant's files lie outside the overlay's folder: kustomize loads them only when told to.
+    built = subprocess.run(["kubectl", "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(folder)],
+                           capture_output=True, text=True, check=True).stdout
+    return [d for d in yaml.safe_load_all(built) if d]
 
 
 def canonical(objects: list[dict]) -> list[str]:
@@ -72,17 +85,87 @@ def canonical(objects: list[dict]) -> list[str]:
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with kustomize) is not installed")
 def test_dry_run_renders_what_kubectl_kustomize_builds_for_the_same_settings(tmp_path):
-    built = subprocess.run(["kubectl", "kustomize", str(overlay(tmp_path / "overlay", SETTINGS))],
-                           capture_output=True, text=True, check=True).stdout
+    built = kustomize(overlay(tmp_path / "overlay", SETTINGS))
     printed = subprocess.run([BUCKETML, "deploy", *FLAGS, "--dry-run"], capture_output=True, text=True, check=True).stdout
     # Without --apply, deploy only renders: the same YAML, and nothing is sent anywhere.
     assert subprocess.run([BUCKETML, "deploy", *FLAGS], capture_output=True, text=True, check=True).stdout == printed
     rendered = [d for d in yaml.safe_load_all(printed) if d]
-    assert canonical(rendered) == canonical([d for d in yaml.safe_load_all(built) if d])
+    assert canonical(rendered) == canonical(built)
     services = {o["metadata"]["name"]: o for o in rendered if o["kind"] == "Service" and o["apiVersion"] == deploy.SERVING}
     assert services["predict"]["spec"]["template"]["spec"]["containers"][0]["image"] == \
         "europe-docker.pkg.dev/acme/ml/bucketml-predict:1.4.2"
     assert {o["metadata"]["namespace"] for o in rendered} == {"ml-prod"}
+
+
+CHOICES = [(variant, events) for variant in deploy.VARIANTS for events in deploy.EVENT_SOURCES]
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with kustomize) is not installed")
+@pytest.mark.parametrize("variant, events", CHOICES)
+def test_every_variant_renders_what_kubectl_kustomize_builds(tmp_path, variant, events):
+    settings = dataclasses.replace(SETTINGS, variant=variant, events=events)
+    printed = subprocess.run([BUCKETML, "deploy", *FLAGS, "--variant", variant, "--events", events, "--dry-run"],
+                             capture_output=True, text=True, check=True).stdout
+    rendered = [d for d in yaml.safe_load_all(printed) if d]
+    assert canonical(rendered) == canonical(kustomize(overlay(tmp_path / "overlay", settings)))
+    assert canonical(rendered) == canonical(deploy.render(settings))
+    kinds = {(o["kind"], o["metadata"]["name"]) for o in rendered}
+    assert (("JobSink", "train") in kinds) == (variant == "jobsink")
+    assert (("Service", "train") in kinds) == (variant == "service")
+    assert (("ContainerSource", "gcs-uploads") in kinds) == (events == "pubsub")
+    assert {o["metadata"]["namespace"] for o in rendered} == {"ml-prod"}
+    if variant == "jobsink":  # the Job's image, bucket and broker are this environment's, not the variant's placeholders
+        job = next(o for o in rendered if o["kind"] == "JobSink")["spec"]["job"]["spec"]["template"]["spec"]["containers"][0]
+        assert job["image"] == "europe-docker.pkg.dev/acme/ml/bucketml-train:1.4.2"
+        assert {e["name"]: e["value"] for e in job["env"]}["BUCKETML_BROKER_URL"] == SETTINGS.broker_url
+        trigger = next(o for o in rendered if o["kind"] == "Trigger" and o["metadata"]["name"] == "train-on-prepared")
+        assert trigger["spec"]["subscriber"]["ref"] == {"apiVersion": "sinks.knative.dev/v1alpha1", "kind": "JobSink",
+                                                        "name": "train"}
+
+
+@pytest.mark.parametrize("variant, events", CHOICES)
+def test_every_variant_matches_the_published_knative_schemas(variant, events):
+    """As tests/test_knative_schemas.py checks the kustomize builds: strictly, no unknown field."""
+    from test_knative_schemas import KNOWN_GAPS, models
+    from test_manifests import differences
+
+    known, checked = models(), set()
+    for obj in deploy.render(dataclasses.replace(SETTINGS, variant=variant, events=events)):
+        model = known.get((obj["apiVersion"], obj["kind"]))
+        if model is None:
+            assert (obj["apiVersion"], obj["kind"]) == ("v1", "ServiceAccount")  # tests/test_manifests.py checks it
+            continue
+        where = f"{variant}/{events}: {obj['kind']} {obj['metadata']['name']}"
+        try:
+            parsed = model.model_validate(obj, strict=True)
+        except pydantic.ValidationError as exc:
+            pytest.fail(f"{where} does not match the {obj['kind']} schema:\n{exc}")
+        dumped = parsed.model_dump(by_alias=True, exclude_none=True, mode="json")
+        unknown = [p for p in differences(obj, dumped) if "not a field of the schema" in p]
+        assert [p for p in unknown if p.split(":")[0] not in KNOWN_GAPS] == [], where
+        checked.add(obj["kind"])
+    assert {"Broker", "Trigger", "Service"} <= checked
+    assert ("JobSink" in checked) == (variant == "jobsink") and ("ContainerSource" in checked) == (events == "pubsub")
+
+
+@pytest.mark.parametrize("variant", list(deploy.VARIANTS))
+def test_eventarc_leaves_out_the_gcs_source_and_nothing_else_and_says_what_to_create(variant):
+    pubsub = deploy.render(dataclasses.replace(SETTINGS, variant=variant))
+    eventarc = deploy.render(dataclasses.replace(SETTINGS, variant=variant, events="eventarc"))
+    assert [deploy.identity(o) for o in pubsub if o not in eventarc] == [deploy.GCS_SOURCE]
+    assert [o for o in pubsub if deploy.identity(o) != deploy.GCS_SOURCE] == eventarc
+
+    done = subprocess.run([BUCKETML, "deploy", *FLAGS, "--variant", variant, "--events", "eventarc", "--dry-run"],
+                          capture_output=True, text=True, check=True)
+    assert [d for d in yaml.safe_load_all(done.stdout) if d] == eventarc  # stdout stays YAML to pipe into kubectl
+    command = " ".join(line.rstrip("\\") for line in done.stderr.splitlines())
+    for part in ["gcloud eventarc triggers create", "--destination-gke-namespace knative-eventing",
+                 "--destination-gke-service broker-ingress", "--destination-gke-path /ml-prod/default",
+                 "--event-filters type=google.cloud.storage.object.v1.finalized", "--event-filters bucket=acme-ml-prod"]:
+        assert part in command, (part, done.stderr)
+    quiet = subprocess.run([BUCKETML, "deploy", *FLAGS, "--variant", variant, "--dry-run"],
+                           capture_output=True, text=True, check=True)
+    assert quiet.stderr == ""  # the Pub/Sub source needs no trigger
 
 
 @pytest.mark.parametrize("flags, mention", [
@@ -100,6 +183,15 @@ def test_bad_settings_are_one_clear_line(flags, mention):
                           capture_output=True, text=True, check=False)
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.startswith("error: ") and mention in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_an_unknown_variant_or_event_source_is_refused():
+    for field, value, mention in [("variant", "kueue", "--variant must be one of service, jobsink"),
+                                  ("events", "sns", "--events must be one of pubsub, eventarc")]:
+        with pytest.raises(deploy.DeployError, match=mention):
+            deploy.render(dataclasses.replace(SETTINGS, **{field: value}))
+    done = subprocess.run([BUCKETML, "deploy", *FLAGS, "--events", "sns"], capture_output=True, text=True, check=False)
+    assert done.returncode == 2 and done.stdout == "" and "'sns' is not one of 'pubsub', 'eventarc'" in done.stderr
 
 
 # --- --apply, against a stub Kubernetes API -----------------------------------------------------
@@ -196,6 +288,26 @@ def test_apply_sends_every_object_by_server_side_apply_and_waits_for_ready(tmp_p
     assert canonical(list(stub.objects.values())) == canonical(deploy.render(SETTINGS))
     assert "predict     https://predict.ml-prod.example.com" in done.stdout
     assert all(stub.gets[name] >= 2 for name in deploy.FUNCTIONS)  # it waited for Ready
+
+
+def test_apply_of_the_jobsink_variant_with_eventarc_sends_its_objects_and_says_what_is_left(tmp_path):
+    stub = StubKubernetes(ready_after=1)
+    try:
+        done = run_deploy(stub.kubeconfig(tmp_path), "--variant", "jobsink", "--events", "eventarc", "--wait", "30")
+    finally:
+        stub.close()
+    assert done.returncode == 0, done.stderr
+    patched = {path for method, path, _ in stub.requests if method == "PATCH"}
+    assert "/apis/sinks.knative.dev/v1alpha1/namespaces/ml-prod/jobsinks/train" in patched
+    assert not any("/containersources/" in path or path.endswith("/services/train") for path in patched)
+    stub.objects.pop("/api/v1/namespaces/ml-prod/secrets/bucketml-predict-token")
+    settings = dataclasses.replace(SETTINGS, variant="jobsink", events="eventarc")
+    assert canonical(list(stub.objects.values())) == canonical(deploy.render(settings))
+    # Applying deletes nothing: what an earlier deployment with the other choices made is named.
+    assert "not part of this deployment: Service ml-prod/train" in done.stdout
+    assert "kubectl delete service.serving.knative.dev train -n ml-prod" in done.stdout
+    assert "kubectl delete containersource.sources.knative.dev gcs-uploads -n ml-prod" in done.stdout
+    assert "gcloud eventarc triggers create bucketml-uploads" in done.stdout and done.stderr == ""
 
 
 def test_apply_keeps_an_existing_predict_token(tmp_path):

@@ -20,7 +20,8 @@ import pytest
 import yaml
 from starlette.routing import Match
 
-from bucketml.serving.app import PredictApp
+from bucketml.serving.app import STATUS_OF, PredictApp
+from bucketml.serving.errors import BucketUnavailable, UnknownModel, VersionNotLoadable
 from bucketml.serving.service import PredictService
 from helpers import ROOT
 
@@ -36,19 +37,19 @@ def document() -> dict:
     return yaml.safe_load(YAML.read_text(encoding="utf-8"))
 
 
-def served(path: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+def served(path: str, method: str = "GET", body: bytes = b"", app: PredictApp = APP) -> tuple[int, dict[str, str], bytes]:
     """(status, headers, body) of one request through the predict app, in-process, as ASGI."""
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
              "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": []}
     sent: list[dict] = []
 
     async def receive() -> dict:
-        return {"type": "http.request", "body": b"", "more_body": False}
+        return {"type": "http.request", "body": body, "more_body": False}
 
     async def send(message: dict) -> None:
         sent.append(message)
 
-    asyncio.run(APP(scope, receive, send))
+    asyncio.run(app(scope, receive, send))
     headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in sent[0]["headers"]}
     return sent[0]["status"], headers, b"".join(m.get("body", b"") for m in sent[1:])
 
@@ -100,6 +101,34 @@ def test_every_error_answer_is_documented_as_the_error_object(document):
                 if int(status) >= 400 and (path, status) != ("/v2/health/ready", "503"):
                     schema = response["content"]["application/json"]["schema"]
                     assert schema == {"$ref": "#/components/schemas/Error"}, (path, method, status)
+
+
+@pytest.mark.parametrize("error", [VersionNotLoadable, BucketUnavailable])
+def test_every_status_of_a_pinned_version_is_documented_where_it_is_answered(document, error):
+    """A version other than the served one is loaded on demand: a stored version that cannot be
+    loaded is a 409, a bucket that cannot be read then a 503 (STATUS_OF). Every operation that
+    takes a version answers it and documents it; every operation documents what it answered."""
+    def get(model, version=None):
+        if version is None:
+            raise UnknownModel(f"model '{model}' is not served")
+        raise error(f"model '{model}' version {version}: refused")
+
+    manager = types.SimpleNamespace(ensure_watching=lambda: None, get=get, ready=lambda: False, loaded=dict,
+                                    errors=dict, refresh=lambda model: None)
+    app = PredictApp(PredictService(manager))
+    pinned = 0
+    for path, item in document["paths"].items():
+        for method in set(item) & METHODS:
+            takes_version = "{version}" in path or path == "/predict"
+            url = re.sub(r"\{([^}]+)\}", lambda m: {"model": "churn", "version": "3"}[m[1]], path)
+            body = b'{"model": "churn", "version": 3, "records": [{}]}' if path == "/predict" else b""
+            status, _, _ = served(url, method.upper(), body, app)
+            documented = set(item[method]["responses"])
+            assert str(status) in documented, (path, method, status, sorted(documented))
+            if takes_version:
+                pinned += 1
+                assert status == STATUS_OF[error], (path, method, status)
+    assert pinned == 4  # /predict, and a version's metadata, readiness and inference
 
 
 def test_openapi_json_is_served_and_equals_docs_openapi_json(document):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import threading
 import time
 
@@ -14,6 +15,7 @@ import pandas as pd
 import pytest
 import requests
 from helpers import (
+    ROOT,
     churn_frame,
     for_upload,
     free_ports,
@@ -164,3 +166,19 @@ def test_rejection_messages_say_what_to_do(serving_platform):
     # Nothing was written for a rejected upload except its report.
     assert not (platform["bucket"] / "prepared" / "hints").exists()
     assert not (platform["bucket"] / "models" / "hints").exists()
+
+
+def test_the_docs_list_every_rejection_reason_and_no_other():
+    """docs/datasets.md shows an example of each reason and docs/architecture.md lists them:
+    a reason added to the code (or dropped from it) must reach both."""
+    from bucketml.contracts.rejections import REASONS
+
+    datasets = (ROOT / "docs" / "datasets.md").read_text()
+    table = datasets[datasets.index("| reason | example upload |"):]
+    table = table[:table.index("\n\n")]
+    assert re.findall(r"^\| `([a-z_]+)` \|", table, flags=re.MULTILINE) == list(REASONS)
+    architecture = (ROOT / "docs" / "architecture.md").read_text()
+    paragraph = architecture[architecture.index("Rejection reasons ("):]
+    paragraph = paragraph[:paragraph.index("\n\n")]
+    assert f"the {len(REASONS)} codes" in paragraph
+    assert set(re.findall(r"`([a-z_]+)`", paragraph)) == set(REASONS)

@@ -6,6 +6,13 @@ the same set of objects `kubectl kustomize` builds from an overlay with those se
 (tests/test_deploy.py compares them). `apply` sends them with server-side apply through the
 official `kubernetes` client (one PATCH per object creates or updates it, owned by the field
 manager `bucketml`), then waits for the Knative Services to be Ready.
+
+Two choices change which objects are rendered. `variant`: training in the train Service of the
+base (`service`), or as Kubernetes Jobs through a Knative JobSink (`jobsink`: the resources and
+patches of infra/variants/prod-jobsink applied over the base, as kustomize would). `events`: the
+bucket's uploads reach the Broker through the base's GCS source (`pubsub`: a ContainerSource
+pulling the bucket's Pub/Sub notifications), or through an Eventarc trigger the user creates
+(`eventarc`: the ContainerSource is left out and `eventarc_instructions` says what to create).
 """
 
 from __future__ import annotations
@@ -25,6 +32,11 @@ SERVING = "serving.knative.dev/v1"
 FUNCTIONS = ("preprocess", "train", "predict", "deadletter")
 BUCKET = re.compile(r"^gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 NAMESPACE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+# How training runs -> the folder of infra/variants/ applied over the base (None: the base alone).
+VARIANTS = {"service": None, "jobsink": "prod-jobsink"}
+# How the bucket's uploads reach the Broker: the base's GCS source, or an Eventarc trigger.
+EVENT_SOURCES = ("pubsub", "eventarc")
+GCS_SOURCE = ("sources.knative.dev/v1", "ContainerSource", "gcs-uploads")  # infra/knative/gcs-source.yaml
 
 
 class DeployError(ValueError):
@@ -39,6 +51,8 @@ class Settings:
     project: str  # the Google Cloud project of the bucket's Pub/Sub notifications (the GCS source)
     namespace: str = "bucketml"
     google_service_account: str | None = None  # Workload Identity: <name>@<project>.iam.gserviceaccount.com
+    variant: str = "service"  # a key of VARIANTS
+    events: str = "pubsub"  # one of EVENT_SOURCES
 
     def check(self) -> None:
         if not BUCKET.fullmatch(self.bucket):
@@ -51,6 +65,10 @@ class Settings:
             raise DeployError(f"--tag must be a Docker tag, got {self.tag!r}")
         if not re.fullmatch(r"[a-z][a-z0-9-]{4,28}[a-z0-9]", self.project):
             raise DeployError(f"--project must be a Google Cloud project id, got {self.project!r}")
+        if self.variant not in VARIANTS:
+            raise DeployError(f"--variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if self.events not in EVENT_SOURCES:
+            raise DeployError(f"--events must be one of {', '.join(EVENT_SOURCES)}, got {self.events!r}")
 
     @property
     def broker_url(self) -> str:
@@ -73,23 +91,111 @@ def base_objects(base: Path | None = None) -> tuple[list[dict[str, Any]], dict[s
 def render(settings: Settings, base: Path | None = None) -> list[dict[str, Any]]:
     settings.check()
     objects, labels = base_objects(base)
-    rendered = []
-    for original in objects:
-        obj = copy.deepcopy(original)
-        metadata = obj.setdefault("metadata", {})
-        metadata["namespace"] = settings.namespace  # every object here is namespaced
-        if labels:
-            metadata["labels"] = {**metadata.get("labels", {}), **labels}
-        if "containers" in obj.get("spec", {}).get("template", {}).get("spec", {}):  # Services, the GCS source
-            _configure_containers(obj, settings)
-        if obj.get("kind") == "ServiceAccount" and settings.google_service_account:
-            metadata.setdefault("annotations", {})["iam.gke.io/gcp-service-account"] = settings.google_service_account
-        rendered.append(obj)
+    if settings.events == "eventarc":  # uploads come from an Eventarc trigger, not the GCS source
+        objects = [o for o in objects if identity(o) != GCS_SOURCE]
+    rendered = [_configured(obj, settings, labels) for obj in objects]
+    if VARIANTS[settings.variant] is not None:
+        rendered = _with_variant(rendered, variant_dir(settings.variant, base), settings)
     return rendered
 
 
+def _configured(original: dict[str, Any], settings: Settings, labels: dict[str, str]) -> dict[str, Any]:
+    obj = copy.deepcopy(original)
+    metadata = obj.setdefault("metadata", {})
+    metadata["namespace"] = settings.namespace  # every object here is namespaced
+    if labels:
+        metadata["labels"] = {**metadata.get("labels", {}), **labels}
+    if "containers" in _pod_spec(obj):  # Services, the GCS source, the JobSink's Job
+        _configure_containers(obj, settings)
+    if obj.get("kind") == "ServiceAccount" and settings.google_service_account:
+        metadata.setdefault("annotations", {})["iam.gke.io/gcp-service-account"] = settings.google_service_account
+    return obj
+
+
+def identity(obj: dict[str, Any]) -> tuple[str, str, str]:
+    return obj.get("apiVersion", ""), obj.get("kind", ""), obj.get("metadata", {}).get("name", "")
+
+
+def variant_dir(variant: str, base: Path | None = None) -> Path:
+    """infra/variants/<folder>: beside `base` when one is given (infra/knative), else the
+    installation's (the checkout's, or the copy bundled with the package)."""
+    return (base.parent if base is not None else config.infra_dir()) / "variants" / VARIANTS[variant]
+
+
+def _with_variant(rendered: list[dict[str, Any]], folder: Path, settings: Settings) -> list[dict[str, Any]]:
+    """The variant's own resources (configured like the base's) and its patches over `rendered`.
+    The variant's resources that are folders (the overlay it builds on) are what `rendered`
+    already stands for; its namespace and images are the settings'."""
+    kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    objects = list(rendered)
+    for resource in kustomization.get("resources", []):
+        path = folder / resource
+        if path.is_file():  # the labels of the base's kustomization do not reach these
+            objects += [_configured(doc, settings, {}) for doc in yaml.safe_load_all(path.read_text()) if doc]
+    where = folder / "kustomization.yaml"
+    for entry in kustomization.get("patches", []):
+        if set(entry) != {"patch"}:
+            raise DeployError(f"{where}: only inline patches without a target are rendered, got {sorted(entry)}")
+        patch = yaml.safe_load(entry["patch"])
+        matched = [i for i, obj in enumerate(objects) if identity(obj) == identity(patch)]
+        if not matched:
+            raise DeployError(f"{where}: a patch names {' '.join(identity(patch))}, which is not rendered")
+        if patch.get("$patch") == "delete":
+            objects = [obj for i, obj in enumerate(objects) if i not in matched]
+        else:
+            for i in matched:
+                objects[i] = _merged(objects[i], patch)
+    return objects
+
+
+def _merged(target: Any, patch: Any) -> Any:
+    """A JSON merge patch (RFC 7386), what kustomize applies to a custom resource: objects merge
+    key by key, null removes a key, anything else (lists too) replaces."""
+    if not isinstance(patch, dict) or not isinstance(target, dict):
+        return copy.deepcopy(patch)
+    merged = dict(target)
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = _merged(target.get(key), value)
+    return merged
+
+
+def left_out(settings: Settings, base: Path | None = None) -> list[tuple[str, str, str]]:
+    """The base's objects this rendering leaves out (apiVersion, kind, name): a deployment made
+    with other choices may have created them, and applying does not delete anything."""
+    kept = {identity(obj) for obj in render(settings, base)}
+    return [identity(obj) for obj in base_objects(base)[0] if identity(obj) not in kept]
+
+
+def eventarc_instructions(settings: Settings) -> list[str]:
+    """What to create so that uploads reach the Broker when the GCS source is left out: an
+    Eventarc trigger delivering the bucket's finalized events to the Broker's ingress (GKE)."""
+    bucket = settings.bucket.removeprefix("gs://")
+    return [
+        "uploads reach the Broker through Eventarc: no GCS source was rendered. Create the trigger once (docs/deploy.md),",
+        "setting REGION, CLUSTER and the trigger's service account (EVENTARC_SA):",
+        f"  gcloud eventarc gke-destinations init --project {settings.project}",
+        f"  gcloud eventarc triggers create bucketml-uploads --project {settings.project} --location REGION \\",
+        "      --destination-gke-cluster CLUSTER --destination-gke-location REGION \\",
+        "      --destination-gke-namespace knative-eventing --destination-gke-service broker-ingress \\",
+        f"      --destination-gke-path /{settings.namespace}/default \\",
+        f"      --event-filters type=google.cloud.storage.object.v1.finalized --event-filters bucket={bucket} \\",
+        f"      --service-account EVENTARC_SA@{settings.project}.iam.gserviceaccount.com",
+    ]
+
+
+def _pod_spec(obj: dict[str, Any]) -> dict[str, Any]:
+    """The pod template's spec: a Service's or ContainerSource's, or the JobSink's Job's."""
+    spec = obj.get("spec", {})
+    if obj.get("kind") == "JobSink":
+        spec = spec.get("job", {}).get("spec", {})
+    return spec.get("template", {}).get("spec", {})
+
+
 def _configure_containers(obj: dict[str, Any], settings: Settings) -> None:
-    for container in obj["spec"]["template"]["spec"]["containers"]:
+    for container in _pod_spec(obj)["containers"]:
         image = container.get("image", "")
         if image in {f"bucketml-{name}" for name in FUNCTIONS}:
             container["image"] = f"{settings.registry}/{image}:{settings.tag}"

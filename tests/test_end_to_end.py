@@ -155,7 +155,7 @@ def test_upload_command_fails_in_one_line_when_predict_does_not_serve(platform):
     nobody = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     # One timeout covers training and serving: what is left of it after training is waited.
     result = upload(platform, "unserved", "data.csv", churn_frame(seed=7).to_csv(index=False).encode(),
-                    "--predict-url", nobody, timeout=25)
+                    "--predict-url", nobody, timeout=15)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result
     assert "  published  unserved version 1: " in result.stdout
     lines = result.stderr.strip().splitlines()

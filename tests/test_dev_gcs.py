@@ -202,16 +202,25 @@ def test_the_notification_check_wants_finalized_objects_as_json_on_the_subscript
 
     bucket = storage.Client(project="p", credentials=AnonymousCredentials()).bucket("b")
 
-    def notification(topic: str, payload: str = "JSON_API_V1", events: list[str] | None = None) -> BucketNotification:
+    def notification(topic: str, payload: str = "JSON_API_V1", events: list[str] | None = None,
+                     prefix: str | None = None) -> BucketNotification:
         resource = {"topic": f"//pubsub.googleapis.com/{topic}", "payload_format": payload, "id": "1"}
         if events:
             resource["event_types"] = events
+        if prefix is not None:
+            resource["object_name_prefix"] = prefix
         return BucketNotification.from_api_repr(resource, bucket=bucket)
 
     topic = "projects/proj-a/topics/uploads"
     assert notifies([notification(topic)], topic) is True
     assert notifies([notification("projects/proj-a/topics/other"), notification(topic, events=["OBJECT_FINALIZE"])], topic) is True
     assert notifies([], topic) == []
+    # Uploads are under datasets/: a notification for exactly those (what docs/deploy.md creates)
+    # or for a wider prefix serves; one for other objects does not.
+    assert notifies([notification(topic, prefix="datasets/")], topic) is True
+    assert notifies([notification(topic, prefix="data")], topic) is True
+    assert notifies([notification(topic, prefix="models/")], topic) == [
+        "projects/proj-a/topics/uploads (all events, JSON_API_V1, objects under models/)"]
     found = notifies([notification(topic, payload="NONE"), notification(topic, events=["OBJECT_DELETE"]),
                       notification("projects/proj-b/topics/uploads")], topic)
     assert found == ["projects/proj-a/topics/uploads (all events, NONE)", "projects/proj-a/topics/uploads (OBJECT_DELETE, JSON_API_V1)",

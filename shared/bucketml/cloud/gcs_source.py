@@ -2,8 +2,8 @@
 
 Without Eventarc, a bucket's notifications go to a Pub/Sub topic
 (`gcloud storage buckets notifications create gs://B --topic=T --event-types=OBJECT_FINALIZE
---payload-format=json`). This adapter pulls them from a subscription of that topic and posts each
-one to the sink (K_SINK, injected by a Knative SinkBinding or ContainerSource) as the same
+--object-prefix=datasets/ --payload-format=json`). This adapter pulls them from a subscription of that topic and posts each
+one to the sink (K_SINK, which the Knative ContainerSource sets) as the same
 `google.cloud.storage.object.v1.finalized` CloudEvent the local watcher sends
 (`bucketml.contracts.events.finalized_event`), in binary content mode.
 
@@ -215,6 +215,10 @@ def _ok(future) -> bool:
 
 
 # --- checking the set-up before `bucketml dev --bucket gs://...` starts anything ---------------
+# Uploads are the objects under datasets/; a notification limited to them spares the broker an
+# event for every object the platform writes itself (prepared data, models, reports).
+UPLOADS_PREFIX = "datasets/"
+
 class SetupError(Exception):
     """The bucket, its notifications or their subscription are not what the source needs; the
     message says what was expected, what was found and what to do."""
@@ -245,21 +249,25 @@ def setup_commands(bucket: str, path: str | None = None, topic: str | None = Non
     if path is None or topic is None:
         lines.append(f"gcloud pubsub subscriptions create {sub} --topic {topic_id} --ack-deadline 10 --project {project}")
     lines.append(f"gcloud storage buckets notifications create gs://{bucket} --topic {topic or topic_id} "
-                 "--event-types OBJECT_FINALIZE --payload-format json")
+                 f"--event-types OBJECT_FINALIZE --object-prefix {UPLOADS_PREFIX} --payload-format json")
     return "\n".join("    " + line for line in lines)
 
 
 def notifies(notifications, topic: str) -> bool | list[str]:
     """True when one of a bucket's notification configurations (google-cloud-storage
     BucketNotification objects) publishes OBJECT_FINALIZE in the JSON payload format to `topic`
-    (projects/P/topics/T); else what each of them does, for the error message."""
+    (projects/P/topics/T) for the objects under datasets/; else what each of them does, for the
+    error message."""
     found = []
     for notification in notifications:
         to = f"projects/{notification.topic_project}/topics/{notification.topic_name}"
+        prefix = notification.blob_name_prefix or ""
         if (to == topic and notification.payload_format == "JSON_API_V1"
-                and (not notification.event_types or FINALIZE in notification.event_types)):
+                and (not notification.event_types or FINALIZE in notification.event_types)
+                and UPLOADS_PREFIX.startswith(prefix)):
             return True
-        found.append(f"{to} ({','.join(notification.event_types or ['all events'])}, {notification.payload_format})")
+        found.append(f"{to} ({','.join(notification.event_types or ['all events'])}, {notification.payload_format}"
+                     f"{f', objects under {prefix}' if prefix else ''})")
     return found
 
 

@@ -67,7 +67,7 @@ class Endpoints:
     bucket: str  # BUCKETML_BUCKET: a folder path (local backend) or gs://bucket
     broker_url: str  # BUCKETML_BROKER_URL
     predict_url: str  # BUCKETML_PREDICT_URL
-    # K_SINK when Knative injects it (SinkBinding, ContainerSource), else the broker ingress.
+    # K_SINK when Knative injects it (a ContainerSource does), else the broker ingress.
     event_sink_url: str
 
     @classmethod
@@ -176,8 +176,8 @@ def broker_url() -> str:
 
 
 def event_sink_url() -> str:
-    """Where a function sends events beyond its one reply: K_SINK when Knative injects it
-    (SinkBinding), else the broker ingress."""
+    """Where a function sends events beyond its one reply: K_SINK when it is set (a Knative
+    ContainerSource or SinkBinding injects it), else the broker ingress."""
     return Endpoints.from_env().event_sink_url
 
 

@@ -52,11 +52,17 @@ build_one() {  # FUNCTION
         echo "$image is up to date"
         return 0
     fi
+    previous=$("$PODMAN" image inspect --format '{{.Id}}' "$image" 2>/dev/null || true)
     started=$(date +%s)
     "$PODMAN" build --quiet --isolation "$ISOLATION" --network host --layers \
         -f "$ROOT/infra/images/Dockerfile" --ignorefile "$ROOT/infra/images/Dockerfile.dockerignore" "$@" \
         --build-arg FUNCTION="$function" --label "io.bucketml.inputs=$digest" -t "$image" "$ROOT" >/dev/null \
         || { echo "could not build $image" >&2; return 1; }
+    # The image this build replaced keeps no tag: remove it, so rebuilds do not pile up
+    # (podman refuses while a container still uses it; it is then left, which is harmless).
+    if [ -n "$previous" ] && [ "$previous" != "$("$PODMAN" image inspect --format '{{.Id}}' "$image")" ]; then
+        "$PODMAN" rmi "$previous" >/dev/null 2>&1 || true
+    fi
     size=$("$PODMAN" image inspect --format '{{.Size}}' "$image" | awk '{printf "%d MB", $1/1000000}')
     echo "built $image ($size) in $(( $(date +%s) - started )) s"
 }

@@ -113,8 +113,8 @@ def test_every_status_of_a_pinned_version_is_documented_where_it_is_answered(doc
             raise UnknownModel(f"model '{model}' is not served")
         raise error(f"model '{model}' version {version}: refused")
 
-    manager = types.SimpleNamespace(ensure_watching=lambda: None, get=get, ready=lambda: False, loaded=dict,
-                                    errors=dict, refresh=lambda model: None)
+    manager = types.SimpleNamespace(ensure_watching=lambda: None, get=get, routed=get, ready=lambda: False, loaded=dict,
+                                    errors=dict, canaries=dict, shadows=dict, refresh=lambda model: None)
     app = PredictApp(PredictService(manager))
     pinned = 0
     for path, item in document["paths"].items():

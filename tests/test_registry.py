@@ -6,7 +6,7 @@ import json
 import threading
 
 import pytest
-from bucketml.registry.model_registry import Registry, RegistryError, check_model_name
+from bucketml.registry.model_registry import Pointer, Registry, RegistryError, RolloutRefused, check_model_name
 from bucketml.storage import LocalStorage, NotFound, PreconditionFailed
 
 
@@ -320,3 +320,85 @@ def test_one_column_summary_in_two_styles():
                                           "parts": ["year", "month"], "unparsed": 2})
     assert dates.summary(plain) == "2024-01-01 .. 2024-02-01; parts year, month; 2 not dates"
     assert ColumnProfile.model_validate({"name": "id", "examples": ["a1", "b2"]}).summary(short) == "e.g. a1, b2"
+
+
+# --- canary rollouts -------------------------------------------------------------------------
+
+
+def test_a_canary_is_named_in_the_pointer_by_compare_and_swap(registry, storage):
+    for _ in range(3):
+        register(registry)
+    registry.move_pointer("m", 1, reason="first")
+    before = registry.current("m")
+
+    pointer = registry.start_canary("m", 2, 30)
+    assert pointer.version == 1 and pointer.generation != before.generation
+    assert pointer.data["canary"]["version"] == 2 and pointer.data["canary"]["percent"] == 30
+    assert Registry.canary_of(pointer) == (2, 30)
+    assert Registry.canary_of(before) is None
+    # A writer still holding the generation from before the canary loses.
+    with pytest.raises(PreconditionFailed):
+        storage.write(Registry.pointer_name("m"), b'{"version": 1}', if_generation_match=before.generation)
+
+    # A new current version (a training publishing meanwhile) keeps the canary...
+    registry.move_pointer("m", 3, reason="trained")
+    assert Registry.canary_of(registry.current("m")) == (2, 30)
+    # ... unless it is the canary itself: then the rollout is over.
+    registry.move_pointer("m", 2, reason="promoted")
+    assert registry.current("m").version == 2 and "canary" not in registry.current("m").data
+
+
+def test_a_canary_must_be_another_complete_version_and_a_share_from_1_to_99(registry):
+    register(registry), register(registry)
+    with pytest.raises(RolloutRefused, match="no current version"):
+        registry.start_canary("m", 2, 30)
+    registry.move_pointer("m", 1, reason="first")
+    generation = registry.current("m").generation
+    for version, percent, expected in ((2, 0, "from 1 to 99"), (2, 100, "from 1 to 99"), (2, True, "from 1 to 99"),
+                                       (1, 30, "already the current version")):
+        with pytest.raises(RolloutRefused, match=expected):
+            registry.start_canary("m", version, percent)
+    with pytest.raises(NotFound, match="no version 7"):
+        registry.start_canary("m", 7, 30)
+    assert registry.current("m").generation == generation
+
+
+def test_ending_a_canary_leaves_the_current_version(registry):
+    register(registry), register(registry)
+    registry.move_pointer("m", 1, reason="first")
+    with pytest.raises(RolloutRefused, match="no canary"):
+        registry.end_canary("m")
+    registry.start_canary("m", 2, 10)
+    assert registry.end_canary("m") == (2, 1)
+    pointer = registry.current("m")
+    assert pointer.version == 1 and Registry.canary_of(pointer) is None and pointer.data["reason"] == "first"
+
+
+@pytest.mark.parametrize("canary", [None, "2", {"version": 2}, {"version": "2", "percent": 30},
+                                    {"version": 2, "percent": 0}, {"version": 2, "percent": True}])
+def test_a_malformed_canary_in_a_hand_edited_pointer_is_no_canary(canary):
+    assert Registry.canary_of(Pointer(1, 5, {"version": 1, "canary": canary})) is None
+
+
+def test_a_shadow_is_named_in_the_pointer_beside_a_canary_and_can_be_stopped(registry):
+    for _ in range(3):
+        register(registry)
+    with pytest.raises(RolloutRefused, match="no current version"):
+        registry.start_shadow("m", 2)
+    registry.move_pointer("m", 1, reason="first")
+    with pytest.raises(RolloutRefused, match="already the current version"):
+        registry.start_shadow("m", 1)
+    with pytest.raises(NotFound, match="no version 9"):
+        registry.start_shadow("m", 9)
+    registry.start_canary("m", 3, 20)
+    pointer = registry.start_shadow("m", 2)
+    assert Registry.shadow_of(pointer) == 2 and Registry.canary_of(pointer) == (3, 20)
+    assert Registry.shadow_of(Pointer(1, 5, {"version": 1, "shadow": {"version": "2"}})) is None
+
+    registry.move_pointer("m", 3, reason="canary promoted")  # the shadow stays, the canary is over
+    pointer = registry.current("m")
+    assert Registry.shadow_of(pointer) == 2 and Registry.canary_of(pointer) is None
+    assert registry.end_shadow("m")[0] == 2
+    assert Registry.shadow_of(registry.current("m")) is None
+    with pytest.raises(RolloutRefused, match="no shadow"):
+        registry.end_shadow("m")

@@ -17,6 +17,7 @@ from bucketml.contracts.card import ModelCard, Profile, RowCounts, SummaryStyle,
 from bucketml.registry.model_registry import Registry, RegistryError, check_model_name
 from bucketml.contracts.rejections import OUTCOME_FOLDERS, Rejection
 from bucketml.contracts.spec import FIELDS, spec_from_metadata
+from bucketml.cli import rollout
 from bucketml.local.client import (
     Failure,
     auth_headers,
@@ -431,17 +432,13 @@ def report(name: str, version: int | None, open_: bool, bucket: str) -> None:
         click.echo("could not open a browser; open the file above yourself", err=True)
 
 
-# --- promote / rollback --------------------------------------------------------------------
-def move_current(bucket: str, broker: str, name: str, version: int, reason: str) -> None:
-    """Move the pointer (compare-and-swap) and announce model.published like train does."""
-    auth_headers()  # a token setting that cannot be read fails before anything moves
-    registry = Registry(_storage(bucket))
-    moved, previous = registry.move_pointer(name, version, reason=reason)
-    if not moved:
-        click.echo(f"{name}: version {version} is already current")
-        return
-    click.echo(f"{name}: current version {previous} -> {version}")
-    event = registry.published_event(name, "registry")
+# --- promote / rollback / canary -----------------------------------------------------------
+predict_url_option = click.option("--predict-url", envvar="BUCKETML_PREDICT_URL", default=config.predict_url(),
+                                  show_default=True, help="A predict replica whose request counts go into the event.")
+
+
+def announce(broker: str, event, fallback: str) -> None:
+    """Post `event` to the broker; when it cannot take it, say so and what still happens (`fallback`)."""
     response = None
     try:
         response = events.post(broker.rstrip("/"), event)
@@ -449,11 +446,26 @@ def move_current(bucket: str, broker: str, name: str, version: int, reason: str)
     except requests.RequestException:
         delivered = False
     if response is not None and response.status_code == 401:
-        click.echo(f"{unauthorized('the broker', broker, response).format_message()}; "
-                   "predict replicas still switch on their next poll of the pointer")
+        click.echo(f"{unauthorized('the broker', broker, response).format_message()}; {fallback}")
     elif not delivered:
-        click.echo(f"the broker at {broker} did not take the model.published event; "
-                   f"predict replicas still switch on their next poll of the pointer")
+        click.echo(f"the broker at {broker} did not take the {event['type']} event; {fallback}")
+
+
+NEXT_POLL = "predict replicas still switch on their next poll of the pointer"
+
+
+def move_current(bucket: str, broker: str, name: str, version: int, reason: str) -> bool:
+    """Move the pointer (compare-and-swap) and announce model.published like train does;
+    whether it moved."""
+    auth_headers()  # a token setting that cannot be read fails before anything moves
+    registry = Registry(_storage(bucket))
+    moved, previous = registry.move_pointer(name, version, reason=reason)
+    if not moved:
+        click.echo(f"{name}: version {version} is already current")
+        return False
+    click.echo(f"{name}: current version {previous} -> {version}")
+    announce(broker, registry.published_event(name, "registry"), NEXT_POLL)
+    return True
 
 
 @cli.command()
@@ -461,9 +473,19 @@ def move_current(bucket: str, broker: str, name: str, version: int, reason: str)
 @click.argument("version", type=int)
 @bucket_option
 @broker_option
-def promote(name: str, version: int, bucket: str, broker: str) -> None:
-    """Make VERSION the current version of model NAME."""
-    move_current(bucket, broker, name, version, f"promoted to version {version} by bucketml promote")
+@predict_url_option
+def promote(name: str, version: int, bucket: str, broker: str, predict_url: str) -> None:
+    """Make VERSION the current version of model NAME (when VERSION is its canary, this ends the canary)."""
+    before = Registry(_storage(bucket)).current(name)
+    canary = Registry.canary_of(before)
+    decided = rollout.figures(name, before, predict_url) if canary and canary[0] == version else None
+    if not move_current(bucket, broker, name, version, f"promoted to version {version} by bucketml promote"):
+        return
+    if decided is not None:  # the pointer no longer names a canary once it is the current version
+        after = Registry(_storage(bucket)).current(name)
+        click.echo(f"{name}: canary version {version} promoted; every unpinned request goes to it")
+        announce(broker, rollout.rollout_event(events.ROLLOUT_PROMOTED, name, version, version, after.generation,
+                                               decided, previous=before.version), "the promotion stands")
 
 
 @cli.command()
@@ -471,18 +493,82 @@ def promote(name: str, version: int, bucket: str, broker: str) -> None:
 @click.option("--to", "to_version", type=int, help="The version to go back to (default: the one before the current).")
 @bucket_option
 @broker_option
-def rollback(name: str, to_version: int | None, bucket: str, broker: str) -> None:
-    """Make an earlier version of model NAME current again."""
+@predict_url_option
+def rollback(name: str, to_version: int | None, bucket: str, broker: str, predict_url: str) -> None:
+    """Make an earlier version of model NAME current again; with a canary, remove the canary instead
+    (the current version stays)."""
     registry = Registry(_storage(bucket))
-    current = registry.current(name).version
+    pointer = registry.current(name)
+    current = pointer.version
     if current is None:
         raise Failure(f"model '{name}' has no current version to roll back from")
+    canary = Registry.canary_of(pointer)
+    if canary is not None:
+        if to_version is not None:
+            raise Failure(f"model '{name}' has a canary (version {canary[0]} at {canary[1]}%): "
+                          f"`bucketml rollback {name}` removes it first, then roll back with --to")
+        auth_headers()  # a token setting that cannot be read fails before anything moves
+        decided = rollout.figures(name, pointer, predict_url)
+        ended, current = registry.end_canary(name)
+        click.echo(f"{name}: canary version {ended} rolled back; version {current} answers every unpinned request")
+        announce(broker, rollout.rollout_event(events.ROLLOUT_ROLLED_BACK, name, ended, current,
+                                               registry.pointer_generation(name), decided), NEXT_POLL)
+        return
     if to_version is None:
         earlier = [v for v in registry.versions(name) if v < current]
         if not earlier:
             raise Failure(f"model '{name}' has no version before {current}")
         to_version = earlier[-1]
     move_current(bucket, broker, name, to_version, f"rolled back from version {current} by bucketml rollback")
+
+
+@cli.command()
+@click.argument("name")
+@click.argument("version", type=int)
+@click.option("--percent", type=click.IntRange(1, 99), required=True,
+              help="The share of unpinned requests the canary answers, 1 to 99.")
+@bucket_option
+@broker_option
+def canary(name: str, version: int, percent: int, bucket: str, broker: str) -> None:
+    """Send PERCENT % of model NAME's unpinned requests to VERSION, on every predict replica, until
+    `bucketml promote NAME VERSION` or `bucketml rollback NAME` ends it."""
+    auth_headers()  # a token setting that cannot be read fails before anything moves
+    registry = Registry(_storage(bucket))
+    pointer = registry.start_canary(name, version, percent)
+    click.echo(f"{name}: canary version {version} answers {percent}% of unpinned requests; "
+               f"version {pointer.version} the rest")
+    decided = rollout.figures(name, pointer, None)  # nothing answered by the canary yet: its share is the figure
+    announce(broker, rollout.rollout_event(events.ROLLOUT_STARTED, name, version, pointer.version, pointer.generation,
+                                           decided), NEXT_POLL)
+
+
+@cli.command()
+@click.argument("name")
+@click.argument("version", type=int, required=False)
+@click.option("--stop", is_flag=True, help="Stop the model's shadow instead.")
+@bucket_option
+@broker_option
+@predict_url_option
+def shadow(name: str, version: int | None, stop: bool, bucket: str, broker: str, predict_url: str) -> None:
+    """Have VERSION score a copy of model NAME's unpinned /predict requests after they are answered,
+    counting how often it agrees with the answer (predict's /metrics); --stop ends it."""
+    if (version is None) == (not stop):
+        raise Failure("name the shadow's VERSION, or give --stop (and no VERSION) to stop the shadow")
+    auth_headers()  # a token setting that cannot be read fails before anything moves
+    registry = Registry(_storage(bucket))
+    if stop:
+        ended, before = registry.end_shadow(name)
+        decided = rollout.figures(name, before, predict_url, kind="shadow")
+        agreement = (f": agreed on {decided.agreeing_rows} of {decided.compared_rows} rows at {predict_url}"
+                     if decided.compared_rows is not None else "")
+        click.echo(f"{name}: shadow version {ended} stopped{agreement}")
+        announce(broker, rollout.rollout_event(events.ROLLOUT_ROLLED_BACK, name, ended, before.version,
+                                               registry.pointer_generation(name), decided, kind="shadow"), NEXT_POLL)
+        return
+    pointer = registry.start_shadow(name, version)
+    click.echo(f"{name}: shadow version {version} scores a copy of unpinned requests; version {pointer.version} answers them")
+    announce(broker, rollout.rollout_event(events.ROLLOUT_STARTED, name, version, pointer.version, pointer.generation,
+                                           rollout.figures(name, pointer, None, kind="shadow"), kind="shadow"), NEXT_POLL)
 
 
 # --- predict -------------------------------------------------------------------------------

@@ -211,5 +211,32 @@ class ModelPublished(ModelTrained):
     reason: StrictStr | None
 
 
+class RolloutFigures(EventData):
+    """What decided a rollout step, as far as the sender could see it."""
+
+    percent: StrictInt | None = None  # a canary's share of unpinned requests (a shadow answers none)
+    started: StrictStr | None = None  # when the canary or shadow started (the pointer's record)
+    # As counted by one predict replica since it started (`requests_from`), and absent when that
+    # replica could not be asked: answered inference requests (2xx) per version, and for a shadow
+    # the rows it compared with the answers and those where it agreed.
+    requests: dict[str, StrictInt] | None = None
+    compared_rows: StrictInt | None = None
+    agreeing_rows: StrictInt | None = None
+    requests_from: StrictStr | None = None
+
+
+class Rollout(EventData):
+    """bucketml.rollout.started.v1, .promoted.v1 and .rolled_back.v1: a canary began (or changed
+    its share), became the current version, or was removed leaving the current version; a shadow
+    began or was stopped (started and rolled_back, kind "shadow")."""
+
+    model: StrictStr
+    kind: StrictStr  # "canary" or "shadow"
+    version: StrictInt  # the canary's or shadow's version
+    current_version: StrictInt  # the current version once the step is done
+    previous_version: StrictInt | None = None  # promoted: the version the canary replaced
+    figures: RolloutFigures
+
+
 def _first_problem(exc: ValidationError) -> str:
     return exc.errors()[0]["msg"]

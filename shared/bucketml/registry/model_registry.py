@@ -35,6 +35,8 @@ if TYPE_CHECKING:  # the typed card and event data are imported where they are u
     from bucketml.contracts.card import ModelCard
     from bucketml.contracts.event_data import ModelTrained
 
+CANARY = "canary"  # the pointer's key for a canary: {"version": n, "percent": p, "started": time}
+SHADOW = "shadow"  # the pointer's key for a shadow: {"version": n, "started": time}
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
@@ -48,6 +50,10 @@ class UploadRegistered(RegistryError):
     def __init__(self, version: int):
         super().__init__(f"this upload is already version {version}")
         self.version = version
+
+
+class RolloutRefused(RegistryError, ValueError):
+    """A canary that cannot start or end as asked (the message says what to do instead)."""
 
 
 class InvalidModelName(RegistryError, ValueError):
@@ -143,6 +149,25 @@ class Registry:
         except NotFound:
             return Pointer(None, 0, {})
         return Pointer(int(data["version"]), info.generation, data)
+
+    @staticmethod
+    def canary_of(pointer: Pointer) -> tuple[int, int] | None:
+        """(version, percent) of the pointer's canary, or None. The predict path reads it this way:
+        a hand-edited pointer with a malformed canary has none rather than breaking serving."""
+        canary = pointer.data.get(CANARY)
+        if not isinstance(canary, dict):
+            return None
+        version, percent = canary.get("version"), canary.get("percent")
+        if any(isinstance(x, bool) or not isinstance(x, int) for x in (version, percent)) or not 0 < percent < 100:
+            return None
+        return version, percent
+
+    @staticmethod
+    def shadow_of(pointer: Pointer) -> int | None:
+        """The version of the pointer's shadow, or None (a malformed one too, as for canaries)."""
+        shadow = pointer.data.get(SHADOW)
+        version = shadow.get("version") if isinstance(shadow, dict) else None
+        return version if isinstance(version, int) and not isinstance(version, bool) and version > 0 else None
 
     def pointer_generation(self, model: str) -> int:
         """Cheap check for 'did the pointer move?' (metadata only)."""
@@ -369,6 +394,12 @@ class Registry:
             if only_if_newer and pointer.version is not None and pointer.version > version:
                 return False, pointer.version
             data = {"model": model, "version": version, "previous": pointer.version, "reason": reason, "updated": utc_now("seconds")}
+            # A canary or shadow outlives a new current version (a training that publishes meanwhile),
+            # unless it is that version: then its rollout is over and the pointer must not name it twice.
+            for key in (CANARY, SHADOW):
+                named = pointer.data.get(key)
+                if named and named.get("version") != version:
+                    data[key] = named
             try:
                 self.storage.write(
                     self.pointer_name(model), _json(data), if_generation_match=pointer.generation, content_type="application/json"
@@ -376,3 +407,76 @@ class Registry:
                 return True, pointer.version
             except PreconditionFailed:
                 continue  # someone moved it meanwhile: decide again on what is there now
+
+    # --- canary rollouts: a second version answering a share of unpinned requests -------------
+    def start_canary(self, model: str, version: int, percent: int) -> Pointer:
+        """Name `version` the canary of `model` for `percent` % of unpinned requests (compare-and-swap);
+        returns the pointer written. A canary already there is replaced (or its share changed)."""
+        if isinstance(percent, bool) or not isinstance(percent, int) or not 1 <= percent <= 99:
+            raise RolloutRefused(f"a canary's percent must be a whole number from 1 to 99, got {percent!r}; "
+                                 "for 100 promote the version, for 0 roll the canary back")
+        self.card(model, version)  # NotFound (naming the version) for one that is not complete
+        while True:
+            pointer = self.current(model)
+            if pointer.version is None:
+                raise RolloutRefused(f"model '{model}' has no current version for a canary to share requests with; "
+                                     f"promote version {version} instead")
+            if pointer.version == version:
+                raise RolloutRefused(f"version {version} is already the current version of '{model}'; "
+                                     "name another version as the canary")
+            canary = {"version": version, "percent": percent, "started": utc_now("seconds")}
+            data = dict(pointer.data, **{CANARY: canary}, updated=utc_now("seconds"))
+            if self._swap(model, pointer, data):
+                return self.current(model)
+
+    def end_canary(self, model: str) -> tuple[int, int]:
+        """Remove the canary, leaving the current version as it is (a rollback of the rollout);
+        returns (canary version, current version)."""
+        while True:
+            pointer = self.current(model)
+            found = self.canary_of(pointer) if pointer.version is not None else None
+            if found is None:
+                raise RolloutRefused(f"model '{model}' has no canary to roll back")
+            if self._swap(model, pointer, self._without(pointer, CANARY)):
+                return found[0], pointer.version
+
+    def start_shadow(self, model: str, version: int) -> Pointer:
+        """Name `version` the shadow of `model` (compare-and-swap): it scores a copy of unpinned
+        requests, never answering them. A shadow already there is replaced."""
+        self.card(model, version)  # NotFound (naming the version) for one that is not complete
+        while True:
+            pointer = self.current(model)
+            if pointer.version is None:
+                raise RolloutRefused(f"model '{model}' has no current version for a shadow to be compared with; "
+                                     f"promote version {version} instead")
+            if pointer.version == version:
+                raise RolloutRefused(f"version {version} is already the current version of '{model}'; "
+                                     "name another version as the shadow")
+            shadow = {"version": version, "started": utc_now("seconds")}
+            if self._swap(model, pointer, dict(pointer.data, **{SHADOW: shadow}, updated=utc_now("seconds"))):
+                return self.current(model)
+
+    def end_shadow(self, model: str) -> tuple[int, Pointer]:
+        """Remove the shadow; returns (its version, the pointer as it was with it)."""
+        while True:
+            pointer = self.current(model)
+            found = self.shadow_of(pointer) if pointer.version is not None else None
+            if found is None:
+                raise RolloutRefused(f"model '{model}' has no shadow to stop")
+            if self._swap(model, pointer, self._without(pointer, SHADOW)):
+                return found, pointer
+
+    @staticmethod
+    def _without(pointer: Pointer, key: str) -> dict[str, Any]:
+        data = {name: value for name, value in pointer.data.items() if name != key}
+        data["updated"] = utc_now("seconds")
+        return data
+
+    def _swap(self, model: str, pointer: Pointer, data: dict[str, Any]) -> bool:
+        """Write the pointer if it is still at `pointer.generation`; False when someone moved it first."""
+        try:
+            self.storage.write(self.pointer_name(model), _json(data), if_generation_match=pointer.generation,
+                               content_type="application/json")
+            return True
+        except PreconditionFailed:
+            return False  # decide again on what is there now

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import threading
 import time
 from collections import OrderedDict
 from typing import Any, Callable
 
-from bucketml.registry.model_registry import Registry, RegistryError, check_model_name
+from bucketml.registry.model_registry import Pointer, Registry, RegistryError, check_model_name
 from bucketml.serving.errors import (
     BucketUnavailable,
     InvalidRequest,
@@ -42,6 +43,8 @@ class ModelManager:
         self.registry = registry
         self.poll_seconds = poll_seconds
         self._current: dict[str, OnnxModel] = {}
+        self._canaries: dict[str, tuple[OnnxModel, int]] = {}  # model -> (canary version loaded, percent)
+        self._shadows: dict[str, OnnxModel] = {}  # model -> its shadow version, loaded
         self._generations: dict[str, int] = {}
         self._pinned: OrderedDict[tuple[str, int], OnnxModel] = OrderedDict()
         self._errors: dict[str, str] = {}
@@ -107,6 +110,8 @@ class ModelManager:
                         with self._lock:
                             self._current[name] = fresh
                         log.info("serving %s version %s", name, pointer.version)
+                    self._follow_canary(name, pointer)
+                    self._follow_shadow(name, pointer)
                     self._generations[name] = pointer.generation
                     self._errors.pop(name, None)
                     self._failed.pop(name, None)
@@ -121,6 +126,47 @@ class ModelManager:
             if self._outage is not None:
                 log.info("the bucket answers again; following the current versions as before")
                 self._outage = None
+
+    def _follow_canary(self, model: str, pointer: Pointer) -> None:
+        """Load the canary the pointer names (or drop the one it no longer names). A canary that
+        fails to load raises like a current version would: the error shows in readiness, and
+        meanwhile unpinned requests keep going to the current version only."""
+        named = self.registry.canary_of(pointer) if pointer.version is not None else None
+        if named is None:
+            if self._canaries.pop(model, None) is not None:
+                log.info("%s has no canary any more; every unpinned request goes to version %s", model, pointer.version)
+            return
+        version, percent = named
+        loaded = self._canaries.get(model)
+        if loaded is None or loaded[0].version != version:
+            self._canaries.pop(model, None)  # the old canary's share must not go on while the new one loads
+            canary = self._load_beside(model, version, "canary")
+        else:
+            canary = loaded[0]
+        self._canaries[model] = (canary, percent)
+        log.info("%s canary: version %s answers %s%% of unpinned requests", model, version, percent)
+
+    def _follow_shadow(self, model: str, pointer: Pointer) -> None:
+        """Load the shadow the pointer names, or drop the one it no longer names (as for canaries)."""
+        named = self.registry.shadow_of(pointer) if pointer.version is not None else None
+        loaded = self._shadows.get(model)
+        if named is None:
+            if self._shadows.pop(model, None) is not None:
+                log.info("%s has no shadow any more", model)
+            return
+        if loaded is None or loaded.version != named:
+            self._shadows.pop(model, None)
+            self._shadows[model] = self._load_beside(model, named, "shadow")
+            log.info("%s shadow: version %s scores a copy of unpinned /predict requests", model, named)
+
+    def shadow_for(self, answered: OnnxModel) -> OnnxModel | None:
+        """The shadow to compare with an answer, when `answered` is its model's current version
+        (the shadow is measured against the stable version, not against a canary)."""
+        shadow = self._shadows.get(answered.model)
+        return shadow if shadow is not None and self._current.get(answered.model) is answered else None
+
+    def shadows(self) -> dict[str, int]:
+        return {name: loaded.version for name, loaded in self._shadows.items()}
 
     def _ask(self, question: Callable[..., Any], *args: Any) -> Any:
         """A look at the bucket's metadata, timed so that errors() can tell one that hangs."""
@@ -141,6 +187,17 @@ class ModelManager:
     def _load(self, model: str, version: int) -> OnnxModel:
         card = self.registry.card(model, version)
         return OnnxModel(model, version, card).load(self.registry.model_bytes(model, version))
+
+    def _load_beside(self, model: str, version: int, role: str) -> OnnxModel:
+        """Load a canary or shadow; a failure says which it was (readiness shows it under the model)."""
+        try:
+            return self._load(model, version)
+        except StorageError as exc:
+            if not isinstance(exc, (NotFound, InvalidObjectName)):
+                raise  # the bucket, not the version: refresh() reports an outage
+            raise RuntimeError(f"{role} version {version} could not be loaded: {exc}") from exc
+        except Exception as exc:
+            raise RuntimeError(f"{role} version {version} could not be loaded: {exc}") from exc
 
     def ready(self) -> bool:
         return bool(self._current)
@@ -175,6 +232,23 @@ class ModelManager:
                 raise UnknownModel(f"model '{model}' is not served; served models: {', '.join(sorted(current)) or 'none'}")
             return served
         return self._pinned_version(model, version)
+
+    def routed(self, model: str | None, version: int | None = None) -> OnnxModel:
+        """The version that scores an inference request: `get`, except that an unpinned request
+        goes to the model's canary, when it has one, with the canary's probability. One
+        independent draw per request, so every replica sends the same share whatever the load
+        balancer does, and no state is shared between replicas."""
+        served = self.get(model, version)
+        if version is not None:
+            return served
+        canary = self._canaries.get(served.model)
+        if canary is not None and random.random() * 100 < canary[1]:
+            return canary[0]
+        return served
+
+    def canaries(self) -> dict[str, dict[str, int]]:
+        """{model: {"version": n, "percent": p}} of the canaries this replica routes to."""
+        return {name: {"version": loaded.version, "percent": percent} for name, (loaded, percent) in self._canaries.items()}
 
     def _pinned_version(self, model: str, version: int) -> OnnxModel:
         key = (model, version)

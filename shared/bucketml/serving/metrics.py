@@ -15,6 +15,18 @@ LATENCY = prometheus_client.Histogram(
     ["endpoint"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
 ROWS = prometheus_client.Counter("bucketml_predict_rows", "Rows scored, by model version.", ["model", "version"])
+# A shadow version's agreement with the answers sent: agreeing / compared is its agreement rate.
+SHADOW_ROWS = prometheus_client.Counter(
+    "bucketml_shadow_rows", "Rows a shadow version scored after the current version answered them.", ["model", "version"],
+)
+SHADOW_AGREEING = prometheus_client.Counter(
+    "bucketml_shadow_agreeing_rows", "Of those rows, the ones where the shadow's prediction agreed with the answer.",
+    ["model", "version"],
+)
+SHADOW_FAILED = prometheus_client.Counter(
+    "bucketml_shadow_failed_requests", "Requests the shadow version could not score (its columns differ, say).",
+    ["model", "version"],
+)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -9,10 +9,12 @@ thread, and maps the domain errors they raise (`bucketml.serving.errors`) to sta
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import orjson
 import prometheus_client
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -32,7 +34,7 @@ from bucketml.serving import open_inference
 from bucketml.serving.errors import InvalidInput, InvalidRequest, ReloadFailed
 from bucketml.serving.inference_log import InferenceLogger
 from bucketml.serving.manager import ModelManager
-from bucketml.serving.metrics import ROWS, labelled
+from bucketml.serving.metrics import ROWS, SHADOW_AGREEING, SHADOW_FAILED, SHADOW_ROWS, labelled
 from bucketml.serving.request_body import json_object
 from bucketml.serving.runtime import OnnxModel
 from bucketml.storage import open_storage
@@ -75,7 +77,9 @@ class PredictService:
         return self.access is None or self.access.refusal(request.headers.get("authorization")) is None
 
     # --- helpers -----------------------------------------------------------------------
-    def _model(self, model: Any, version: Any) -> OnnxModel:
+    def _model(self, model: Any, version: Any, routed: bool = False) -> OnnxModel:
+        """The version to use; with `routed` (inference, not metadata or readiness), an unpinned
+        request may go to the model's canary (ModelManager.routed)."""
         if model is not None and not isinstance(model, str):
             raise InvalidRequest("'model' must be a string")
         if version is not None:
@@ -85,7 +89,7 @@ class PredictService:
                 version = int(version)
             except (TypeError, ValueError):
                 raise InvalidRequest(f"'version' must be an integer, got {version!r}") from None
-        return self.manager.get(model, version)
+        return self.manager.routed(model, version) if routed else self.manager.get(model, version)
 
     @staticmethod
     def _scored(loaded: OnnxModel, answer: dict, rows: int, body: dict | None = None) -> Response:
@@ -95,7 +99,17 @@ class PredictService:
     # --- simple protocol ---------------------------------------------------------------
     def predict(self, request: Request, raw: bytes) -> Response:
         body = json_object(raw)
-        loaded = self._model(body.get("model"), body.get("version"))
+        loaded = self._model(body.get("model"), body.get("version"), routed=True)
+        answer, rows = self._score(loaded, body, raw)
+        response = self._scored(loaded, answer, rows)
+        shadow = self.manager.shadow_for(loaded) if body.get("version") is None else None
+        if shadow is not None:  # runs once the answer is sent: the client never waits for it, and the answer is fixed
+            response.background = BackgroundTask(self._compare, shadow, body, raw, answer["predictions"])
+        return response
+
+    @staticmethod
+    def _score(loaded: OnnxModel, body: dict, raw: bytes) -> tuple[dict, int]:
+        """The answer of `loaded` to a /predict body, and its number of rows."""
         if "records" in body and "features" in body:
             raise InvalidRequest("send either 'records' or 'features', not both: one request is one batch of rows")
         if "records" in body:
@@ -108,9 +122,23 @@ class PredictService:
         if loaded.numbers_only and b"true" not in raw and b"false" not in raw:
             matrix = number_matrix(rows, len(loaded.columns))
             if matrix is not None:
-                return self._scored(loaded, loaded.predict_matrix(matrix), len(rows))
+                return loaded.predict_matrix(matrix), len(rows)
         values = {c["name"]: [row[j] for row in rows] for j, c in enumerate(loaded.columns)}
-        return self._scored(loaded, loaded.predict(values, len(rows)), len(rows))
+        return loaded.predict(values, len(rows)), len(rows)
+
+    def _compare(self, shadow: OnnxModel, body: dict, raw: bytes, answered: list) -> None:
+        """Score the request on the shadow and count its rows that agree with what was answered:
+        the same label, or for regression a value within 0.1% (the parity gate's tolerance).
+        Runs after the answer was sent; a request the shadow cannot score is counted, not raised."""
+        version = str(shadow.version)
+        try:
+            predictions = self._score(shadow, body, raw)[0]["predictions"]
+        except Exception:  # its own columns or classes, say: the answer is sent; only the count can say so
+            labelled(SHADOW_FAILED, shadow.model, version).inc()
+            return
+        agreeing = sum(1 for mine, theirs in zip(predictions, answered) if _agree(mine, theirs))
+        labelled(SHADOW_ROWS, shadow.model, version).inc(len(answered))
+        labelled(SHADOW_AGREEING, shadow.model, version).inc(agreeing)
 
     def reload(self, request: Request, raw: bytes) -> Response:
         """A model.published event (from a Trigger): load the new version now."""
@@ -146,6 +174,11 @@ class PredictService:
         if not self.authenticated(request):  # open to probes; what is served only with the token
             return json_response({"ready": ready}, 200 if ready else 503)
         body = {"ready": ready, "models": {m: x.version for m, x in self.manager.loaded().items()}}
+        canaries, shadows = self.manager.canaries(), self.manager.shadows()
+        if canaries:
+            body["canaries"] = canaries
+        if shadows:
+            body["shadows"] = shadows
         errors = self.manager.errors()
         if errors:  # a current version that failed to load: the previous one serves meanwhile
             body["errors"] = errors
@@ -179,7 +212,7 @@ class PredictService:
         return json_response(body, loaded=loaded)
 
     def v2_infer(self, request: Request, raw: bytes, model: str, version: int | None = None) -> Response:
-        loaded = self._model(model, version)
+        loaded = self._model(model, version, routed=True)
         infer = open_inference.parse(raw, request.headers.get(open_inference.HEADER_LENGTH), loaded.columns,
                                      loaded.ignored)
         answer = loaded.predict(infer.values, infer.rows)
@@ -191,7 +224,7 @@ class PredictService:
     # --- KServe V1 ---------------------------------------------------------------------
     def v1_predict(self, request: Request, raw: bytes, model: str) -> Response:
         body = json_object(raw)
-        loaded = self._model(model, None)
+        loaded = self._model(model, None, routed=True)
         instances = body.get("instances")
         if not isinstance(instances, list) or not instances:
             raise InvalidInput("'instances' must be a non-empty list of records (objects) or rows (lists in schema order)")
@@ -218,3 +251,9 @@ class PredictService:
             text = importlib.resources.files(__package__).joinpath("openapi.yaml").read_text(encoding="utf-8")
             self._openapi = orjson.dumps(yaml.safe_load(text))
         return Response(self._openapi, 200, {"Content-Type": "application/json"})
+
+
+def _agree(mine: Any, theirs: Any) -> bool:
+    if isinstance(mine, float) and isinstance(theirs, float):
+        return math.isclose(mine, theirs, rel_tol=1e-3, abs_tol=1e-6)
+    return mine == theirs

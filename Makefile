@@ -23,20 +23,26 @@ dev: $(BIN)/bucketml
 test: $(BIN)/bucketml test-deps
 	$(BIN)/python -m pytest -q
 
-# The report test renders report.html in headless Chromium, and the crash tests hold the train
-# process with strace (each skips when its tool is missing). On a Debian machine run as root,
-# install what is missing with apt-get; never fails.
-test-deps: image-deps
+# Installs the tools named in $(1) that are missing (for $(2)) with apt-get, on a Debian
+# machine run as root; says what could not be installed and never fails.
+define apt_install_missing
 	@missing=""; \
-	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
-	command -v strace >/dev/null 2>&1 || missing="$$missing strace"; \
+	for tool in $(1); do \
+		command -v $$tool >/dev/null 2>&1 || [ -x /usr/sbin/$$tool ] || missing="$$missing $$tool"; \
+	done; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		echo "installing$$missing for the browser and crash tests (apt-get)"; \
+		echo "installing$$missing for $(2) (apt-get)"; \
 		export DEBIAN_FRONTEND=noninteractive; \
 		apt-get install -y -qq --no-install-recommends $$missing >/dev/null 2>&1 \
 			|| { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends $$missing >/dev/null 2>&1; } \
-			|| echo "could not install$$missing: the tests that need them will be skipped"; \
+			|| echo "could not install$$missing: $(2) will be skipped"; \
 	fi; true
+endef
+
+# The report test renders report.html in headless Chromium, and the crash tests hold the train
+# process with strace (each skips when its tool is missing).
+test-deps: image-deps
+	$(call apt_install_missing,chromium strace,the browser and crash tests)
 
 # The four container images, built with podman from infra/images/Dockerfile and tagged
 # localhost/bucketml-<function>:latest (the names the overlays retag; docs/deploy.md). An image
@@ -46,20 +52,9 @@ images: image-deps
 	sh infra/images/build.sh
 
 # podman, runc (its OCI runtime here) and debootstrap (the base image without a registry), for
-# `make images` and the container tests: on a Debian machine run as root, install what is
-# missing with apt-get; never fails.
+# `make images` and the container tests.
 image-deps:
-	@missing=""; \
-	command -v podman >/dev/null 2>&1 || missing="$$missing podman"; \
-	command -v runc >/dev/null 2>&1 || [ -x /usr/sbin/runc ] || missing="$$missing runc"; \
-	command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || missing="$$missing debootstrap"; \
-	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		echo "installing$$missing for the container images (apt-get)"; \
-		export DEBIAN_FRONTEND=noninteractive; \
-		apt-get install -y -qq --no-install-recommends $$missing >/dev/null 2>&1 \
-			|| { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends $$missing >/dev/null 2>&1; } \
-			|| echo "could not install$$missing: make images and the container tests will not run"; \
-	fi; true
+	$(call apt_install_missing,podman runc debootstrap,the container images and their tests)
 
 # Tag the built images for a registry, and push them:
 #   make push REGISTRY=europe-docker.pkg.dev/PROJECT/REPOSITORY TAG=0.1.0

@@ -400,13 +400,8 @@ class Registry:
                 named = pointer.data.get(key)
                 if named and named.get("version") != version:
                     data[key] = named
-            try:
-                self.storage.write(
-                    self.pointer_name(model), _json(data), if_generation_match=pointer.generation, content_type="application/json"
-                )
+            if self._swap(model, pointer, data):
                 return True, pointer.version
-            except PreconditionFailed:
-                continue  # someone moved it meanwhile: decide again on what is there now
 
     # --- canary rollouts: a second version answering a share of unpinned requests -------------
     def start_canary(self, model: str, version: int, percent: int) -> Pointer:
@@ -415,55 +410,45 @@ class Registry:
         if isinstance(percent, bool) or not isinstance(percent, int) or not 1 <= percent <= 99:
             raise RolloutRefused(f"a canary's percent must be a whole number from 1 to 99, got {percent!r}; "
                                  "for 100 promote the version, for 0 roll the canary back")
-        self.card(model, version)  # NotFound (naming the version) for one that is not complete
-        while True:
-            pointer = self.current(model)
-            if pointer.version is None:
-                raise RolloutRefused(f"model '{model}' has no current version for a canary to share requests with; "
-                                     f"promote version {version} instead")
-            if pointer.version == version:
-                raise RolloutRefused(f"version {version} is already the current version of '{model}'; "
-                                     "name another version as the canary")
-            canary = {"version": version, "percent": percent, "started": utc_now("seconds")}
-            data = dict(pointer.data, **{CANARY: canary}, updated=utc_now("seconds"))
-            if self._swap(model, pointer, data):
-                return self.current(model)
+        return self._name_beside(model, version, CANARY, "for a canary to share requests with", percent=percent)
 
     def end_canary(self, model: str) -> tuple[int, int]:
         """Remove the canary, leaving the current version as it is (a rollback of the rollout);
         returns (canary version, current version)."""
-        while True:
-            pointer = self.current(model)
-            found = self.canary_of(pointer) if pointer.version is not None else None
-            if found is None:
-                raise RolloutRefused(f"model '{model}' has no canary to roll back")
-            if self._swap(model, pointer, self._without(pointer, CANARY)):
-                return found[0], pointer.version
+        found, pointer = self._remove(model, CANARY, lambda p: (self.canary_of(p) or (None,))[0], "no canary to roll back")
+        return found, pointer.version
 
     def start_shadow(self, model: str, version: int) -> Pointer:
         """Name `version` the shadow of `model` (compare-and-swap): it scores a copy of unpinned
         requests, never answering them. A shadow already there is replaced."""
+        return self._name_beside(model, version, SHADOW, "for a shadow to be compared with")
+
+    def end_shadow(self, model: str) -> tuple[int, Pointer]:
+        """Remove the shadow; returns (its version, the pointer as it was with it)."""
+        return self._remove(model, SHADOW, self.shadow_of, "no shadow to stop")
+
+    def _name_beside(self, model: str, version: int, key: str, purpose: str, **fields: Any) -> Pointer:
+        """Write `key` (canary or shadow) = `version` into the pointer beside the current version."""
         self.card(model, version)  # NotFound (naming the version) for one that is not complete
         while True:
             pointer = self.current(model)
             if pointer.version is None:
-                raise RolloutRefused(f"model '{model}' has no current version for a shadow to be compared with; "
-                                     f"promote version {version} instead")
+                raise RolloutRefused(f"model '{model}' has no current version {purpose}; promote version {version} instead")
             if pointer.version == version:
                 raise RolloutRefused(f"version {version} is already the current version of '{model}'; "
-                                     "name another version as the shadow")
-            shadow = {"version": version, "started": utc_now("seconds")}
-            if self._swap(model, pointer, dict(pointer.data, **{SHADOW: shadow}, updated=utc_now("seconds"))):
+                                     f"name another version as the {key}")
+            entry = {"version": version, **fields, "started": utc_now("seconds")}
+            if self._swap(model, pointer, dict(pointer.data, **{key: entry}, updated=utc_now("seconds"))):
                 return self.current(model)
 
-    def end_shadow(self, model: str) -> tuple[int, Pointer]:
-        """Remove the shadow; returns (its version, the pointer as it was with it)."""
+    def _remove(self, model: str, key: str, version_of: Callable[[Pointer], int | None], missing: str) -> tuple[int, Pointer]:
+        """Take `key` (canary or shadow) out of the pointer; (its version, the pointer as it was)."""
         while True:
             pointer = self.current(model)
-            found = self.shadow_of(pointer) if pointer.version is not None else None
+            found = version_of(pointer) if pointer.version is not None else None
             if found is None:
-                raise RolloutRefused(f"model '{model}' has no shadow to stop")
-            if self._swap(model, pointer, self._without(pointer, SHADOW)):
+                raise RolloutRefused(f"model '{model}' has {missing}")
+            if self._swap(model, pointer, self._without(pointer, key)):
                 return found, pointer
 
     @staticmethod

@@ -21,6 +21,7 @@ LAYERS: list[set[str]] = [
     {"contracts"},
     {"storage"},
     {"registry"},
+    {"monitoring"},
     {"training", "serving"},
     {"steps"},
     {"local", "cloud"},

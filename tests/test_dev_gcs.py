@@ -34,7 +34,7 @@ def _dev_argv(ports: dict[str, int], *args: str) -> list[str]:
     return [BUCKETML, "dev", "--state-dir", "state", *args,
             "--predict-port", str(ports["predict"]), "--broker-port", str(ports["broker"]),
             "--preprocess-port", str(ports["preprocess"]), "--train-port", str(ports["train"]),
-            "--deadletter-port", str(ports["deadletter"])]
+            "--deadletter-port", str(ports["deadletter"]), "--monitor-port", str(ports["monitor"])]
 
 
 def _interrupt(process: subprocess.Popen) -> int | str:

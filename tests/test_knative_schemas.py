@@ -37,6 +37,7 @@ def models() -> dict[tuple[str, str], type]:
         ("eventing.knative.dev/v1", "Trigger"): eventing.Trigger,
         ("sinks.knative.dev/v1alpha1", "JobSink"): sinks.JobSink,
         ("sources.knative.dev/v1", "ContainerSource"): sources.ContainerSource,
+        ("sources.knative.dev/v1", "PingSource"): sources.PingSource,
     }
 
 

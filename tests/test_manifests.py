@@ -6,6 +6,7 @@ schemas of its core parts."""
 from __future__ import annotations
 
 import copy
+import json
 import functools
 import math
 import shutil
@@ -33,7 +34,7 @@ EXPECTED = {
     "dev": {"namespace": "bucketml-dev", "tag": "dev", "predict_min_scale": 0},
     "prod": {"namespace": "bucketml", "tag": "0.1.0", "predict_min_scale": 1},
 }
-FUNCTIONS = ("preprocess", "train", "predict", "deadletter")
+FUNCTIONS = ("preprocess", "train", "predict", "deadletter", "monitor")
 SUBSCRIBERS = {name: f"http://{name}.test" for name in FUNCTIONS}  # Service name -> base URL, for load_topology
 BROKER_INGRESS = "http://broker-ingress.knative-eventing.svc.cluster.local"  # Knative's MT-channel-based broker
 SERVING, EVENTING = "serving.knative.dev/v1", "eventing.knative.dev/v1"
@@ -332,6 +333,12 @@ def test_kubernetes_parts_match_the_kubernetes_schemas(name):
         elif (doc["apiVersion"], doc["kind"]) == ("sources.knative.dev/v1", "ContainerSource"):
             check_schema(k8s.V1PodSpec, doc["spec"]["template"]["spec"], f"{where} template spec")
             assert doc["spec"]["sink"]["ref"]["kind"] == "Broker", f"{where}: the source must post to the Broker"
+        elif (doc["apiVersion"], doc["kind"]) == ("sources.knative.dev/v1", "PingSource"):
+            # Straight to the monitor Service (a PingSource's reply would go nowhere), every minute.
+            assert doc["spec"]["sink"]["ref"] == {"apiVersion": SERVING, "kind": "Service", "name": "monitor"}, where
+            assert doc["spec"]["schedule"] == "* * * * *", where
+            assert doc["spec"]["contentType"] == "application/json", where
+            json.loads(doc["spec"]["data"])  # what the content type says
         elif doc["apiVersion"] == EVENTING and doc["kind"] in ("Broker", "Trigger"):
             for value in (doc["spec"].get("delivery") or {}).values():
                 if isinstance(value, str) and value.startswith("P"):

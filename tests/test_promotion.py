@@ -126,3 +126,30 @@ def test_current_rows_gone_falls_back_to_the_new_rows_and_says_so(storage):
     assert promotion["current_rows_score_new"] is None and promotion["baseline_score"] is not None
     # Today's rule decides: strictly better on the new rows (and better than the baseline).
     assert promotion["promoted"] is (promotion["new_score"] > promotion["current_score"])
+
+
+CANARY = {"promotion": "canary", "canary_percent": "25", "algorithms": "logistic_regression", "target": "target"}
+
+
+def test_promotion_canary_starts_a_retrain_as_the_canary_once_whatever_the_deliveries(storage):
+    first, card = train_upload(storage, "m", classification_frame(seed=1), CANARY, "1.csv")
+    assert [e["type"] for e in first] == [events.MODEL_TRAINED, events.MODEL_PUBLISHED]  # the first version: served at once
+    assert card["promotion"]["reason"] == "no current version: the first version is served at once"
+
+    info = storage.write("datasets/m/2.csv", classification_frame(seed=2).to_csv(index=False).encode(),
+                         content_type="text/csv", metadata=CANARY)
+    prepared = handle_finalized(storage, info.event_data())
+    announced = handle_prepared(storage, prepared.data)
+    assert [e["type"] for e in announced] == [events.MODEL_TRAINED, events.ROLLOUT_STARTED]
+    pointer = Registry(storage).current("m")
+    assert pointer.version == 1 and pointer.data["canary"]["version"] == 2 and pointer.data["canary"]["percent"] == 25
+    started = announced[1].data
+    assert (started["version"], started["current_version"], started["figures"]["percent"]) == (2, 1, 25)
+    promotion = Registry(storage).card("m", 2)["promotion"]
+    assert promotion["promoted"] is False and promotion["canary_percent"] == 25
+    assert "canary of version 1 for 25%" in promotion["reason"]
+
+    # A redelivery announces the same events (same ids) and starts nothing twice.
+    again = handle_prepared(storage, prepared.data)
+    assert [(e["type"], e["id"]) for e in again] == [(e["type"], e["id"]) for e in announced]
+    assert Registry(storage).current("m").generation == pointer.generation

@@ -25,8 +25,9 @@ except ConfigError as exc:  # e.g. reachable beyond loopback with no token: say 
     logging.getLogger("bucketml.predict").error("cannot start: %s", exc)
     raise SystemExit(1) from None
 app = PredictApp(service)
-# gunicorn imports this module, then forks the worker: load the models in the worker at once.
-os.register_at_fork(after_in_child=service.manager.start)
+# gunicorn imports this module, then forks the worker: load the models (and start writing the
+# monitor's figures) in the worker at once.
+os.register_at_fork(after_in_child=service.start)
 
 
 @functions_framework.aio.http

@@ -33,6 +33,10 @@ DEFAULT_BROKER_PORT = 8081
 DEFAULT_PREPROCESS_PORT = 8082
 DEFAULT_TRAIN_PORT = 8083
 DEFAULT_DEADLETTER_PORT = 8084
+DEFAULT_MONITOR_PORT = 8087
+DEFAULT_MONITOR_SECONDS = 10.0
+DEFAULT_MONITOR_FLUSH_SECONDS = 10.0
+DEFAULT_MONITOR_WINDOW_SECONDS = 600.0
 DEFAULT_POLL_SECONDS = 1.0
 # Where the Knative manifests (infra/) and the function sources (functions/) are when
 # BUCKETML_MANIFESTS / BUCKETML_FUNCTIONS do not say: the repository root when bucketml runs
@@ -215,6 +219,36 @@ def infra_dir() -> Path:
 def pointer_poll_seconds() -> float:
     """How often a predict replica checks whether a model's current pointer moved."""
     return float(os.environ.get("BUCKETML_POLL_SECONDS", str(DEFAULT_POLL_SECONDS)))
+
+
+def monitor_flush_seconds() -> float:
+    """How often a predict replica writes its figures to monitoring/ (BUCKETML_MONITOR_FLUSH_SECONDS)."""
+    return _positive_seconds("BUCKETML_MONITOR_FLUSH_SECONDS", DEFAULT_MONITOR_FLUSH_SECONDS)
+
+
+def monitor_window_seconds() -> float:
+    """The length of the tumbling windows drift is measured over (BUCKETML_MONITOR_WINDOW_SECONDS):
+    the monitor sees the current window and the previous one."""
+    return _positive_seconds("BUCKETML_MONITOR_WINDOW_SECONDS", DEFAULT_MONITOR_WINDOW_SECONDS)
+
+
+def monitor_seconds() -> float:
+    """How often `bucketml dev` runs the monitor (BUCKETML_MONITOR_SECONDS); a cluster's
+    PingSource runs it every minute."""
+    return _positive_seconds("BUCKETML_MONITOR_SECONDS", DEFAULT_MONITOR_SECONDS)
+
+
+def _positive_seconds(name: str, default: float) -> float:
+    text = os.environ.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise ConfigError(f"{name} must be a positive number of seconds, got {text!r}")
+    return value
 
 
 def auth_mode() -> str:

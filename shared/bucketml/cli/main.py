@@ -18,6 +18,8 @@ from bucketml.registry.model_registry import Registry, RegistryError, check_mode
 from bucketml.contracts.rejections import OUTCOME_FOLDERS, Rejection
 from bucketml.contracts.spec import FIELDS, spec_from_metadata
 from bucketml.cli import rollout
+from bucketml.monitoring.decisions import MIN_DRIFT_ROWS
+from bucketml.steps.rollout import rollout_event
 from bucketml.local.client import (
     Failure,
     auth_headers,
@@ -68,10 +70,12 @@ def cli() -> None:
 @click.option("--preprocess-port", envvar="BUCKETML_PREPROCESS_PORT", default=config.DEFAULT_PREPROCESS_PORT, show_default=True)
 @click.option("--train-port", envvar="BUCKETML_TRAIN_PORT", default=config.DEFAULT_TRAIN_PORT, show_default=True)
 @click.option("--deadletter-port", envvar="BUCKETML_DEADLETTER_PORT", default=config.DEFAULT_DEADLETTER_PORT, show_default=True)
+@click.option("--monitor-port", envvar="BUCKETML_MONITOR_PORT", default=config.DEFAULT_MONITOR_PORT, show_default=True)
 @click.option("--demo", is_flag=True, help="Once ready, upload a demo dataset and print a prediction.")
 def dev(bucket, subscription, project, state_dir, host, predict_port, broker_port, preprocess_port, train_port,
-        deadletter_port, demo) -> None:
-    """Run the whole platform locally: broker, bucket watcher, the three functions and the dead-letter sink.
+        deadletter_port, monitor_port, demo) -> None:
+    """Run the whole platform locally: broker, bucket watcher, the functions (preprocess, train,
+    predict, monitor) and the dead-letter sink.
 
     With --bucket gs://BUCKET the functions work on that Google Cloud Storage bucket, and the
     GCS source (pulling the bucket's Pub/Sub notifications from --subscription) replaces the
@@ -79,7 +83,7 @@ def dev(bucket, subscription, project, state_dir, host, predict_port, broker_por
     from bucketml.local import supervisor as dev_runtime
 
     ports = dev_runtime.Ports(predict=predict_port, broker=broker_port, preprocess=preprocess_port, train=train_port,
-                              deadletter=deadletter_port)
+                              deadletter=deadletter_port, monitor=monitor_port)
     gcs_bucket = _gcs_bucket_name(bucket)
     if gcs_bucket is None:
         if subscription and click.get_current_context().get_parameter_source("subscription").name == "COMMANDLINE":
@@ -371,6 +375,45 @@ def profile(name: str, version: int | None, bucket: str) -> None:
         click.echo(line)
 
 
+@cli.command()
+@click.argument("name")
+@bucket_option
+def drift(name: str, bucket: str) -> None:
+    """Show how far the inputs served to model NAME's current version have moved from its training
+    rows: each column's population stability index over every replica's recent windows, as the
+    monitor computes it (above the spec's drift_threshold, a column counts as drifted)."""
+    from bucketml.steps.monitor import ModelWatch, state_name
+
+    registry = Registry(_storage(bucket))
+    pointer = registry.current(name)
+    if pointer.version is None:
+        raise Failure(f"model '{name}' has no current version; upload a dataset first")
+    found = ModelWatch(registry, name, sink="").drift_of(pointer)
+    if found is None:
+        raise Failure(f"version {pointer.version} of '{name}' has no reference distributions (it was trained "
+                      "before they existed); retrain it to watch its inputs for drift")
+    result, window = found
+    span = f"the last {window / 60:g} to {2 * window / 60:g} min" if window else "no replica has written figures yet"
+    click.echo(f"{name} version {pointer.version}: {result.rows:,} served rows ({span}, every replica); "
+               f"threshold {result.threshold:g}")
+    if not result.judged:
+        click.echo(f"too few served rows to judge (the monitor waits for {MIN_DRIFT_ROWS})")
+    width = max([len(column) for column in result.features] + [len("(predictions)"), len("column")])
+    click.echo(f"{'column':<{width}}  {'PSI':>8}")
+    drifting = set(result.drifting)
+    for column, value in sorted(result.features.items(), key=lambda item: -(item[1] or 0)):
+        figure = "-" if value is None else f"{value:.4f}"
+        click.echo(f"{column:<{width}}  {figure:>8}{'  drifted' if column in drifting else ''}")
+    prediction = "-" if result.prediction_psi is None else f"{result.prediction_psi:.4f}"
+    click.echo(f"{'(predictions)':<{width}}  {prediction:>8}")
+    try:
+        episode = json.loads(registry.storage.read(state_name(name))).get("drift") or {}
+    except (StorageError, ValueError):
+        episode = {}
+    if episode.get("version") == pointer.version and episode.get("open"):
+        click.echo(f"drift episode open since {episode.get('started')}: {', '.join(episode.get('columns') or [])}")
+
+
 def _version_card(registry: Registry, name: str, version: int | None, hint: str) -> tuple[int, ModelCard]:
     """The card of `version` of model `name`, or of its current version; one-line errors."""
     from bucketml.storage import NotFound
@@ -484,7 +527,7 @@ def promote(name: str, version: int, bucket: str, broker: str, predict_url: str)
     if decided is not None:  # the pointer no longer names a canary once it is the current version
         after = Registry(_storage(bucket)).current(name)
         click.echo(f"{name}: canary version {version} promoted; every unpinned request goes to it")
-        announce(broker, rollout.rollout_event(events.ROLLOUT_PROMOTED, name, version, version, after.generation,
+        announce(broker, rollout_event(events.ROLLOUT_PROMOTED, name, version, version, after.generation,
                                                decided, previous=before.version), "the promotion stands")
 
 
@@ -511,7 +554,7 @@ def rollback(name: str, to_version: int | None, bucket: str, broker: str, predic
         decided = rollout.figures(name, pointer, predict_url)
         ended, current = registry.end_canary(name)
         click.echo(f"{name}: canary version {ended} rolled back; version {current} answers every unpinned request")
-        announce(broker, rollout.rollout_event(events.ROLLOUT_ROLLED_BACK, name, ended, current,
+        announce(broker, rollout_event(events.ROLLOUT_ROLLED_BACK, name, ended, current,
                                                registry.pointer_generation(name), decided), NEXT_POLL)
         return
     if to_version is None:
@@ -538,7 +581,7 @@ def canary(name: str, version: int, percent: int, bucket: str, broker: str) -> N
     click.echo(f"{name}: canary version {version} answers {percent}% of unpinned requests; "
                f"version {pointer.version} the rest")
     decided = rollout.figures(name, pointer, None)  # nothing answered by the canary yet: its share is the figure
-    announce(broker, rollout.rollout_event(events.ROLLOUT_STARTED, name, version, pointer.version, pointer.generation,
+    announce(broker, rollout_event(events.ROLLOUT_STARTED, name, version, pointer.version, pointer.generation,
                                            decided), NEXT_POLL)
 
 
@@ -562,12 +605,12 @@ def shadow(name: str, version: int | None, stop: bool, bucket: str, broker: str,
         agreement = (f": agreed on {decided.agreeing_rows} of {decided.compared_rows} rows at {predict_url}"
                      if decided.compared_rows is not None else "")
         click.echo(f"{name}: shadow version {ended} stopped{agreement}")
-        announce(broker, rollout.rollout_event(events.ROLLOUT_ROLLED_BACK, name, ended, before.version,
+        announce(broker, rollout_event(events.ROLLOUT_ROLLED_BACK, name, ended, before.version,
                                                registry.pointer_generation(name), decided, kind="shadow"), NEXT_POLL)
         return
     pointer = registry.start_shadow(name, version)
     click.echo(f"{name}: shadow version {version} scores a copy of unpinned requests; version {pointer.version} answers them")
-    announce(broker, rollout.rollout_event(events.ROLLOUT_STARTED, name, version, pointer.version, pointer.generation,
+    announce(broker, rollout_event(events.ROLLOUT_STARTED, name, version, pointer.version, pointer.generation,
                                            rollout.figures(name, pointer, None, kind="shadow"), kind="shadow"), NEXT_POLL)
 
 

@@ -9,10 +9,8 @@ bucketml.rollout.* event with what it was decided on.
 from __future__ import annotations
 
 import requests
-from cloudevents.http import CloudEvent
 
-from bucketml.contracts import events
-from bucketml.contracts.event_data import Rollout, RolloutFigures
+from bucketml.contracts.event_data import RolloutFigures
 from bucketml.local.client import auth_headers
 from bucketml.registry.model_registry import CANARY, SHADOW, Pointer
 
@@ -67,16 +65,3 @@ def figures(model: str, pointer: Pointer, predict_url: str | None, kind: str = C
             found.update(compared_rows=_rows(samples, SHADOW_ROWS, model, named.get("version")),
                          agreeing_rows=_rows(samples, SHADOW_AGREEING, model, named.get("version")))
     return RolloutFigures.model_validate({key: value for key, value in found.items() if value is not None})
-
-
-def rollout_event(type_: str, model: str, version: int, current: int, generation: int, figures: RolloutFigures,
-                  previous: int | None = None, kind: str = CANARY) -> CloudEvent:
-    """One rollout step of a canary (or shadow) `version`; its id names the pointer generation the
-    step wrote, so the same step announced twice keeps its id."""
-    data = {"model": model, "kind": kind, "version": version, "current_version": current,
-            "figures": figures.to_data()}
-    if previous is not None:
-        data["previous_version"] = previous
-    step = type_.split(".")[2]  # started, promoted, rolled_back
-    return events.platform_event(type_, "registry", model, Rollout.model_validate(data).to_data(),
-                                 id_=f"rollout-{step}-{kind}-{model}-{version}-{generation}")

@@ -307,6 +307,7 @@ class Promotion(CardPart):
     baseline_score: Number | None = None
     tolerance: Number | None = None
     tolerance_kind: str | None = None  # "absolute" (scores) or "relative" (rmse, mae, log_loss)
+    canary_percent: int | None = None  # canary: the share of unpinned requests it started with
 
 
 class Upload(CardPart):

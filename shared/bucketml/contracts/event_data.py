@@ -223,6 +223,18 @@ class RolloutFigures(EventData):
     compared_rows: StrictInt | None = None
     agreeing_rows: StrictInt | None = None
     requests_from: StrictStr | None = None
+    # Decided by the monitor (decided_by "monitor"), from every replica's figures over the canary's
+    # period: requests, 5xx answers and p99 latency per side ("stable", "canary"), the rows both
+    # scored and the canary's agreement on them, the PSI of its predictions against the stable
+    # version's, the replicas counted, and why.
+    decided_by: StrictStr | None = None
+    errors: dict[str, StrictInt] | None = None
+    p99_ms: dict[str, Number | None] | None = None
+    agreement: Number | None = None
+    prediction_psi: Number | None = None
+    replicas: StrictInt | None = None
+    min_requests: StrictInt | None = None
+    reasons: list[StrictStr] | None = None
 
 
 class Rollout(EventData):
@@ -236,6 +248,26 @@ class Rollout(EventData):
     current_version: StrictInt  # the current version once the step is done
     previous_version: StrictInt | None = None  # promoted: the version the canary replaced
     figures: RolloutFigures
+
+
+class DriftedColumn(EventData):
+    column: StrictStr
+    psi: Number
+
+
+class ModelDrift(EventData):
+    """bucketml.model.drift.v1: served inputs of the current version no longer look like its
+    training rows. Once per episode: again only after the drift has ended and come back."""
+
+    model: StrictStr
+    version: StrictInt
+    threshold: Number  # the spec's drift_threshold
+    rows: StrictInt  # served rows the figures cover (every replica, current and previous window)
+    window_seconds: Number
+    drifted: list[DriftedColumn]  # the columns over the threshold, most shifted first
+    psi: dict[str, Number | None]  # every watched column's index (None: no served value)
+    prediction_psi: Number | None  # the predictions against the training target's spread
+    started: StrictStr  # when the monitor saw it
 
 
 def _first_problem(exc: ValidationError) -> str:

@@ -28,9 +28,11 @@ TRAINING_FAILED = "bucketml.training.failed.v1"
 ROLLOUT_STARTED = "bucketml.rollout.started.v1"
 ROLLOUT_PROMOTED = "bucketml.rollout.promoted.v1"
 ROLLOUT_ROLLED_BACK = "bucketml.rollout.rolled_back.v1"
+MODEL_DRIFT = "bucketml.model.drift.v1"
+PING = "dev.knative.sources.ping"  # Knative's PingSource: what runs the monitor
 
 PLATFORM_TYPES = (DATASET_PREPARED, DATASET_REJECTED, MODEL_TRAINED, MODEL_PUBLISHED, TRAINING_FAILED,
-                  ROLLOUT_STARTED, ROLLOUT_PROMOTED, ROLLOUT_ROLLED_BACK)
+                  ROLLOUT_STARTED, ROLLOUT_PROMOTED, ROLLOUT_ROLLED_BACK, MODEL_DRIFT)
 # The outcomes that end the story of one upload.
 UPLOAD_OUTCOMES = (MODEL_PUBLISHED, MODEL_TRAINED, DATASET_REJECTED, TRAINING_FAILED)
 

@@ -51,7 +51,7 @@ DEFAULT = "default"
 Task = Literal["auto", "classification", "regression"]
 Algorithm = Literal["svm", "random_forest", "logistic_regression", "ridge", "gradient_boosting"]
 Metric = Literal["accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "log_loss", "r2", "rmse", "mae"]
-Promotion = Literal["always", "if_better"]
+Promotion = Literal["always", "if_better", "canary"]
 Header = Literal["auto", True, False]
 
 TASKS: tuple[str, ...] = get_args(Task)
@@ -76,7 +76,9 @@ LOWER_IS_BETTER = frozenset({"rmse", "mae", "log_loss"})
 PROBABILITY_METRICS = frozenset({"roc_auc", "log_loss"})
 
 LIST_FIELDS = frozenset({"drop", "id", "algorithms", "columns"})
-NUMBER_FIELDS = frozenset({"test_size", "max_training_seconds"})
+NUMBER_FIELDS = frozenset({"test_size", "max_training_seconds", "canary_percent", "canary_min_requests",
+                           "drift_threshold"})
+WHOLE_NUMBER_FIELDS = frozenset({"canary_percent", "canary_min_requests"})
 NULLABLE_FIELDS = ("target", "algorithms", "metric", "columns")  # None: "decided from the data"
 
 
@@ -152,7 +154,21 @@ class DatasetSpec(BaseModel):
         "always",
         description="always: a new version becomes current; if_better: only if, by the metric, it is not "
         "worse than the current version on either version's held-out rows (beyond a tolerance) and beats "
-        "a trivial baseline (docs/datasets.md).",
+        "a trivial baseline (docs/datasets.md); canary: a new version starts as the canary of the current "
+        "one (canary_percent of unpinned requests) and the monitor promotes or rolls it back from live "
+        "figures (docs/architecture.md).",
+    )
+    canary_percent: int = Field(
+        10, ge=1, le=99, description="promotion: canary: the share of unpinned requests a new version answers "
+        "until the monitor decides."
+    )
+    canary_min_requests: int = Field(
+        200, ge=1, le=10_000_000, description="promotion: canary: the requests a canary must answer (all "
+        "replicas together) before the monitor decides."
+    )
+    drift_threshold: float = Field(
+        0.2, gt=0, le=10, allow_inf_nan=False, description="The population stability index above which a "
+        "served input column counts as drifted from the training rows (bucketml.model.drift.v1)."
     )
     max_training_seconds: float = Field(
         600,
@@ -197,9 +213,11 @@ class DatasetSpec(BaseModel):
         if not (_from_metadata(info) and isinstance(value, str)):
             return value
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             raise PydanticCustomError("not_a_number", "not a number") from None
+        # Metadata is text: "30" for a whole-number field is 30 (a fraction stays one, and is refused).
+        return int(number) if info.field_name in WHOLE_NUMBER_FIELDS and number.is_integer() else number
 
     @field_validator("header", mode="before")
     @classmethod

@@ -1,9 +1,11 @@
 """`bucketml dev`: the whole platform on one machine, each part a real process on loopback.
 
 Processes: the broker (routes by infra/knative), the bucket watcher (local GCS notifications;
-with a gs:// bucket, the GCS source pulling the bucket's Pub/Sub notifications instead)
-and the functions (preprocess, train, predict and the dead-letter sink) under functions-framework. Their output is merged into one log, a
-part that dies is restarted, and Ctrl-C stops everything; undelivered events stay in the
+with a gs:// bucket, the GCS source pulling the bucket's Pub/Sub notifications instead), the
+functions (preprocess, train, predict, monitor and the dead-letter sink) under
+functions-framework, and the pinger that runs the monitor every BUCKETML_MONITOR_SECONDS as the
+manifests' PingSource does in a cluster. Their output is merged into one log, a part that dies
+is restarted, and Ctrl-C stops everything; undelivered events stay in the
 broker's SQLite file and are delivered after the next start.
 """
 
@@ -33,7 +35,8 @@ FUNCTIONS_START_TIMEOUT = 60.0  # the broker starts once the functions listen, o
 STOP_TIMEOUT = 10.0
 PIDS_FILE = "dev.pids.json"  # in the state folder: which processes this `bucketml dev` started
 NOTIFIERS = ("watcher", "gcs-source")  # the part that turns uploads into events: one or the other
-COLOURS = {"broker": 35, "watcher": 36, "gcs-source": 36, "preprocess": 33, "train": 32, "predict": 34, "deadletter": 31, "dev": 1}
+COLOURS = {"broker": 35, "watcher": 36, "gcs-source": 36, "preprocess": 33, "train": 32, "predict": 34, "deadletter": 31,
+           "monitor": 35, "ping": 36, "dev": 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,10 +48,12 @@ class Ports:
     preprocess: int = config.DEFAULT_PREPROCESS_PORT
     train: int = config.DEFAULT_TRAIN_PORT
     deadletter: int = config.DEFAULT_DEADLETTER_PORT
+    monitor: int = config.DEFAULT_MONITOR_PORT
 
     def of_functions(self) -> dict[str, int]:
         """Function name (its Knative Service name in infra/knative) -> port."""
-        return {"preprocess": self.preprocess, "train": self.train, "predict": self.predict, "deadletter": self.deadletter}
+        return {"preprocess": self.preprocess, "train": self.train, "predict": self.predict, "deadletter": self.deadletter,
+                "monitor": self.monitor}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,8 +127,11 @@ class Supervisor:
         ports = s.ports
         broker = [sys.executable, "-m", "bucketml.local.broker", "--manifests", str(config.manifests_dir()),
                   "--db", str(s.broker_db), "--host", s.host, "--port", str(ports.broker)]
+        # The PingSources of the same manifests (the monitor's), every BUCKETML_MONITOR_SECONDS.
+        ping = [sys.executable, "-m", "bucketml.local.ping", "--manifests", str(config.manifests_dir())]
         for name, port in ports.of_functions().items():
             broker += ["--subscriber", f"{name}={s.url(port)}"]
+            ping += ["--subscriber", f"{name}={s.url(port)}"]
         if s.on_gcs:  # the bucket's Pub/Sub notifications, as a cluster without Eventarc gets them
             notifier = Part("gcs-source", [sys.executable, "-m", "bucketml.cloud.gcs_source", "--subscription",
                                            str(s.subscription), "--sink", s.broker_url], env, None)
@@ -136,7 +144,9 @@ class Supervisor:
             function("train", ports.train, 2),
             function("predict", ports.predict, None),
             function("deadletter", ports.deadletter, 2),
+            function("monitor", ports.monitor, 1),
             notifier,
+            Part("ping", ping, env, None),
         ]
 
     # --- output ------------------------------------------------------------------------
@@ -229,7 +239,7 @@ class Supervisor:
         """Until the broker answers and every function accepts connections."""
         s = self.settings
         urls = [s.broker_url + "/healthz", s.predict_url + "/v2/health/live",
-                s.url(s.ports.preprocess), s.url(s.ports.train), s.url(s.ports.deadletter)]
+                s.url(s.ports.preprocess), s.url(s.ports.train), s.url(s.ports.deadletter), s.url(s.ports.monitor)]
         deadline = time.monotonic() + timeout
         for url in urls:
             while True:
@@ -303,6 +313,7 @@ class Supervisor:
             f"preprocess       {s.url(s.ports.preprocess)}",
             f"train            {s.url(s.ports.train)}",
             f"deadletter       {s.url(s.ports.deadletter)}",
+            f"monitor          {s.url(s.ports.monitor)}   (every {config.monitor_seconds():g}s: canary decisions, drift)",
             f"triggers         {config.manifests_dir()}",
         ):
             self.say("dev", line)

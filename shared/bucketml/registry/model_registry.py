@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # the typed card and event data are imported where they are u
 
 CANARY = "canary"  # the pointer's key for a canary: {"version": n, "percent": p, "started": time}
 SHADOW = "shadow"  # the pointer's key for a shadow: {"version": n, "started": time}
+DECIDED = "decided"  # the last step the monitor took: {"id", "type", "data"} of its event, until announced
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
@@ -417,6 +418,25 @@ class Registry:
         returns (canary version, current version)."""
         found, pointer = self._remove(model, CANARY, lambda p: (self.canary_of(p) or (None,))[0], "no canary to roll back")
         return found, pointer.version
+
+    def finish_canary(self, model: str, pointer: Pointer, *, promote: bool, decided: dict[str, Any]) -> bool:
+        """End the canary `pointer` names, as the monitor decided: make it current (`promote`) or
+        remove it. One compare-and-swap against `pointer`: False when the pointer moved since (the
+        decision is made again on what is there now). `decided` (the announcement of the step) is
+        kept in the pointer until it is announced, so a crash in between loses no announcement."""
+        canary = self.canary_of(pointer)
+        if canary is None:
+            return False
+        if promote:
+            data = {"model": model, "version": canary[0], "previous": pointer.version,
+                    "reason": f"canary version {canary[0]} promoted by the monitor", "updated": utc_now("seconds")}
+            shadow = pointer.data.get(SHADOW)
+            if shadow and shadow.get("version") != canary[0]:
+                data[SHADOW] = shadow
+        else:
+            data = self._without(pointer, CANARY)
+        data[DECIDED] = decided
+        return self._swap(model, pointer, data)
 
     def start_shadow(self, model: str, version: int) -> Pointer:
         """Name `version` the shadow of `model` (compare-and-swap): it scores a copy of unpinned

@@ -153,7 +153,8 @@ class PredictApp:
         self.routes = [Route(path, self._endpoint(name), methods=[method], name=name)
                        for path, method, name in ROUTE_TABLE]
         router = Router(self.routes, redirect_slashes=False)  # routed_path has already settled slashes
-        app: ASGIApp = RecordAnswers(ExceptionMiddleware(router, handlers=exception_handlers()), service.inference_log)
+        app: ASGIApp = RecordAnswers(ExceptionMiddleware(router, handlers=exception_handlers()), service.inference_log,
+                                     service.figures)
         if service.access is not None:  # checked before a body is read: one header, one constant-time comparison
             app = TokenRequired(app, service.access, self.routes)
         self._app = app

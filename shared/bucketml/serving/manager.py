@@ -8,6 +8,7 @@ fails, the old one keeps serving (docs/reliability.md).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -16,6 +17,7 @@ import time
 from collections import OrderedDict
 from typing import Any, Callable
 
+from bucketml.monitoring.reference import REFERENCE_FILE, Reference
 from bucketml.registry.model_registry import Pointer, Registry, RegistryError, check_model_name
 from bucketml.serving.errors import (
     BucketUnavailable,
@@ -186,7 +188,31 @@ class ModelManager:
 
     def _load(self, model: str, version: int) -> OnnxModel:
         card = self.registry.card(model, version)
-        return OnnxModel(model, version, card).load(self.registry.model_bytes(model, version))
+        loaded = OnnxModel(model, version, card).load(self.registry.model_bytes(model, version))
+        loaded.reference = self._reference(model, version)
+        return loaded
+
+    def _reference(self, model: str, version: int) -> Reference | None:
+        """The version's training distributions (reference.json), for the monitor's drift figures;
+        None for a version without one (made before references existed, or registered by hand)."""
+        name = Registry.version_prefix(model, version) + REFERENCE_FILE
+        try:
+            return Reference.from_dict(json.loads(self.registry.storage.read(name)))
+        except NotFound:
+            return None
+        except (ValueError, KeyError, TypeError) as exc:  # serving does not depend on it: say so and go on
+            log.warning("%s version %s: %s is not a reference (%s); its inputs are not watched for drift", model,
+                        version, name, exc)
+            return None
+
+    def generation(self, model: str) -> int:
+        """The generation of the model's pointer this replica follows (0: none yet)."""
+        return self._generations.get(model, 0)
+
+    def stable_for(self, answered: OnnxModel) -> OnnxModel | None:
+        """The model's current version when `answered` is its canary (to compare their answers)."""
+        canary = self._canaries.get(answered.model)
+        return self._current.get(answered.model) if canary is not None and canary[0] is answered else None
 
     def _load_beside(self, model: str, version: int, role: str) -> OnnxModel:
         """Load a canary or shadow; a failure says which it was (readiness shows it under the model)."""

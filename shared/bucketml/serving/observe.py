@@ -13,9 +13,14 @@ from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bucketml import auth
+from bucketml.monitoring.aggregates import ReplicaFigures
 from bucketml.serving.inference_log import InferenceLogger
 from bucketml.serving.metrics import LATENCY, REQUESTS, labelled
 
+# Set in the scope by the predict service on an unpinned inference request: (the version that
+# answered, the pointer generation it was routed under). Its answer then counts in the figures
+# the monitor reads (monitoring.aggregates).
+ROUTED = "bucketml.routed"
 # The request's path as the client sent it (the routes see it with its slashes settled).
 REQUESTED_PATH = "bucketml.requested_path"
 # Open whatever the token policy: Kubernetes probes (through Knative's queue-proxy) carry no
@@ -58,8 +63,8 @@ class RecordAnswers:
     """Counts every answer by route, status and the version that computed it, times it, and
     hands inference calls (request and response bodies) to the inference log when one is set."""
 
-    def __init__(self, app: ASGIApp, inference_log: InferenceLogger | None):
-        self.app, self.inference_log = app, inference_log
+    def __init__(self, app: ASGIApp, inference_log: InferenceLogger | None, figures: ReplicaFigures | None = None):
+        self.app, self.inference_log, self.figures = app, inference_log, figures
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -80,7 +85,13 @@ class RecordAnswers:
         if endpoint != "metrics":
             labelled(REQUESTS, endpoint, str(answer.status), model, version).inc()
             # Until the answer's last byte was sent: work done after it (a shadow's scoring) is not the client's wait.
-            labelled(LATENCY, endpoint).observe((answer.sent or time.perf_counter()) - started)
+            seconds = (answer.sent or time.perf_counter()) - started
+            labelled(LATENCY, endpoint).observe(seconds)
+            routed = scope.get(ROUTED)  # an unpinned inference request: its answer counts in the monitor's figures
+            if routed is not None and self.figures is not None:
+                loaded, epoch = routed
+                self.figures.answered(loaded.model, loaded.version, epoch, loaded.task, loaded.reference, answer.status,
+                                      seconds)
         if request is not None and endpoint in INFERENCE_ENDPOINTS:
             body = request.whole()
             self.inference_log.record(

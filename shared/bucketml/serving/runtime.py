@@ -29,6 +29,7 @@ class OnnxModel:
         # The uploaded columns the model does not take, accepted in requests and dropped.
         self.ignored_inputs: list[str] = ignored_inputs(card)
         self.ignored: frozenset[str] = frozenset(self.ignored_inputs)
+        self.reference: Any = None  # monitoring.reference.Reference of the training rows, set by the manager
         self._session: Any = None
         self._output_names: list[str] = []
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 import prometheus_client
@@ -29,11 +29,13 @@ from bucketml.encoding import (
     rows_from_features,
     rows_from_records,
 )
+from bucketml.monitoring.aggregates import ReplicaFigures
 from bucketml.registry.model_registry import Registry, RegistryError, check_model_name
 from bucketml.serving import open_inference
 from bucketml.serving.errors import InvalidInput, InvalidRequest, ReloadFailed
 from bucketml.serving.inference_log import InferenceLogger
 from bucketml.serving.manager import ModelManager
+from bucketml.serving.observe import ROUTED
 from bucketml.serving.metrics import ROWS, SHADOW_AGREEING, SHADOW_FAILED, SHADOW_ROWS, labelled
 from bucketml.serving.request_body import json_object
 from bucketml.serving.runtime import OnnxModel
@@ -55,8 +57,10 @@ def json_response(body: Any, status: int = 200, loaded: OnnxModel | None = None)
 
 class PredictService:
     def __init__(self, manager: ModelManager, inference_log: InferenceLogger | None = None,
-                 access: auth.Policy | None = None, max_body_bytes: int = MAX_BODY_BYTES):
+                 access: auth.Policy | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+                 figures: ReplicaFigures | None = None):
         self.manager = manager
+        self.figures = figures  # None: nothing recorded for the monitor
         self.inference_log = inference_log
         self.access = access if access is not None and access.required else None  # None: no token checked
         self.max_body_bytes = max_body_bytes
@@ -69,9 +73,16 @@ class PredictService:
         host, how = auth.function_listen_host()
         access = auth.server_policy(host, "the predict function", how)
         max_body_bytes = settings.max_request_bytes()
-        registry = Registry(open_storage(settings.bucket_url()))
-        return cls(ModelManager(registry, settings.pointer_poll_seconds()), InferenceLogger.from_environment(), access,
-                   max_body_bytes)
+        storage = open_storage(settings.bucket_url())
+        figures = ReplicaFigures(storage, settings.monitor_flush_seconds(), settings.monitor_window_seconds())
+        return cls(ModelManager(Registry(storage), settings.pointer_poll_seconds()), InferenceLogger.from_environment(),
+                   access, max_body_bytes, figures)
+
+    def start(self) -> None:
+        """Start the threads of this process: the pointer watcher and the figures' writer."""
+        self.manager.start()
+        if self.figures is not None:
+            self.figures.start()
 
     def authenticated(self, request: Request) -> bool:
         return self.access is None or self.access.refusal(request.headers.get("authorization")) is None
@@ -91,6 +102,22 @@ class PredictService:
                 raise InvalidRequest(f"'version' must be an integer, got {version!r}") from None
         return self.manager.routed(model, version) if routed else self.manager.get(model, version)
 
+    def _route(self, request: Request, model: Any, version: Any) -> OnnxModel:
+        """The version an inference request goes to; an unpinned one is recorded for the monitor."""
+        loaded = self._model(model, version, routed=True)
+        if version is None and self.figures is not None:
+            self.figures.start()  # once per process (a no-op after): the writer of the figures
+            request.scope[ROUTED] = (loaded, self.manager.generation(loaded.model))
+        return loaded
+
+    def _observe(self, request: Request, loaded: OnnxModel, columns: Callable[[], dict[str, Any]],
+                 predictions: list, rows: int) -> None:
+        """Queue an unpinned request's inputs and predictions for the monitor's figures."""
+        routed = request.scope.get(ROUTED)
+        if self.figures is not None and routed is not None:
+            self.figures.scored(loaded.model, loaded.version, routed[1], loaded.task, loaded.reference, columns,
+                                predictions, rows)
+
     @staticmethod
     def _scored(loaded: OnnxModel, answer: dict, rows: int, body: dict | None = None) -> Response:
         labelled(ROWS, loaded.model, str(loaded.version)).inc(rows)
@@ -99,17 +126,25 @@ class PredictService:
     # --- simple protocol ---------------------------------------------------------------
     def predict(self, request: Request, raw: bytes) -> Response:
         body = json_object(raw)
-        loaded = self._model(body.get("model"), body.get("version"), routed=True)
-        answer, rows = self._score(loaded, body, raw)
+        loaded = self._route(request, body.get("model"), body.get("version"))
+        answer, rows, columns = self._score(loaded, body, raw)
+        self._observe(request, loaded, columns, answer["predictions"], rows)
         response = self._scored(loaded, answer, rows)
-        shadow = self.manager.shadow_for(loaded) if body.get("version") is None else None
-        if shadow is not None:  # runs once the answer is sent: the client never waits for it, and the answer is fixed
-            response.background = BackgroundTask(self._compare, shadow, body, raw, answer["predictions"])
+        if body.get("version") is None:
+            # Both run once the answer is sent: the client never waits for them, and the answer is fixed.
+            shadow = self.manager.shadow_for(loaded)
+            stable = self.manager.stable_for(loaded) if shadow is None and self.figures is not None else None
+            if shadow is not None:  # it scores the current version's answers only
+                response.background = BackgroundTask(self._compare, shadow, body, raw, answer["predictions"])
+            elif stable is not None:  # the canary answered: the stable version scores the same rows
+                response.background = BackgroundTask(self._compare_canary, request.scope[ROUTED], stable, body, raw,
+                                                     answer["predictions"])
         return response
 
     @staticmethod
-    def _score(loaded: OnnxModel, body: dict, raw: bytes) -> tuple[dict, int]:
-        """The answer of `loaded` to a /predict body, and its number of rows."""
+    def _score(loaded: OnnxModel, body: dict, raw: bytes) -> tuple[dict, int, Callable[[], dict[str, Any]]]:
+        """The answer of `loaded` to a /predict body, its number of rows, and a function giving
+        the inputs as {column: values} (called later, off the request path, if at all)."""
         if "records" in body and "features" in body:
             raise InvalidRequest("send either 'records' or 'features', not both: one request is one batch of rows")
         if "records" in body:
@@ -122,9 +157,10 @@ class PredictService:
         if loaded.numbers_only and b"true" not in raw and b"false" not in raw:
             matrix = number_matrix(rows, len(loaded.columns))
             if matrix is not None:
-                return loaded.predict_matrix(matrix), len(rows)
+                return loaded.predict_matrix(matrix), len(rows), lambda: {
+                    c["name"]: matrix[:, j] for j, c in enumerate(loaded.columns)}
         values = {c["name"]: [row[j] for row in rows] for j, c in enumerate(loaded.columns)}
-        return loaded.predict(values, len(rows)), len(rows)
+        return loaded.predict(values, len(rows)), len(rows), lambda: values
 
     def _compare(self, shadow: OnnxModel, body: dict, raw: bytes, answered: list) -> None:
         """Score the request on the shadow and count its rows that agree with what was answered:
@@ -139,6 +175,17 @@ class PredictService:
         agreeing = sum(1 for mine, theirs in zip(predictions, answered) if _agree(mine, theirs))
         labelled(SHADOW_ROWS, shadow.model, version).inc(len(answered))
         labelled(SHADOW_AGREEING, shadow.model, version).inc(agreeing)
+
+    def _compare_canary(self, routed: tuple[OnnxModel, int], stable: OnnxModel, body: dict, raw: bytes,
+                        answered: list) -> None:
+        """Score a request the canary answered on the stable version too, for the monitor's
+        agreement figure. Runs after the answer was sent; a failure only goes uncounted."""
+        canary, epoch = routed
+        try:
+            predictions = self._score(stable, body, raw)[0]["predictions"]
+        except Exception:  # the stable version cannot take the canary's request: no comparison to make
+            return
+        self.figures.compared(canary.model, canary.version, epoch, canary.task, canary.reference, answered, predictions)
 
     def reload(self, request: Request, raw: bytes) -> Response:
         """A model.published event (from a Trigger): load the new version now."""
@@ -212,10 +259,11 @@ class PredictService:
         return json_response(body, loaded=loaded)
 
     def v2_infer(self, request: Request, raw: bytes, model: str, version: int | None = None) -> Response:
-        loaded = self._model(model, version, routed=True)
+        loaded = self._route(request, model, version)
         infer = open_inference.parse(raw, request.headers.get(open_inference.HEADER_LENGTH), loaded.columns,
                                      loaded.ignored)
         answer = loaded.predict(infer.values, infer.rows)
+        self._observe(request, loaded, lambda: infer.values, answer["predictions"], infer.rows)
         tensors = open_inference.output_tensors(loaded.task, loaded.classes, answer, infer.rows)
         body, headers = open_inference.response(model, loaded.version, infer, tensors)
         labelled(ROWS, loaded.model, str(loaded.version)).inc(infer.rows)
@@ -224,7 +272,7 @@ class PredictService:
     # --- KServe V1 ---------------------------------------------------------------------
     def v1_predict(self, request: Request, raw: bytes, model: str) -> Response:
         body = json_object(raw)
-        loaded = self._model(model, None, routed=True)
+        loaded = self._route(request, model, None)
         instances = body.get("instances")
         if not isinstance(instances, list) or not instances:
             raise InvalidInput("'instances' must be a non-empty list of records (objects) or rows (lists in schema order)")
@@ -234,6 +282,7 @@ class PredictService:
             values = columns_from_records(loaded.columns, instances, loaded.ignored)
         rows = len(next(iter(values.values())))
         answer = loaded.predict(values, rows)
+        self._observe(request, loaded, lambda: values, answer["predictions"], rows)
         return self._scored(loaded, answer, rows, {"predictions": answer["predictions"], "model": model, "version": loaded.version})
 
     # --- operations --------------------------------------------------------------------

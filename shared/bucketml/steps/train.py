@@ -20,14 +20,17 @@ from cloudevents.http import CloudEvent
 from threadpoolctl import threadpool_limits
 
 from bucketml.contracts import events
-from bucketml.contracts.event_data import DatasetPrepared, TrainingFailed
+from bucketml.contracts.event_data import DatasetPrepared, RolloutFigures, TrainingFailed
 from bucketml.training.column_types import with_categories
+from bucketml.monitoring.reference import REFERENCE_FILE
 from bucketml.training.preparation import from_csv, load_prepared
+from bucketml.training.reference import build_reference
 from bucketml.training.export import ParityError, check_parity, served_columns, to_onnx, with_metadata
 from bucketml.registry.model_registry import Registry, RegistryError, UploadRegistered, check_model_name
 from bucketml.contracts.rejections import outcome_object
 from bucketml.encoding import feeds_from_columns, new_session
 from bucketml.contracts.spec import LOWER_IS_BETTER, better, with_defaults
+from bucketml.steps.rollout import rollout_event
 from bucketml.storage import InvalidObjectName, NotFound, Storage
 from bucketml.training.metrics import score
 from bucketml.training.search import CandidateSearch, TrainingError
@@ -130,21 +133,56 @@ def _train(storage: Storage, data: Mapping[str, Any]) -> list[CloudEvent]:
         card["report"] = Registry.version_prefix(model, version) + "report.html"
         return page
 
+    def reference(version: int) -> bytes:
+        """reference.json: what drift of the served inputs is measured against."""
+        return json.dumps(build_reference(schema, *train).to_dict()).encode()
+
     try:
-        version = registry.register(model, stamped, card, artifacts={"report.html": report}, upload=upload,
-                                    promote=promotion["promoted"])
+        # A canary's start is this upload's pointer step: pending until done, like a promotion.
+        version = registry.register(model, stamped, card, artifacts={"report.html": report, REFERENCE_FILE: reference},
+                                    upload=upload, promote=promotion["promoted"] or "canary_percent" in promotion)
     except UploadRegistered as exc:  # a concurrent delivery of the same upload registered it first
         log.info("duplicate delivery for %s#%s: version %s was made meanwhile", upload.get("name"),
                  upload.get("generation"), exc.version)
         return finish_pointer_step(registry, model, exc.version, upload)
-    if promotion["promoted"]:
+    if "canary_percent" in promotion:
+        state = f", {canary_step(registry, model, version, upload, promotion['canary_percent'])}"
+    elif promotion["promoted"]:
         moved, previous = pointer_step(registry, model, version, upload)
         state = f", now current (was {previous})" if moved else f", not current (version {previous} is newer)"
     else:
         state = f", not current: {promotion['reason']}"
     value = chosen.metrics[metric]
     log.info("%s version %s: %s %s=%s%s", model, version, chosen.name, metric, "undefined" if value is None else f"{value:.4f}", state)
-    return registry.version_events(model, version, FUNCTION)
+    return version_events(registry, model, version)
+
+
+def version_events(registry: Registry, model: str, version: int) -> list[CloudEvent]:
+    """model.trained (and model.published if current), then rollout.started for a version that
+    started as a canary. Ids are stable: a redelivery announces the same events again."""
+    found = registry.version_events(model, version, FUNCTION)
+    promotion = registry.card(model, version).get("promotion") or {}
+    if "canary_percent" in promotion and promotion.get("current_version") is not None:
+        figures = RolloutFigures(percent=promotion["canary_percent"])
+        found.append(rollout_event(events.ROLLOUT_STARTED, model, version, promotion["current_version"], "trained",
+                                   figures, function=FUNCTION))
+    return found
+
+
+def canary_step(registry: Registry, model: str, version: int, upload: dict[str, Any], percent: int) -> str:
+    """Start the version of `upload` as the canary of the current version (a first version is
+    made current instead, and a version older than the current one starts nothing), and record
+    that the step is done; what happened, for the log."""
+    current = registry.current(model).version
+    if current is None:
+        moved, _ = pointer_step(registry, model, version, upload)
+        return "now current (the first version)" if moved else "not current"
+    if current >= version:
+        registry.pointer_settled(model, upload)
+        return f"not started as a canary (version {current} is current)"
+    registry.start_canary(model, version, percent)
+    registry.pointer_settled(model, upload)
+    return f"canary of version {current} for {percent}% of unpinned requests"
 
 
 def finish_pointer_step(registry: Registry, model: str, version: int, upload: dict[str, Any]) -> list[CloudEvent]:
@@ -152,10 +190,15 @@ def finish_pointer_step(registry: Registry, model: str, version: int, upload: di
     step if the delivery that made it crashed between registering the version and moving the
     pointer: the old version stayed current until now, and no second version is made."""
     if registry.pointer_pending(model, upload):
-        moved, previous = pointer_step(registry, model, version, upload)
-        if moved:
-            log.info("%s version %s: now current (was %s); its pointer step had not been done", model, version, previous)
-    return registry.version_events(model, version, FUNCTION)
+        promotion = registry.card(model, version).get("promotion") or {}
+        if "canary_percent" in promotion:
+            log.info("%s version %s: %s; its canary step had not been done", model, version,
+                     canary_step(registry, model, version, upload, promotion["canary_percent"]))
+        else:
+            moved, previous = pointer_step(registry, model, version, upload)
+            if moved:
+                log.info("%s version %s: now current (was %s); its pointer step had not been done", model, version, previous)
+    return version_events(registry, model, version)
 
 
 def pointer_step(registry: Registry, model: str, version: int, upload: dict[str, Any]) -> tuple[bool, int | None]:
@@ -218,6 +261,16 @@ def decide_promotion(
         "policy": policy, "metric": metric, "current_version": None, "current_score": None,
         "new_score": new_score, "promoted": True,
     }
+    if policy == "canary":
+        current = record["current_version"] = registry.current(model).version
+        if current is None:
+            record["reason"] = "no current version: the first version is served at once"
+            return record
+        percent = int(spec.get("canary_percent") or 10)
+        record.update(promoted=False, canary_percent=percent,
+                      reason=f"started as the canary of version {current} for {percent}% of unpinned requests; "
+                             "the monitor promotes it or rolls it back from live figures")
+        return record
     if policy != "if_better":
         record["reason"] = "policy always"
         return record

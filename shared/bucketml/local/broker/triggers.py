@@ -126,6 +126,45 @@ def load_topology(manifest_dir: str | Path, subscribers: Mapping[str, str]) -> T
     return Topology(brokers, tuple(triggers))
 
 
+SOURCES_API = "sources.knative.dev/v1"
+
+
+@dataclass(frozen=True)
+class PingSource:
+    """A Knative PingSource: a ping event sent to `sink` on a schedule (locally, every few seconds)."""
+
+    name: str
+    schedule: str
+    sink: str  # URL
+    content_type: str | None = None
+    data: str | None = None
+
+
+def load_ping_sources(manifest_dir: str | Path, subscribers: Mapping[str, str]) -> list[PingSource]:
+    """The PingSources in the *.yaml/*.yml files of `manifest_dir`, their sinks resolved as Triggers' subscribers."""
+    found = []
+    for path in sorted(p for p in Path(manifest_dir).iterdir() if p.suffix in (".yaml", ".yml") and p.is_file()):
+        try:
+            documents = list(yaml.safe_load_all(path.read_text()))
+        except yaml.YAMLError as exc:
+            raise ManifestError(f"{path}: not valid YAML: {exc}") from exc
+        for doc in documents:
+            if not (isinstance(doc, dict) and doc.get("apiVersion") == SOURCES_API and doc.get("kind") == "PingSource"):
+                continue
+            name = _name(path, doc)
+            where = f"PingSource {name!r}"
+            spec = _mapping(doc.get("spec"), path, f"{where}: spec")
+            schedule, content_type, data = spec.get("schedule"), spec.get("contentType"), spec.get("data")
+            if not isinstance(schedule, str) or not schedule.strip():
+                raise ManifestError(f"{path}: {where}: spec.schedule must be a cron expression such as '* * * * *'")
+            if any(value is not None and not isinstance(value, str) for value in (content_type, data)):
+                raise ManifestError(f"{path}: {where}: spec.contentType and spec.data must be strings")
+            sink = _subscriber_url(_mapping(spec.get("sink"), path, f"{where}: spec.sink"), subscribers, path, where,
+                                   field="spec.sink")
+            found.append(PingSource(name, schedule, sink, content_type, data))
+    return found
+
+
 def _trigger(path: Path, doc: dict, broker_specs: Mapping[str, dict], subscribers: Mapping[str, str]) -> Trigger:
     name = _name(path, doc)
     where = f"Trigger {name!r}"

@@ -1,4 +1,4 @@
-"""The four images, built by `make images` and run as the Knative manifests run them.
+"""The images, built by `make images` and run as the Knative manifests run them.
 
 The images are built with podman (infra/images/build.sh: an image whose inputs did not change
 is kept). Each container starts the way infra/knative/services.yaml (and gcs-source.yaml)
@@ -39,7 +39,7 @@ from bucketml.storage import LocalStorage
 from helpers import (PUBSUB_PROJECT, ROOT, Sink, churn_frame, free_port, publish, pubsub_subscription, stop_process,
                      wait_for_http)
 
-FUNCTIONS = ("predict", "deadletter", "preprocess", "train")
+FUNCTIONS = ("predict", "deadletter", "monitor", "preprocess", "train")
 WRAPPER = ROOT / "infra" / "images" / "runc-without-rlimits"
 MANIFESTS = ROOT / "infra" / "knative"
 # A start-up log line with any of these fails the test.
@@ -79,7 +79,7 @@ def _runtime_args(podman: str, image: str) -> list[str]:
 
 @pytest.fixture(scope="session")
 def engine() -> Engine:
-    """podman with the four images built (`make images`, i.e. infra/images/build.sh)."""
+    """podman with the images built (`make images`, i.e. infra/images/build.sh)."""
     podman = shutil.which("podman")
     if podman is None:
         pytest.skip("podman is not installed (`make test-deps` installs podman, runc and debootstrap "
@@ -230,7 +230,7 @@ def _writable_bucket(path: Path) -> Path:
 
 # --- the tests ---------------------------------------------------------------------------------
 
-def test_make_images_builds_the_four_images_under_the_overlays_names(engine):
+def test_make_images_builds_every_image_under_the_overlays_names(engine):
     for overlay in (ROOT / "infra" / "overlays").glob("*/kustomization.yaml"):
         names = {entry["name"] for entry in yaml.safe_load(overlay.read_text())["images"]}
         assert names == {f"bucketml-{function}" for function in FUNCTIONS}, overlay
@@ -244,6 +244,9 @@ def test_make_images_builds_the_four_images_under_the_overlays_names(engine):
     done = engine.run("run", "--rm", "--network", "none", "--entrypoint", "python", "localhost/bucketml-predict:latest",
                       "-c", "import sklearn", check=False)
     assert done.returncode != 0 and "No module named 'sklearn'" in done.stderr, done.stderr
+    done = engine.run("run", "--rm", "--network", "none", "--entrypoint", "python", "localhost/bucketml-monitor:latest",
+                      "-c", "import pandas", check=False)
+    assert done.returncode != 0 and "No module named 'pandas'" in done.stderr, done.stderr
 
 
 def test_the_predict_container_serves_a_mounted_bucket_and_requires_its_token(engine, tmp_path):
@@ -266,9 +269,9 @@ def test_the_predict_container_serves_a_mounted_bucket_and_requires_its_token(en
     assert '"severity": "INFO"' in predict.start_up_log  # the image logs JSON
 
 
-def test_preprocess_train_and_deadletter_containers_answer_cloudevents(engine, tmp_path):
+def test_preprocess_train_monitor_and_deadletter_containers_answer_cloudevents(engine, tmp_path):
     from cloudevents.conversion import to_binary
-    from cloudevents.http import from_http
+    from cloudevents.http import CloudEvent, from_http
 
     storage = LocalStorage(tmp_path / "bucket")
     upload = storage.write("datasets/churn/customers.csv", churn_frame(seed=3).to_csv(index=False).encode(),
@@ -283,7 +286,8 @@ def test_preprocess_train_and_deadletter_containers_answer_cloudevents(engine, t
     with Sink() as broker, \
             started(engine, "preprocess", tmp_path, env, {bucket: "/bucket"}) as preprocess, \
             started(engine, "train", tmp_path, {**env, "BUCKETML_BROKER_URL": broker.url}, {bucket: "/bucket"}) as train, \
-            started(engine, "deadletter", tmp_path, env, {bucket: "/bucket"}) as deadletter:
+            started(engine, "deadletter", tmp_path, env, {bucket: "/bucket"}) as deadletter, \
+            started(engine, "monitor", tmp_path, {**env, "BUCKETML_BROKER_URL": broker.url}, {bucket: "/bucket"}) as monitor:
         finalized = events.finalized_event("local", upload.event_data(), id_=events.finalized_event_id(upload.name, upload.generation))
         answer = post(preprocess.url, finalized)
         assert answer.status_code == 200, answer.text
@@ -300,6 +304,13 @@ def test_preprocess_train_and_deadletter_containers_answer_cloudevents(engine, t
         dead["knativeerrordest"] = "http://notifier.example/"
         answer = post(deadletter.url, dead)
         assert answer.status_code == 202, answer.text
+
+        # A PingSource's ping runs the monitor over the bucket (nothing to decide yet); another type is refused.
+        ping = CloudEvent({"type": events.PING, "source": "/apis/v1/namespaces/bucketml/pingsources/monitor-every-minute",
+                           "datacontenttype": "application/json"}, {"run": "monitor"})
+        assert post(monitor.url, ping).status_code == 202
+        refused = post(monitor.url, finalized)
+        assert refused.status_code == 400 and events.PING in refused.text, refused.text
     assert len(list((bucket / "deadletters").glob("*.json"))) == 1
     card = json.loads((bucket / "models" / "churn" / "versions" / "1" / "card.json").read_text())
     assert card["lineage"]["upload"]["name"] == upload.name and card["parity"]["passed"] is True

@@ -13,4 +13,4 @@ configure_logging()
 
 @functions_framework.http
 def monitor(request):
-    return handle_any(request, handle_ping)
+    return handle_any(request, handle_ping, quiet=True)

@@ -393,9 +393,12 @@ def drift(name: str, bucket: str) -> None:
         raise Failure(f"version {pointer.version} of '{name}' has no reference distributions (it was trained "
                       "before they existed); retrain it to watch its inputs for drift")
     result, window = found
-    span = f"the last {window / 60:g} to {2 * window / 60:g} min" if window else "no replica has written figures yet"
-    click.echo(f"{name} version {pointer.version}: {result.rows:,} served rows ({span}, every replica); "
-               f"threshold {result.threshold:g}")
+    if window:
+        click.echo(f"{name} version {pointer.version}: {result.rows:,} served rows in every replica's last "
+                   f"{window / 60:g} to {2 * window / 60:g} min; threshold {result.threshold:g}")
+    else:
+        click.echo(f"{name} version {pointer.version}: no served rows since its pointer last moved; "
+                   f"threshold {result.threshold:g}")
     if not result.judged:
         click.echo(f"too few served rows to judge (the monitor waits for {MIN_DRIFT_ROWS})")
     width = max([len(column) for column in result.features] + [len("(predictions)"), len("column")])

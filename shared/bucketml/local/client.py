@@ -170,13 +170,37 @@ def describe(type_: str, data: dict) -> str:
         state = "published" if type_ == events.MODEL_PUBLISHED else "trained  "
         current = data.get("current_version")
         suffix = "" if type_ == events.MODEL_PUBLISHED or current == data.get("version") else f" (current stays {current})"
+        canary = (data.get("promotion") or {}).get("canary_percent")
+        if type_ == events.MODEL_TRAINED and canary is not None and current != data.get("version"):
+            suffix = (f" (canary of version {current} for {canary}% of unpinned requests; "
+                      "the monitor promotes it or rolls it back)")
         return (f"  {state}  {data.get('model')} version {data.get('version')}: {data.get('algorithm')} "
                 f"{metric}={format_score(score)}{suffix}")
     if type_ == events.DATASET_REJECTED:
         return f"  rejected   {data.get('reason')}: {data.get('message')}  (report: {data.get('report')})"
     if type_ == events.TRAINING_FAILED:
         return f"  failed     {data.get('reason')}: {data.get('message')}"
+    if type_ in (events.ROLLOUT_STARTED, events.ROLLOUT_PROMOTED, events.ROLLOUT_ROLLED_BACK):
+        return _rollout_line(type_, data)
+    if type_ == events.MODEL_DRIFT:
+        columns = ", ".join(f"{d.get('column')} (PSI {d.get('psi'):.2f})" for d in data.get("drifted") or [])
+        return f"  drift      {data.get('model')} version {data.get('version')}: {columns} over {data.get('threshold')}"
     return f"  {type_}"
+
+
+def _rollout_line(type_: str, data: dict) -> str:
+    kind, version, current = data.get("kind"), data.get("version"), data.get("current_version")
+    figures = data.get("figures") or {}
+    who = "by the monitor" if figures.get("decided_by") == "monitor" else ""
+    why = "; ".join(figures.get("reasons") or [])
+    if type_ == events.ROLLOUT_STARTED:
+        share = f" for {figures.get('percent')}% of unpinned requests" if kind == "canary" else ""
+        return f"  started    {kind} {data.get('model')} version {version}{share} (current {current})"
+    if type_ == events.ROLLOUT_PROMOTED:
+        line = f"  promoted   {kind} {data.get('model')} version {version} {who}".rstrip()
+        return line + f", was {data.get('previous_version')}" + (f": {why}" if why else "")
+    line = f"  rolled back {kind} {data.get('model')} version {version} {who}".rstrip()
+    return line + f", version {current} stays" + (f": {why}" if why else "")
 
 
 def format_score(value: float | None) -> str:

@@ -202,18 +202,18 @@ class ReplicaFigures:
             model, version, epoch, task, reference, *scored = self._queue.popleft()
             grouped.setdefault((model, version, epoch), (task, reference, []))[2].append(scored)
         for (model, version, epoch), (task, reference, items) in grouped.items():
-            columns: dict[str, list] = {}
+            parts: dict[str, list] = {}
             predictions: list = []
             rows = 0
             for get_columns, predicted, count in items:
                 for name, values in get_columns().items():
-                    columns.setdefault(name, []).extend(values.tolist() if isinstance(values, np.ndarray) else values)
+                    parts.setdefault(name, []).append(values)
                 predictions.extend(predicted)
                 rows += count
             with self._lock:
                 figures = self._for(model, version, epoch, task, reference)
                 figures.roll_window()
-                figures.scored(columns, predictions, rows)
+                figures.scored({name: _joined(values) for name, values in parts.items()}, predictions, rows)
 
     def flush(self) -> None:
         """Bin what is queued and write the figures that changed since the last write."""
@@ -232,3 +232,13 @@ class ReplicaFigures:
                 figures.changed = True  # written next time
                 log.warning("could not write the monitoring figures of %s version %s: %s", figures.model,
                             figures.version, exc)
+
+
+def _joined(parts: list) -> np.ndarray | list:
+    """One column's values from several requests: arrays (the numbers-only path) stay arrays."""
+    if all(isinstance(part, np.ndarray) for part in parts):
+        return np.concatenate(parts) if parts else np.empty(0)
+    joined: list = []
+    for part in parts:
+        joined.extend(part.tolist() if isinstance(part, np.ndarray) else part)
+    return joined

@@ -247,6 +247,8 @@ class Registry:
         trained = data
         if card.promotion is not None and card.promotion.promoted is not None:  # model.trained only
             promotion = {"promoted": card.promotion.promoted, "reason": card.promotion.reason}
+            if card.promotion.canary_percent is not None:  # promotion: canary, started as the canary
+                promotion["canary_percent"] = card.promotion.canary_percent
             trained = type(data).model_validate(dict(data.to_data(), promotion=promotion))
         announced = [events.platform_event(events.MODEL_TRAINED, function, model, trained.to_data(),
                                            id_=f"trained-{model}-{version}")]

@@ -59,12 +59,14 @@ def handle(request, accepts: str, step: Callable[[Storage, dict[str, Any]], Clou
     return _serve(request, f"a {accepts}", run)
 
 
-def handle_any(request, step: Callable[[Storage, CloudEvent], CloudEvent | None]):
-    """Run `step` on the whole CloudEvent in `request`, whatever its type (the dead-letter sink)."""
-    return _serve(request, "a", lambda event: step(storage(), event))
+def handle_any(request, step: Callable[[Storage, CloudEvent], CloudEvent | None], quiet: bool = False):
+    """Run `step` on the whole CloudEvent in `request`, whatever its type (the dead-letter sink,
+    the monitor). `quiet`: no log line for an event acknowledged without a reply (a ping a minute
+    would fill the log; the step logs what it did)."""
+    return _serve(request, "a", lambda event: step(storage(), event), quiet)
 
 
-def _serve(request, what: str, run: Callable[[CloudEvent], CloudEvent | list[CloudEvent] | None]):
+def _serve(request, what: str, run: Callable[[CloudEvent], CloudEvent | list[CloudEvent] | None], quiet: bool = False):
     if request.method != "POST":  # e.g. a liveness probe: answer without noise in the log
         return _error(405, f"POST {what} CloudEvent to this function")
     event = None
@@ -92,7 +94,8 @@ def _serve(request, what: str, run: Callable[[CloudEvent], CloudEvent | list[Clo
         log.error("%s; asking for a retry", exc)
         return _error(503, str(exc))
     if reply is None:  # the step logged why; this line ties it to the delivery
-        log.info("acknowledged %s without a reply event", _which(event))
+        if not quiet:
+            log.info("acknowledged %s without a reply event", _which(event))
         return events.empty_response()
     if reply["type"] in (events.DATASET_REJECTED, events.TRAINING_FAILED):
         # A business outcome, not an error: one line that ties the outcome to the event that caused it.

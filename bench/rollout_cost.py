@@ -28,7 +28,9 @@ from the requests that follow.
 
 Each round also reads /metrics before and after its measured load, to show that the state took
 effect: the share of /predict answers from version 2 (the canary's share) and the shadow's
-scored rows per answer.
+scored rows per answer. It also reads the server's CPU time (/proc) from the start of the
+measured load until the server is idle again (the background work included), per answer: the
+cost of a state in CPU, which other work on a shared machine disturbs less than the latencies.
 """
 
 from __future__ import annotations
@@ -50,8 +52,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/: common.py and predict_peers.py
 
 from common import machine, versions  # noqa: E402
-from predict_peers import (MODEL, ServerFailed, bucketml_server, ensure_wrk, first_prediction, fmt_load,  # noqa: E402
-                           other_benchmarks, prepare, run_wrk, start, stop, wait_idle)
+from predict_peers import (MODEL, ServerFailed, bucketml_server, cpu_seconds, ensure_wrk, first_prediction,  # noqa: E402
+                           fmt_load, other_benchmarks, prepare, process_tree, run_wrk, start, stop, wait_idle)
 
 STATES = ["baseline", "shadow", "canary"]
 
@@ -153,14 +155,14 @@ def per_round(runs: list[dict], key: str, spec: str) -> str:
 
 def print_table(results: dict, args) -> None:
     head = (f"{'state':<9} {'conns':>5} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'req/s vs base':>13} "
-            f"{'p99 vs base':>11}  {'p99 per round, ms':<24} {'req/s per round':<22} check (medians over rounds)")
+            f"{'p99 vs base':>11} {'CPU ms/ans':>10}  {'p99 per round, ms':<24} {'req/s per round':<22} check (medians over rounds)")
     print(head)
     for connections in args.connections:
         base = results[("baseline", connections)]
         base_rps, base_p99 = median([f["rps"] for f in base]), median([f["p99"] for f in base])
         for state in STATES:
             runs = results[(state, connections)]
-            rps, p50, p99 = (median([f[k] for f in runs]) for k in ("rps", "p50", "p99"))
+            rps, p50, p99, cpu = (median([f[k] for f in runs]) for k in ("rps", "p50", "p99", "cpu_ms"))
             failed = sum(f["failed"] for f in runs)
             shares = [f["check_share"] for f in runs if f["check_share"] is not None]
             shadow = [f["check_shadow"] for f in runs if f["check_shadow"] is not None]
@@ -169,7 +171,7 @@ def print_table(results: dict, args) -> None:
                 print(f"{state:<9} {connections:>5} no request completed ({failed} failed)")
                 continue
             print(f"{state:<9} {connections:>5} {rps:>7.0f} {p50:>7.2f} {p99:>7.2f} "
-                  f"{(rps / base_rps - 1) * 100 if base_rps else 0:>+12.1f}% {(p99 / base_p99 - 1) * 100 if base_p99 else 0:>+10.1f}%  "
+                  f"{(rps / base_rps - 1) * 100 if base_rps else 0:>+12.1f}% {(p99 / base_p99 - 1) * 100 if base_p99 else 0:>+10.1f}% {cpu if cpu is not None else float('nan'):>10.3f}  "
                   f"{per_round(runs, 'p99', '.2f'):<24} {per_round(runs, 'rps', '.0f'):<22} "
                   f"{check}{f', {failed} FAILED' if failed else ''}")
 
@@ -259,14 +261,19 @@ def main() -> None:
                         run_wrk(wrk, running.port, server.single, connections, args.warmup, wrk_cpus, folder)  # discarded
                         wait_idle(running.process.pid)
                         before = counters(running.port)
+                        pids = process_tree(running.process.pid)
+                        cpu_before = cpu_seconds(pids)
                         figures = run_wrk(wrk, running.port, server.single, connections, args.seconds, wrk_cpus, folder)
                         wait_idle(running.process.pid)  # the shadow's and the canary's work left behind
+                        cpu = cpu_seconds(pids) - cpu_before
                         served = served_by(before, counters(running.port))
                         total = sum(served["answers"].values())
+                        figures["cpu_ms"] = cpu * 1000 / total if total else None
                         figures["check_share"] = served["answers"].get(str(other), 0.0) / total if total else None
                         figures["check_shadow"] = served["shadow_rows"] / total if total else None
                         results[(state, connections)].append(figures)
-                        print(f"  round {round_} {state:<8} c={connections}: {fmt_load(figures)}; "
+                        cpu_text = f"{figures['cpu_ms']:.3f}" if figures["cpu_ms"] is not None else "-"
+                        print(f"  round {round_} {state:<8} c={connections}: {fmt_load(figures)}; server CPU ms/answer {cpu_text}; "
                               f"{check_label(state, served, other)} (state shown by readiness after {took:.2f} s)", flush=True)
             set_state(registry, "baseline", stable, other, args.percent)
         except ServerFailed as exc:
@@ -277,7 +284,8 @@ def main() -> None:
         print_table(results, args)
         print(f"latencies in ms (wrk, client-observed); medians over {args.rounds} round(s); 'vs base': the state's median "
               f"over the baseline's median at the same connections; check: the share of /predict answers by v{other} and "
-              "the shadow's scored rows per answer (/metrics counters over the measured load)")
+              "the shadow's scored rows per answer (/metrics counters over the measured load); CPU ms/ans: the server's CPU time (user + "
+              "system) from the start of the measured load until it was idle again, per /predict answer")
         print(f"load average {os.getloadavg()[0]:.2f} at the end; {time.perf_counter() - began:.0f} s in all")
 
 

@@ -164,3 +164,7 @@ def test_shifted_inputs_yield_one_drift_event_naming_the_column_and_unshifted_tr
     assert "drifted" in monthly, table.stdout
     tenure = next(line for line in lines if line.split()[:1] == ["tenure"])
     assert "drifted" not in tenure, table.stdout
+
+    missing = subprocess.run([BUCKETML, "drift", "nope"], capture_output=True, text=True, timeout=60,
+                             env=dict(os.environ, BUCKETML_BUCKET=str(platform["bucket"])))
+    assert missing.returncode == 1 and "model 'nope' has no current version; upload a dataset first" in missing.stderr

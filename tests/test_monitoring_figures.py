@@ -4,16 +4,21 @@ values in the same bins, the population stability index, a replica's file and th
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from bucketml.monitoring.aggregates import ReplicaFigures, replica_name
+from bucketml.monitoring.aggregates import ReplicaFigures, new_replica_id, replica_name
 from bucketml.monitoring.decisions import decide_canary, drift, merge
 from bucketml.monitoring.reference import Reference, category_bins, number_bins, psi
+from bucketml.registry.model_registry import Registry
+from bucketml.steps import monitor
 from bucketml.storage import LocalStorage
 from bucketml.training.reference import build_reference
+from helpers import churn_frame, publish
 
 
 def test_number_bins_cut_at_deciles_and_count_missing_values_apart():
@@ -122,3 +127,21 @@ def test_drift_names_the_columns_over_the_threshold_once_enough_rows_are_served(
     assert result.drifting == ["x"] and result.features["x"] > 1
     few = dict(window, rows=50)
     assert drift(reference, merge([{"window": few}]), threshold=0.2).drifting == []
+
+
+def test_the_monitor_removes_replica_files_of_an_earlier_pointer_generation_once_stale(tmp_path):
+    storage = LocalStorage(tmp_path / "bucket")
+    publish(storage, "m", churn_frame(seed=1), "1.csv", {"algorithms": "logistic_regression"})
+    generation = Registry(storage).current("m").generation
+    reference = _reference()
+    names = {}
+    for label, epoch in (("old", generation - 1), ("recent-old", generation - 1), ("current", generation)):
+        figures = ReplicaFigures(storage, flush_seconds=60, window_seconds=600, replica=new_replica_id())
+        figures.answered("m", 1, epoch, "classification", reference, 200, 0.002)
+        figures.flush()
+        names[label] = replica_name("m", 1, figures.replica)
+    stale = time.time() - monitor.STALE_SECONDS - 60
+    os.utime(storage.root / names["old"], (stale, stale))
+    monitor.run(storage, sink="http://127.0.0.1:9")  # nothing to announce: the sink is never asked
+    assert not storage.exists(names["old"])
+    assert storage.exists(names["recent-old"]) and storage.exists(names["current"])

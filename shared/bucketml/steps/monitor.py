@@ -22,6 +22,7 @@ and runs at once (a PingSource delivers at least once) send each one once.
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import time
@@ -47,6 +48,7 @@ ANNOUNCED_KEPT = 100  # ids of sent events remembered per model (a decision is r
 # (events.post's timeout), so a live run finishes or gives up first, and a killed run's claim lapses.
 CLAIM_SECONDS = 15.0
 MAX_CONFLICTS = 20
+STALE_SECONDS = 600.0  # a replica file of an earlier pointer generation, unchanged this long, is removed
 DEFAULT_MIN_REQUESTS = 200
 DEFAULT_DRIFT_THRESHOLD = 0.2
 
@@ -108,7 +110,9 @@ class ModelWatch:
 
     # --- the figures ---------------------------------------------------------------------
     def _files(self, pointer: Pointer) -> list[dict[str, Any]]:
-        """The replica files counted under the pointer's present generation."""
+        """The replica files counted under the pointer's present generation. Files of an earlier
+        generation not rewritten for STALE_SECONDS are removed: every pointer move and every
+        replica start leaves one per version, and nothing reads them again."""
         found = []
         prefix = f"{PREFIX}{self.model}/"
         for info in self.storage.list(prefix):
@@ -119,9 +123,19 @@ class ModelWatch:
                 data = json.loads(self.storage.read(info.name))
             except (NotFound, ValueError):
                 continue  # removed meanwhile, or half-written by a hand: a replica rewrites its own soon
-            if isinstance(data, dict) and data.get("epoch") == pointer.generation:
+            if not isinstance(data, dict):
+                continue
+            if data.get("epoch") == pointer.generation:
                 found.append(data)
+            elif _age_seconds(info.updated) > STALE_SECONDS:
+                self._remove(info.name, info.generation)
         return found
+
+    def _remove(self, name: str, generation: int) -> None:
+        try:  # only the generation read: a replica that rewrote it meanwhile keeps its file
+            self.storage.delete(name, if_generation_match=generation)
+        except (NotFound, PreconditionFailed):
+            pass
 
     @staticmethod
     def _of(files: list[dict[str, Any]], version: int) -> Totals:
@@ -284,6 +298,14 @@ def _release(state: dict[str, Any], event_id: str) -> None:
     for entry in state.get("outbox", []):
         if entry.get("id") == event_id:
             entry.pop("claimed_until", None)
+
+
+def _age_seconds(rfc3339: str) -> float:
+    try:
+        when = datetime.datetime.fromisoformat(rfc3339.replace("Z", "+00:00"))
+    except (TypeError, ValueError):
+        return 0.0  # unknown: kept
+    return (datetime.datetime.now(datetime.timezone.utc) - when).total_seconds()
 
 
 def _holds(outbox: list[dict[str, Any]], event_id: Any) -> bool:

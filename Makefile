@@ -44,7 +44,7 @@ endef
 test-deps: image-deps
 	$(call apt_install_missing,chromium strace,the browser and crash tests)
 
-# The four container images, built with podman from infra/images/Dockerfile and tagged
+# The container images, built with podman from infra/images/Dockerfile and tagged
 # localhost/bucketml-<function>:latest (the names the overlays retag; docs/deploy.md). An image
 # whose inputs did not change since it was built is kept as it is. The base python:3.11-slim is
 # pulled, or made from Debian's packages with debootstrap where no registry is reachable.

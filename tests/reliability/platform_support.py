@@ -59,6 +59,8 @@ def kind_of(pid: int) -> str | None:
         return "broker"
     if "bucketml.local.watcher" in argv:
         return "watcher"
+    if "bucketml.local.ping" in argv:
+        return "ping"
     if "--target" in argv:
         return argv[argv.index("--target") + 1]
     return None

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bucketml.monitoring.aggregates import ReplicaFigures, new_replica_id, replica_name
+from bucketml.monitoring.aggregates import QUEUE_ROWS_LIMIT, ReplicaFigures, new_replica_id, replica_name
 from bucketml.monitoring.decisions import decide_canary, drift, merge
 from bucketml.monitoring.reference import Reference, category_bins, number_bins, psi
 from bucketml.registry.model_registry import Registry
@@ -145,3 +145,14 @@ def test_the_monitor_removes_replica_files_of_an_earlier_pointer_generation_once
     monitor.run(storage, sink="http://127.0.0.1:9")  # nothing to announce: the sink is never asked
     assert not storage.exists(names["old"])
     assert storage.exists(names["recent-old"]) and storage.exists(names["current"])
+
+
+def test_inputs_beyond_the_queue_bound_are_counted_as_unbinned_not_held(tmp_path):
+    storage = LocalStorage(tmp_path)
+    figures = ReplicaFigures(storage, flush_seconds=60, window_seconds=600, replica="r1")
+    reference = _reference()
+    figures.scored("m", 1, 1, "classification", reference, lambda: {"x": [0.0] * 10}, ["a"] * 10, 10)
+    figures.scored("m", 1, 1, "classification", reference, lambda: {"x": []}, [], QUEUE_ROWS_LIMIT)  # would exceed it
+    figures.flush()
+    data = json.loads(storage.read(replica_name("m", 1, "r1")))
+    assert data["unbinned_requests"] == 1 and data["window"]["rows"] == 10

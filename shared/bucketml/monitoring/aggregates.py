@@ -35,7 +35,9 @@ log = logging.getLogger("bucketml.monitoring")
 PREFIX = "monitoring/"
 # Upper bounds of the latency buckets, in milliseconds (the last bucket is everything slower).
 LATENCY_EDGES_MS = (1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 150, 200, 300, 500, 750, 1000, 2500, 5000)
-QUEUE_LIMIT = 20_000  # scored requests waiting to be binned; beyond it inputs go uncounted (the count says how many)
+# Rows of scored requests waiting to be binned (at most a few tens of MB of inputs). Beyond it a
+# request's inputs go uncounted until the next flush; `unbinned_requests` says how many.
+QUEUE_ROWS_LIMIT = 200_000
 
 
 def replica_name(model: str, version: int, replica: str) -> str:
@@ -142,6 +144,7 @@ class ReplicaFigures:
         self.replica = replica or new_replica_id()
         self._figures: dict[tuple[str, int], VersionFigures] = {}
         self._queue: collections.deque = collections.deque()
+        self._queued_rows = 0
         self._lock = threading.Lock()
         self._thread_pid: int | None = None
 
@@ -168,10 +171,11 @@ class ReplicaFigures:
         the request path) and predictions for binning."""
         if reference is None:
             return
-        if len(self._queue) >= QUEUE_LIMIT:
+        if self._queued_rows + rows > QUEUE_ROWS_LIMIT:
             with self._lock:
                 self._for(model, version, epoch, task, reference).unbinned_requests += 1
             return
+        self._queued_rows += rows  # (racy under threads by a few rows: a bound, not an account)
         self._queue.append((model, version, epoch, task, reference, columns, predictions, rows))
 
     def compared(self, model: str, version: int, epoch: int, task: str, reference: Reference | None,
@@ -200,6 +204,7 @@ class ReplicaFigures:
         grouped: dict[tuple[str, int, int], tuple[str, Reference, list]] = {}
         while self._queue:
             model, version, epoch, task, reference, *scored = self._queue.popleft()
+            self._queued_rows -= scored[-1]
             grouped.setdefault((model, version, epoch), (task, reference, []))[2].append(scored)
         for (model, version, epoch), (task, reference, items) in grouped.items():
             parts: dict[str, list] = {}

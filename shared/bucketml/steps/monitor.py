@@ -94,7 +94,8 @@ class ModelWatch:
         announced: list[str] = state.setdefault("announced", [])
         changed = False
         decided = pointer.data.get(DECIDED)
-        if isinstance(decided, dict) and decided.get("id") not in announced and not _holds(outbox, decided.get("id")):
+        if (isinstance(decided, dict) and decided.get("id") not in announced and decided.get("id") != state.get("last_decision")
+                and not _holds(outbox, decided.get("id"))):
             outbox.append(decided)  # a step whose announcement a crash cut short
             changed = True
         files = self._files(pointer)
@@ -292,6 +293,8 @@ def _settle(state: dict[str, Any], event_id: str) -> None:
     state["outbox"] = [entry for entry in state.get("outbox", []) if entry.get("id") != event_id]
     if event_id not in state.setdefault("announced", []):
         state["announced"].append(event_id)
+    if event_id.startswith("rollout-"):  # the pointer keeps its record of the step: never sent twice, however long ago
+        state["last_decision"] = event_id
 
 
 def _release(state: dict[str, Any], event_id: str) -> None:

@@ -155,7 +155,7 @@ def per_round(runs: list[dict], key: str, spec: str) -> str:
 
 def print_table(results: dict, args) -> None:
     head = (f"{'state':<9} {'conns':>5} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'req/s vs base':>13} "
-            f"{'p99 vs base':>11} {'CPU ms/ans':>10}  {'p99 per round, ms':<24} {'req/s per round':<22} check (medians over rounds)")
+            f"{'p99 vs base':>11} {'CPU ms/ans':>10} {'core busy':>9}  {'p99 per round, ms':<24} {'req/s per round':<22} check (medians over rounds)")
     print(head)
     for connections in args.connections:
         base = results[("baseline", connections)]
@@ -163,6 +163,7 @@ def print_table(results: dict, args) -> None:
         for state in STATES:
             runs = results[(state, connections)]
             rps, p50, p99, cpu = (median([f[k] for f in runs]) for k in ("rps", "p50", "p99", "cpu_ms"))
+            busy = median([f["cpu_ms"] * f["rps"] / 1000 if f["cpu_ms"] and f["rps"] else None for f in runs])
             failed = sum(f["failed"] for f in runs)
             shares = [f["check_share"] for f in runs if f["check_share"] is not None]
             shadow = [f["check_shadow"] for f in runs if f["check_shadow"] is not None]
@@ -171,7 +172,7 @@ def print_table(results: dict, args) -> None:
                 print(f"{state:<9} {connections:>5} no request completed ({failed} failed)")
                 continue
             print(f"{state:<9} {connections:>5} {rps:>7.0f} {p50:>7.2f} {p99:>7.2f} "
-                  f"{(rps / base_rps - 1) * 100 if base_rps else 0:>+12.1f}% {(p99 / base_p99 - 1) * 100 if base_p99 else 0:>+10.1f}% {cpu if cpu is not None else float('nan'):>10.3f}  "
+                  f"{(rps / base_rps - 1) * 100 if base_rps else 0:>+12.1f}% {(p99 / base_p99 - 1) * 100 if base_p99 else 0:>+10.1f}% {cpu if cpu is not None else float('nan'):>10.3f} {busy if busy is not None else float('nan'):>8.0%}  "
                   f"{per_round(runs, 'p99', '.2f'):<24} {per_round(runs, 'rps', '.0f'):<22} "
                   f"{check}{f', {failed} FAILED' if failed else ''}")
 
@@ -285,7 +286,8 @@ def main() -> None:
         print(f"latencies in ms (wrk, client-observed); medians over {args.rounds} round(s); 'vs base': the state's median "
               f"over the baseline's median at the same connections; check: the share of /predict answers by v{other} and "
               "the shadow's scored rows per answer (/metrics counters over the measured load); CPU ms/ans: the server's CPU time (user + "
-              "system) from the start of the measured load until it was idle again, per /predict answer")
+              "system) from the start of the measured load until it was idle again, per /predict answer; core busy: CPU ms/ans x "
+              "req/s, the share of its core the server used under the load (median over rounds)")
         print(f"load average {os.getloadavg()[0]:.2f} at the end; {time.perf_counter() - began:.0f} s in all")
 
 

@@ -107,13 +107,13 @@ def test_dev_upload_and_predict_from_an_empty_folder(venv, tmp_path):
             time.sleep(0.2)
         # What the running processes were started with: every path the installed package's.
         parts = json.loads((work / ".bucketml" / "dev.pids.json").read_text())["parts"]
-        assert set(parts) >= {"broker", "preprocess", "train", "predict", "deadletter", "watcher"}, parts
+        assert set(parts) >= {"broker", "preprocess", "train", "predict", "deadletter", "monitor", "watcher", "ping"}, parts
         bundled = site_packages(venv) / "bucketml" / "_bundled"
         for name, pid in parts.items():
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
             assert not any(str(ROOT) in arg for arg in argv), f"{name} runs from the source tree: {argv}"
             assert inside(argv[0], venv), argv
-            if name == "broker":
+            if name in ("broker", "ping"):  # both read the manifests
                 assert Path(argv[argv.index("--manifests") + 1]) == bundled / "infra" / "knative", argv
             elif name != "watcher":
                 assert Path(argv[argv.index("--source") + 1]) == bundled / "functions" / name / "main.py", argv

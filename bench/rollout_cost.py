@@ -12,11 +12,12 @@ pointer every --poll-seconds. The pointer is switched with the registry API betw
 states, and each measurement starts only once /v2/health/ready reports the state:
 
     baseline   version 1 alone
-    shadow     shadow = version 2: after each unpinned /predict answer is sent, a Starlette
-               BackgroundTask scores the same rows on version 2 and counts agreement (/metrics)
+    shadow     shadow = version 2: after each unpinned /predict answer is sent, the request is
+               queued, and version 2 scores the queued rows in batches on a background thread
+               and counts agreement (/metrics; bucketml.serving.comparisons)
     canary     canary = version 2 at --percent (10) %: that share of unpinned requests is
                answered by version 2, and after each such answer version 1 scores the same rows
-               in a BackgroundTask (agreement for the monitor)
+               the same way (agreement for the monitor)
 
 Every round measures the three states in that order (baseline, shadow, canary, baseline, ...),
 --rounds times, so that a drift of the shared machine falls on every state alike; the table
@@ -61,7 +62,7 @@ STATES = ["baseline", "shadow", "canary"]
 # --------------------------------------------------------------------------- pointer states
 
 
-def set_state(registry, state: str, stable: int, other: int, percent: int) -> dict:
+def set_state(registry, state: str, other: int, percent: int) -> dict:
     """Write the pointer for `state` with the registry API; returns what /v2/health/ready must show."""
     pointer = registry.current(MODEL)
     if registry.shadow_of(pointer) is not None and state != "shadow":
@@ -131,7 +132,7 @@ def served_by(before: dict, after: dict) -> dict:
     return {"answers": answers, "non_200": other, "shadow_rows": shadow}
 
 
-def check_label(state: str, served: dict, other: int) -> str:
+def check_label(served: dict, other: int) -> str:
     """One short figure per state: the share answered by the other version, the shadow's rows per answer."""
     total = sum(served["answers"].values())
     if not total:
@@ -155,7 +156,8 @@ def per_round(runs: list[dict], key: str, spec: str) -> str:
 
 def print_table(results: dict, args) -> None:
     head = (f"{'state':<9} {'conns':>5} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'req/s vs base':>13} "
-            f"{'p99 vs base':>11} {'CPU ms/ans':>10} {'core busy':>9}  {'p99 per round, ms':<24} {'req/s per round':<22} check (medians over rounds)")
+            f"{'p99 vs base':>11} {'CPU ms/ans':>10} {'core busy':>9}  {'p99 per round, ms':<24} {'req/s per round':<22} "
+            "check (medians over rounds)")
     print(head)
     for connections in args.connections:
         base = results[("baseline", connections)]
@@ -171,8 +173,11 @@ def print_table(results: dict, args) -> None:
             if rps is None:
                 print(f"{state:<9} {connections:>5} no request completed ({failed} failed)")
                 continue
-            print(f"{state:<9} {connections:>5} {rps:>7.0f} {p50:>7.2f} {p99:>7.2f} "
-                  f"{(rps / base_rps - 1) * 100 if base_rps else 0:>+12.1f}% {(p99 / base_p99 - 1) * 100 if base_p99 else 0:>+10.1f}% {cpu if cpu is not None else float('nan'):>10.3f} {busy if busy is not None else float('nan'):>8.0%}  "
+            rps_change = (rps / base_rps - 1) * 100 if base_rps else 0.0
+            p99_change = (p99 / base_p99 - 1) * 100 if base_p99 else 0.0
+            nan = float("nan")
+            print(f"{state:<9} {connections:>5} {rps:>7.0f} {p50:>7.2f} {p99:>7.2f} {rps_change:>+12.1f}% {p99_change:>+10.1f}% "
+                  f"{cpu if cpu is not None else nan:>10.3f} {busy if busy is not None else nan:>8.0%}  "
                   f"{per_round(runs, 'p99', '.2f'):<24} {per_round(runs, 'rps', '.0f'):<22} "
                   f"{check}{f', {failed} FAILED' if failed else ''}")
 
@@ -247,8 +252,8 @@ def main() -> None:
               "the monitor's figures on (their default flush, 10 s)")
         print(f"requests: single-row /predict (the dataset's first row, unpinned); states: baseline, shadow = v{other}, "
               f"canary = v{other} at {args.percent}%")
-        print(f"load: wrk, {args.warmup:g} s warm-up then {args.seconds:g} s measured, at {', '.join(map(str, args.connections))} "
-              f"connections, {args.rounds} interleaved round(s)", flush=True)
+        print(f"load: wrk, {args.warmup:g} s warm-up then {args.seconds:g} s measured, at "
+              f"{', '.join(map(str, args.connections))} connections, {args.rounds} interleaved round(s)", flush=True)
 
         results: dict[tuple[str, int], list[dict]] = {(s, c): [] for s in STATES for c in args.connections}
         running = start(server, cpus, folder / "server.log")
@@ -256,7 +261,7 @@ def main() -> None:
             print(f"first prediction {first_prediction(running, server.single):.2f} s after start", flush=True)
             for round_ in range(1, args.rounds + 1):
                 for state in STATES:
-                    expected = set_state(registry, state, stable, other, args.percent)
+                    expected = set_state(registry, state, other, args.percent)
                     took = wait_for_state(running.port, stable, expected)
                     for connections in args.connections:
                         run_wrk(wrk, running.port, server.single, connections, args.warmup, wrk_cpus, folder)  # discarded
@@ -274,9 +279,10 @@ def main() -> None:
                         figures["check_shadow"] = served["shadow_rows"] / total if total else None
                         results[(state, connections)].append(figures)
                         cpu_text = f"{figures['cpu_ms']:.3f}" if figures["cpu_ms"] is not None else "-"
-                        print(f"  round {round_} {state:<8} c={connections}: {fmt_load(figures)}; server CPU ms/answer {cpu_text}; "
-                              f"{check_label(state, served, other)} (state shown by readiness after {took:.2f} s)", flush=True)
-            set_state(registry, "baseline", stable, other, args.percent)
+                        print(f"  round {round_} {state:<8} c={connections}: {fmt_load(figures)}; "
+                              f"server CPU ms/answer {cpu_text}; {check_label(served, other)} "
+                              f"(state shown by readiness after {took:.2f} s)", flush=True)
+            set_state(registry, "baseline", other, args.percent)
         except ServerFailed as exc:
             print(f"cannot run: {exc}", flush=True)
         finally:
@@ -285,9 +291,9 @@ def main() -> None:
         print_table(results, args)
         print(f"latencies in ms (wrk, client-observed); medians over {args.rounds} round(s); 'vs base': the state's median "
               f"over the baseline's median at the same connections; check: the share of /predict answers by v{other} and "
-              "the shadow's scored rows per answer (/metrics counters over the measured load); CPU ms/ans: the server's CPU time (user + "
-              "system) from the start of the measured load until it was idle again, per /predict answer; core busy: CPU ms/ans x "
-              "req/s, the share of its core the server used under the load (median over rounds)")
+              "the shadow's scored rows per answer (/metrics counters over the measured load); CPU ms/ans: the server's CPU "
+              "time (user + system) from the start of the measured load until it was idle again, per /predict answer; "
+              "core busy: CPU ms/ans x req/s, the share of its core the server used under the load (median over rounds)")
         print(f"load average {os.getloadavg()[0]:.2f} at the end; {time.perf_counter() - began:.0f} s in all")
 
 

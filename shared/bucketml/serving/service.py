@@ -8,6 +8,7 @@ thread, and maps the domain errors they raise (`bucketml.serving.errors`) to sta
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from typing import Any, Callable
@@ -32,6 +33,7 @@ from bucketml.encoding import (
 from bucketml.monitoring.aggregates import ReplicaFigures
 from bucketml.registry.model_registry import Registry, RegistryError, check_model_name
 from bucketml.serving import open_inference
+from bucketml.serving.comparisons import Comparison, Comparisons
 from bucketml.serving.errors import InvalidInput, InvalidRequest, ReloadFailed
 from bucketml.serving.inference_log import InferenceLogger
 from bucketml.serving.manager import ModelManager
@@ -61,6 +63,7 @@ class PredictService:
                  figures: ReplicaFigures | None = None):
         self.manager = manager
         self.figures = figures  # None: nothing recorded for the monitor
+        self.comparisons = Comparisons()  # shadows' and canaries' second opinions
         self.inference_log = inference_log
         self.access = access if access is not None and access.required else None  # None: no token checked
         self.max_body_bytes = max_body_bytes
@@ -131,14 +134,21 @@ class PredictService:
         self._observe(request, loaded, columns, answer["predictions"], rows)
         response = self._scored(loaded, answer, rows)
         if body.get("version") is None:
-            # Both run once the answer is sent: the client never waits for them, and the answer is fixed.
+            # A second opinion on the same rows, queued once the answer is sent (an async
+            # background task: no thread hand-off) and scored in batches (serving.comparisons).
             shadow = self.manager.shadow_for(loaded)
             stable = self.manager.stable_for(loaded) if shadow is None and self.figures is not None else None
+            has_booleans = b"true" in raw or b"false" in raw
+            answered = answer["predictions"]
             if shadow is not None:  # it scores the current version's answers only
-                response.background = BackgroundTask(self._compare, shadow, body, raw, answer["predictions"])
+                comparison = Comparison(shadow, body, has_booleans, answered,
+                                        functools.partial(self._shadow_scored, shadow, answered))
             elif stable is not None:  # the canary answered: the stable version scores the same rows
-                response.background = BackgroundTask(self._compare_canary, request.scope[ROUTED], stable, body, raw,
-                                                     answer["predictions"])
+                comparison = Comparison(stable, body, has_booleans, answered,
+                                        functools.partial(self._canary_compared, request.scope[ROUTED], answered))
+            else:
+                return response
+            response.background = BackgroundTask(self._queue_comparison, comparison)
         return response
 
     @staticmethod
@@ -162,30 +172,28 @@ class PredictService:
         values = {c["name"]: [row[j] for row in rows] for j, c in enumerate(loaded.columns)}
         return loaded.predict(values, len(rows)), len(rows), lambda: values
 
-    def _compare(self, shadow: OnnxModel, body: dict, raw: bytes, answered: list) -> None:
-        """Score the request on the shadow and count its rows that agree with what was answered:
-        the same label, or for regression a value within 0.1% (the parity gate's tolerance).
-        Runs after the answer was sent; a request the shadow cannot score is counted, not raised."""
+    async def _queue_comparison(self, comparison: Comparison) -> None:
+        self.comparisons.submit(comparison)
+
+    @staticmethod
+    def _shadow_scored(shadow: OnnxModel, answered: list, predictions: list | None) -> None:
+        """Count the shadow's rows that agree with what was answered: the same label, or for
+        regression a value within 0.1% (the parity gate's tolerance). A request the shadow could
+        not score (its own columns or classes, say) is counted as failed."""
         version = str(shadow.version)
-        try:
-            predictions = self._score(shadow, body, raw)[0]["predictions"]
-        except Exception:  # its own columns or classes, say: the answer is sent; only the count can say so
+        if predictions is None:
             labelled(SHADOW_FAILED, shadow.model, version).inc()
             return
-        agreeing = sum(1 for mine, theirs in zip(predictions, answered) if _agree(mine, theirs))
         labelled(SHADOW_ROWS, shadow.model, version).inc(len(answered))
-        labelled(SHADOW_AGREEING, shadow.model, version).inc(agreeing)
+        labelled(SHADOW_AGREEING, shadow.model, version).inc(sum(1 for a, b in zip(predictions, answered) if _agree(a, b)))
 
-    def _compare_canary(self, routed: tuple[OnnxModel, int], stable: OnnxModel, body: dict, raw: bytes,
-                        answered: list) -> None:
-        """Score a request the canary answered on the stable version too, for the monitor's
-        agreement figure. Runs after the answer was sent; a failure only goes uncounted."""
+    def _canary_compared(self, routed: tuple[OnnxModel, int], answered: list, predictions: list | None) -> None:
+        """The stable version's answer to rows a canary answered, for the monitor's agreement figure
+        (a request the stable version cannot score is no comparison to make)."""
         canary, epoch = routed
-        try:
-            predictions = self._score(stable, body, raw)[0]["predictions"]
-        except Exception:  # the stable version cannot take the canary's request: no comparison to make
-            return
-        self.figures.compared(canary.model, canary.version, epoch, canary.task, canary.reference, answered, predictions)
+        if predictions is not None:
+            self.figures.compared(canary.model, canary.version, epoch, canary.task, canary.reference, answered,
+                                  predictions)
 
     def reload(self, request: Request, raw: bytes) -> Response:
         """A model.published event (from a Trigger): load the new version now."""

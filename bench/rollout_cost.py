@@ -1,8 +1,9 @@
 """Shadow and canary cost: bucketml's predict function with and without a shadow or a canary
 beside its current version, measured in one run on this machine with wrk.
 
-    .venv/bin/python bench/rollout_cost.py            # 3 interleaved rounds, 10 s loads, 8 and 64 connections
-    .venv/bin/python bench/rollout_cost.py --quick    # a smoke run: 1 round, 3 s loads, 8 connections
+    .venv/bin/python bench/rollout_cost.py            # 3 interleaved rounds, 10 s loads, 8 and 64 connections,
+                                                      # and 500 and 1,000 req/s at a fixed rate
+    .venv/bin/python bench/rollout_cost.py --quick    # a smoke run: 1 round, 3 s loads, 8 connections, 500 req/s
 
 One model, two versions (bench/predict_peers.py's prepare(), run twice into the same bucket:
 two trainings of --algorithm on breast_cancer, so the second version costs what the first does
@@ -142,6 +143,69 @@ def check_label(served: dict, other: int) -> str:
     return text + (f", {served['non_200']:.0f} non-200" if served["non_200"] else "")
 
 
+# --------------------------------------------------------------------------- open loop
+
+
+def open_loop(port: int, request, rate: float, seconds: float, cpus: set[int] | None, connections: int = 8) -> dict:
+    """A fixed request rate (open loop, as wrk2 does): request i is due at start + i/rate, on
+    connection i mod `connections`, and its latency counts from when it was due, so a slow answer
+    also delays, and is charged to, the requests queued behind it. The client runs in this
+    process's threads, pinned to `cpus` (the CPUs wrk would use) for the run."""
+    import threading
+
+    total = int(rate * seconds)
+    latencies: list[float] = []
+    failures = [0]
+    lock = threading.Lock()
+    start = time.perf_counter() + 0.2
+    previous = os.sched_getaffinity(0)
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+
+    def worker(k: int) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        mine = []
+        for i in range(k, total, connections):
+            due = start + i / rate
+            pause = due - time.perf_counter()
+            if pause > 0:
+                time.sleep(pause)
+            try:
+                connection.request("POST", request.path, request.body, {"Content-Type": "application/json"})
+                response = connection.getresponse()
+                response.read()
+                ok = response.status == 200
+            except OSError:
+                ok = False
+                connection.close()
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            if ok:
+                mine.append((time.perf_counter() - due) * 1000)
+            else:
+                with lock:
+                    failures[0] += 1
+        connection.close()
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(connections)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        os.sched_setaffinity(0, previous)
+    elapsed = time.perf_counter() - start
+    latencies.sort()
+
+    def percentile(q: float) -> float | None:
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else None
+
+    return {"rps": len(latencies) / elapsed if elapsed > 0 else None, "p50": percentile(0.50), "p99": percentile(0.99),
+            "failed": failures[0]}
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -182,6 +246,27 @@ def print_table(results: dict, args) -> None:
                   f"{check}{f', {failed} FAILED' if failed else ''}")
 
 
+def print_rated(rated: dict, args) -> None:
+    if not args.rate:
+        return
+    print()
+    print(f"{'state':<9} {'offered':>8} {'answered/s':>10} {'p50 ms':>7} {'p99 ms':>7} {'p99 vs base':>11}  p99 per round, ms")
+    for rate in args.rate:
+        base_p99 = median([f["p99"] for f in rated[("baseline", rate)]])
+        for state in STATES:
+            runs = rated[(state, rate)]
+            rps, p50, p99 = (median([f[k] for f in runs]) for k in ("rps", "p50", "p99"))
+            failed = sum(f["failed"] for f in runs)
+            if p99 is None:
+                print(f"{state:<9} {rate:>8g} no request completed ({failed} failed)")
+                continue
+            change = (p99 / base_p99 - 1) * 100 if base_p99 else 0.0
+            print(f"{state:<9} {rate:>8g} {rps:>10.0f} {p50:>7.2f} {p99:>7.2f} {change:>+10.1f}%  "
+                  f"{per_round(runs, 'p99', '.2f')}{f', {failed} FAILED' if failed else ''}")
+    print("fixed rates: open loop (latency from when each request was due), 8 client threads pinned like wrk; "
+          "medians over rounds")
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -192,6 +277,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, help="seconds of each measured wrk run (10; --quick: 3)")
     parser.add_argument("--warmup", type=float, help="seconds of wrk before each measured run (2; --quick: 1)")
     parser.add_argument("--connections", type=int, nargs="+", help="wrk connections (8 64; --quick: 8)")
+    parser.add_argument("--rate", type=float, nargs="*", default=None,
+                        help="also measure at these fixed request rates (open loop; default 500 and 1000 req/s, "
+                             "--quick 500): below saturation, where an autoscaled service runs")
     parser.add_argument("--percent", type=int, default=10, help="the canary's share of unpinned requests, in %%")
     parser.add_argument("--algorithm", default="random_forest",
                         choices=["logistic_regression", "svm", "gradient_boosting", "random_forest"],
@@ -200,7 +288,8 @@ def main() -> None:
     parser.add_argument("--server-cpus", default="1",
                         help="CPUs the server is pinned to, comma-separated (wrk gets the others), or 'all'")
     args = parser.parse_args()
-    for name, full, quick in (("rounds", 3, 1), ("seconds", 10.0, 3.0), ("warmup", 2.0, 1.0), ("connections", [8, 64], [8])):
+    for name, full, quick in (("rounds", 3, 1), ("seconds", 10.0, 3.0), ("warmup", 2.0, 1.0), ("connections", [8, 64], [8]),
+                              ("rate", [500.0, 1000.0], [500.0])):
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
 
@@ -256,6 +345,7 @@ def main() -> None:
               f"{', '.join(map(str, args.connections))} connections, {args.rounds} interleaved round(s)", flush=True)
 
         results: dict[tuple[str, int], list[dict]] = {(s, c): [] for s in STATES for c in args.connections}
+        rated: dict[tuple[str, float], list[dict]] = {(s, r): [] for s in STATES for r in args.rate}
         running = start(server, cpus, folder / "server.log")
         try:
             print(f"first prediction {first_prediction(running, server.single):.2f} s after start", flush=True)
@@ -282,6 +372,13 @@ def main() -> None:
                         print(f"  round {round_} {state:<8} c={connections}: {fmt_load(figures)}; "
                               f"server CPU ms/answer {cpu_text}; {check_label(served, other)} "
                               f"(state shown by readiness after {took:.2f} s)", flush=True)
+                    for rate in args.rate:
+                        wait_idle(running.process.pid)
+                        figures = open_loop(running.port, server.single, rate, args.seconds, wrk_cpus)
+                        rated[(state, rate)].append(figures)
+                        p99 = f"{figures['p99']:.2f}" if figures["p99"] is not None else "-"
+                        print(f"  round {round_} {state:<8} {rate:g} req/s offered: {figures['rps']:.0f} answered/s, "
+                              f"p99 {p99} ms, {figures['failed']} failed", flush=True)
             set_state(registry, "baseline", other, args.percent)
         except ServerFailed as exc:
             print(f"cannot run: {exc}", flush=True)
@@ -289,6 +386,7 @@ def main() -> None:
             stop(running)
         print()
         print_table(results, args)
+        print_rated(rated, args)
         print(f"latencies in ms (wrk, client-observed); medians over {args.rounds} round(s); 'vs base': the state's median "
               f"over the baseline's median at the same connections; check: the share of /predict answers by v{other} and "
               "the shadow's scored rows per answer (/metrics counters over the measured load); CPU ms/ans: the server's CPU "

@@ -310,7 +310,8 @@ def test_same_prepared_event_twice_makes_one_version(storage):
     assert first[0].data["current_version"] == 1
     assert Registry(storage).versions("shop") == [1]
     assert names_under(storage, "models/shop/versions/") == [
-        "models/shop/versions/1/card.json", "models/shop/versions/1/model.onnx", "models/shop/versions/1/report.html",
+        "models/shop/versions/1/card.json", "models/shop/versions/1/model.onnx", "models/shop/versions/1/reference.json",
+        "models/shop/versions/1/report.html",
     ]
 
 

@@ -147,6 +147,7 @@ class ReplicaFigures:
         self._queued_rows = 0
         self._lock = threading.Lock()
         self._thread_pid: int | None = None
+        self._unwritable: str | None = None  # why the last write failed, said once
 
     def _for(self, model: str, version: int, epoch: int, task: str, reference: Reference | None) -> VersionFigures:
         """The figures of (model, version), started afresh when the pointer moved since (a late
@@ -233,10 +234,13 @@ class ReplicaFigures:
             try:
                 self.storage.write(replica_name(figures.model, figures.version, self.replica),
                                    json.dumps(data).encode(), content_type="application/json")
-            except StorageError as exc:
+                self._unwritable = None
+            except (StorageError, OSError) as exc:  # a bucket outage (a folder gone, a server down): serving goes on
                 figures.changed = True  # written next time
-                log.warning("could not write the monitoring figures of %s version %s: %s", figures.model,
-                            figures.version, exc)
+                if self._unwritable != str(exc):  # once per cause, not every flush
+                    self._unwritable = str(exc)
+                    log.warning("could not write the monitoring figures of %s version %s (tried again every %gs): %s",
+                                figures.model, figures.version, self.flush_seconds, exc)
 
 
 def _joined(parts: list) -> np.ndarray | list:

@@ -156,3 +156,23 @@ def test_inputs_beyond_the_queue_bound_are_counted_as_unbinned_not_held(tmp_path
     figures.flush()
     data = json.loads(storage.read(replica_name("m", 1, "r1")))
     assert data["unbinned_requests"] == 1 and data["window"]["rows"] == 10
+
+
+def test_one_model_whose_canary_is_gone_does_not_stop_the_monitor_for_the_others(tmp_path, caplog):
+    storage = LocalStorage(tmp_path / "bucket")
+    registry = Registry(storage)
+    for model in ("a", "b"):
+        publish(storage, model, churn_frame(seed=1), "1.csv", {"algorithms": "logistic_regression"})
+        publish(storage, model, churn_frame(seed=2), "2.csv", {"algorithms": "logistic_regression"})
+        registry.move_pointer(model, 1, reason="for the test")
+        registry.start_canary(model, 2, 50)
+    storage.delete("models/a/versions/2/card.json")  # removed by hand after the canary started
+    figures = ReplicaFigures(storage, flush_seconds=60, window_seconds=600, replica="r")
+    generation = registry.current("b").generation
+    for version, count in ((1, 300), (2, 300)):
+        for _ in range(count):
+            figures.answered("b", version, generation, "classification", None, 200, 0.002)
+    figures.flush()
+    monitor.run(storage, sink="http://127.0.0.1:9")  # the sink is down: the announcement waits in the outbox
+    assert registry.current("b").version == 2  # b's canary was decided
+    assert "a: not monitored this run: NotFound" in caplog.text

@@ -75,6 +75,8 @@ def run(storage: Storage, sink: str) -> list[CloudEvent]:
             sent += ModelWatch(registry, model, sink).run()
         except PreconditionFailed:  # another run wrote the state first: it did this model's work
             log.info("%s: another monitor run took this one's step", model)
+        except (NotFound, KeyError, TypeError, ValueError) as exc:  # one model's odd objects never stop the others
+            log.warning("%s: not monitored this run: %s: %s", model, type(exc).__name__, exc)
     return sent
 
 

@@ -44,7 +44,7 @@ endef
 test-deps: image-deps
 	$(call apt_install_missing,chromium strace,the browser and crash tests)
 
-# The four container images, built with podman from infra/images/Dockerfile and tagged
+# The five container images, built with podman from infra/images/Dockerfile and tagged
 # localhost/bucketml-<function>:latest (the names the overlays retag; docs/deploy.md). An image
 # whose inputs did not change since it was built is kept as it is. The base python:3.11-slim is
 # pulled, or made from Debian's packages with debootstrap where no registry is reachable.
@@ -61,7 +61,7 @@ image-deps:
 # gives REGISTRY/bucketml-<function>:TAG, what `bucketml deploy --registry REGISTRY --tag TAG`
 # and the prod overlay name (the images are built or brought up to date first). `make tag` only tags (e.g. REGISTRY=dev.local TAG=dev for kind).
 # PUSH_FLAGS: more `podman push` options, e.g. --tls-verify=false for a plain-HTTP registry.
-IMAGE_FUNCTIONS := predict deadletter preprocess train
+IMAGE_FUNCTIONS := predict deadletter batch preprocess train
 TAG ?= latest
 PUSH_FLAGS ?=
 

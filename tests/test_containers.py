@@ -1,4 +1,4 @@
-"""The four images, built by `make images` and run as the Knative manifests run them.
+"""The five images, built by `make images` and run as the Knative manifests run them.
 
 The images are built with podman (infra/images/build.sh: an image whose inputs did not change
 is kept). Each container starts the way infra/knative/services.yaml (and gcs-source.yaml)
@@ -39,7 +39,7 @@ from bucketml.storage import LocalStorage
 from helpers import (PUBSUB_PROJECT, ROOT, Sink, churn_frame, free_port, publish, pubsub_subscription, stop_process,
                      wait_for_http)
 
-FUNCTIONS = ("predict", "deadletter", "preprocess", "train")
+FUNCTIONS = ("predict", "deadletter", "batch", "preprocess", "train")
 WRAPPER = ROOT / "infra" / "images" / "runc-without-rlimits"
 MANIFESTS = ROOT / "infra" / "knative"
 # A start-up log line with any of these fails the test.
@@ -79,7 +79,7 @@ def _runtime_args(podman: str, image: str) -> list[str]:
 
 @pytest.fixture(scope="session")
 def engine() -> Engine:
-    """podman with the four images built (`make images`, i.e. infra/images/build.sh)."""
+    """podman with the five images built (`make images`, i.e. infra/images/build.sh)."""
     podman = shutil.which("podman")
     if podman is None:
         pytest.skip("podman is not installed (`make test-deps` installs podman, runc and debootstrap "
@@ -230,7 +230,7 @@ def _writable_bucket(path: Path) -> Path:
 
 # --- the tests ---------------------------------------------------------------------------------
 
-def test_make_images_builds_the_four_images_under_the_overlays_names(engine):
+def test_make_images_builds_the_five_images_under_the_overlays_names(engine):
     for overlay in (ROOT / "infra" / "overlays").glob("*/kustomization.yaml"):
         names = {entry["name"] for entry in yaml.safe_load(overlay.read_text())["images"]}
         assert names == {f"bucketml-{function}" for function in FUNCTIONS}, overlay
@@ -347,9 +347,11 @@ def test_an_object_written_to_gcs_ends_in_a_prediction_served_by_the_containers(
     with started(engine, "preprocess", tmp_path, gcs) as preprocess, \
             started(engine, "train", tmp_path, {**gcs, "BUCKETML_BROKER_URL": broker_url}) as train, \
             started(engine, "deadletter", tmp_path, gcs) as deadletter, \
+            started(engine, "batch", tmp_path, gcs) as batch, \
             started(engine, "predict", tmp_path, {**gcs, "K_SERVICE": "predict", "BUCKETML_POLL_SECONDS": "5"},
                     ready=("/v2/health/live", (200,))) as predict:
-        subscribers = {"preprocess": preprocess.url, "train": train.url, "predict": predict.url, "deadletter": deadletter.url}
+        subscribers = {"preprocess": preprocess.url, "train": train.url, "predict": predict.url, "deadletter": deadletter.url,
+                       "batch": batch.url}
         with broker_on_host(subscribers, broker_port, tmp_path), \
                 started(engine, "gcs-source", tmp_path,
                         {"PUBSUB_EMULATOR_HOST": pubsub_emulator, "GOOGLE_CLOUD_PROJECT": PUBSUB_PROJECT,

@@ -33,6 +33,7 @@ DEFAULT_BROKER_PORT = 8081
 DEFAULT_PREPROCESS_PORT = 8082
 DEFAULT_TRAIN_PORT = 8083
 DEFAULT_DEADLETTER_PORT = 8084
+DEFAULT_BATCH_PORT = 8086
 DEFAULT_POLL_SECONDS = 1.0
 # Where the Knative manifests (infra/) and the function sources (functions/) are when
 # BUCKETML_MANIFESTS / BUCKETML_FUNCTIONS do not say: the repository root when bucketml runs

@@ -17,7 +17,7 @@ from bucketml.contracts.card import ModelCard, Profile, RowCounts, SummaryStyle,
 from bucketml.registry.model_registry import Registry, RegistryError, check_model_name
 from bucketml.contracts.rejections import OUTCOME_FOLDERS, Rejection
 from bucketml.contracts.spec import FIELDS, spec_from_metadata
-from bucketml.cli import rollout
+from bucketml.cli import batch, rollout
 from bucketml.local.client import (
     Failure,
     auth_headers,
@@ -68,10 +68,12 @@ def cli() -> None:
 @click.option("--preprocess-port", envvar="BUCKETML_PREPROCESS_PORT", default=config.DEFAULT_PREPROCESS_PORT, show_default=True)
 @click.option("--train-port", envvar="BUCKETML_TRAIN_PORT", default=config.DEFAULT_TRAIN_PORT, show_default=True)
 @click.option("--deadletter-port", envvar="BUCKETML_DEADLETTER_PORT", default=config.DEFAULT_DEADLETTER_PORT, show_default=True)
+@click.option("--batch-port", envvar="BUCKETML_BATCH_PORT", default=config.DEFAULT_BATCH_PORT, show_default=True)
 @click.option("--demo", is_flag=True, help="Once ready, upload a demo dataset and print a prediction.")
 def dev(bucket, subscription, project, state_dir, host, predict_port, broker_port, preprocess_port, train_port,
-        deadletter_port, demo) -> None:
-    """Run the whole platform locally: broker, bucket watcher, the three functions and the dead-letter sink.
+        deadletter_port, batch_port, demo) -> None:
+    """Run the whole platform locally: broker, bucket watcher, the functions (preprocess, train,
+    predict, batch) and the dead-letter sink.
 
     With --bucket gs://BUCKET the functions work on that Google Cloud Storage bucket, and the
     GCS source (pulling the bucket's Pub/Sub notifications from --subscription) replaces the
@@ -79,7 +81,7 @@ def dev(bucket, subscription, project, state_dir, host, predict_port, broker_por
     from bucketml.local import supervisor as dev_runtime
 
     ports = dev_runtime.Ports(predict=predict_port, broker=broker_port, preprocess=preprocess_port, train=train_port,
-                              deadletter=deadletter_port)
+                              deadletter=deadletter_port, batch=batch_port)
     gcs_bucket = _gcs_bucket_name(bucket)
     if gcs_bucket is None:
         if subscription and click.get_current_context().get_parameter_source("subscription").name == "COMMANDLINE":
@@ -762,6 +764,9 @@ def status(namespace: str, context: str | None) -> None:
     except HTTPError as exc:
         raise Failure(f"the Kubernetes API at {api.configuration.host} is unreachable: {exc}") from None
     click.echo("\n".join(lines))
+
+
+cli.add_command(batch.predict_batch)
 
 
 def main() -> None:

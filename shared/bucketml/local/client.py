@@ -176,6 +176,11 @@ def describe(type_: str, data: dict) -> str:
         return f"  rejected   {data.get('reason')}: {data.get('message')}  (report: {data.get('report')})"
     if type_ == events.TRAINING_FAILED:
         return f"  failed     {data.get('reason')}: {data.get('message')}"
+    if type_ == events.BATCH_COMPLETED:
+        return (f"  scored     {data.get('input')}: {data.get('rows')} rows with version {data.get('version')} in "
+                f"{data.get('seconds')} s -> {data.get('output')}")
+    if type_ == events.BATCH_FAILED:
+        return f"  not scored {data.get('input')}: {data.get('reason')}: {data.get('message')}"
     return f"  {type_}"
 
 

@@ -337,11 +337,11 @@ class Platform:
 
 def start_platform(folder: Path) -> Platform:
     """`bucketml dev` on its own bucket, state folder and ports, once it says it is ready."""
-    predict, broker, preprocess, train, deadletter = free_ports(5)
+    predict, broker, preprocess, train, deadletter, batch = free_ports(6)
     bucket, state, log = folder / "bucket", folder / "state", folder / "dev.log"
     argv = [str(BUCKETML), "dev", "--bucket", str(bucket), "--state-dir", str(state),
             "--predict-port", str(predict), "--broker-port", str(broker), "--preprocess-port", str(preprocess),
-            "--train-port", str(train), "--deadletter-port", str(deadletter)]
+            "--train-port", str(train), "--deadletter-port", str(deadletter), "--batch-port", str(batch)]
     with log.open("w") as out:
         # Own session: its process group is ours to signal, and Ctrl-C in this terminal reaches
         # only this script, which then stops the platform in order.

@@ -431,12 +431,12 @@ def test_events_filtering(tmp_path, broker):
 
 
 def test_real_manifests_route_each_platform_event_type(tmp_path, subscriber, broker):
-    services = {name: subscriber() for name in ("preprocess", "train", "predict", "deadletter")}
+    services = {name: subscriber() for name in ("preprocess", "train", "predict", "deadletter", "batch")}
     target = broker(REPO / "infra" / "knative", {name: sub.url for name, sub in services.items()})
     expected = {
-        events.OBJECT_FINALIZED: ("preprocess", "/"),
-        events.DATASET_PREPARED: ("train", "/"),
-        events.MODEL_PUBLISHED: ("predict", "/reload"),
+        events.OBJECT_FINALIZED: [("preprocess", "/"), ("batch", "/")],  # each acts on its own folder
+        events.DATASET_PREPARED: [("train", "/")],
+        events.MODEL_PUBLISHED: [("predict", "/reload")],
     }
 
     sent = {events.OBJECT_FINALIZED: send(target, events.finalized_event("uploads", {"name": "iris/data.csv"}))}
@@ -448,11 +448,12 @@ def test_real_manifests_route_each_platform_event_type(tmp_path, subscriber, bro
     for type_, seq in sent.items():
         deliveries = get(target, f"/events/{seq}")["deliveries"]
         if type_ in expected:
-            assert [d["status"] for d in deliveries] == ["delivered"], type_
+            assert [d["status"] for d in deliveries] == ["delivered"] * len(expected[type_]), type_
         else:
             assert deliveries == [], f"{type_} has no trigger in infra/knative"
-    for type_, (name, path) in expected.items():
-        assert [(r.headers["ce-type"], r.path) for r in services[name].received] == [(type_, path)]
+    for type_, routes in expected.items():
+        for name, path in routes:
+            assert [(r.headers["ce-type"], r.path) for r in services[name].received] == [(type_, path)]
     assert services["deadletter"].received == []  # every delivery succeeded
 
 
@@ -481,13 +482,16 @@ def test_a_trigger_with_its_own_delivery_does_not_use_the_brokers_dead_letter_si
 
 def test_real_manifests_triggers_with_their_own_delivery_keep_the_sink_and_backoff():
     topology = load_topology(REPO / "infra" / "knative", {"preprocess": "http://p", "train": "http://t", "predict": "http://s:8080",
-                                                          "deadletter": "http://d"})
+                                                          "deadletter": "http://d", "batch": "http://b"})
     train = topology.trigger("train-on-prepared")
     assert train.delivery == Delivery(retry=5, backoff_policy="exponential", backoff_delay=0.5, timeout=1800.0,
                                       dead_letter_sink="http://d")
     preprocess = topology.trigger("preprocess-on-upload")
     assert preprocess.delivery == Delivery(retry=5, backoff_policy="exponential", backoff_delay=0.5, timeout=300.0,
                                            dead_letter_sink="http://d")
+    batch = topology.trigger("batch-on-upload")
+    assert batch.delivery == Delivery(retry=5, backoff_policy="exponential", backoff_delay=0.5, timeout=1800.0,
+                                      dead_letter_sink="http://d")
     # predict-on-published has no delivery of its own: the Broker's applies.
     assert topology.trigger("predict-on-published").delivery == topology.brokers["default"]
     assert topology.trigger("predict-on-published").subscriber == "http://s:8080/reload"

@@ -39,7 +39,7 @@ from bucketml.storage import LocalStorage
 from helpers import (PUBSUB_PROJECT, ROOT, Sink, churn_frame, free_port, publish, pubsub_subscription, stop_process,
                      wait_for_http)
 
-FUNCTIONS = ("predict", "deadletter", "monitor", "preprocess", "train")
+FUNCTIONS = ("predict", "deadletter", "monitor", "batch", "preprocess", "train")
 WRAPPER = ROOT / "infra" / "images" / "runc-without-rlimits"
 MANIFESTS = ROOT / "infra" / "knative"
 # A start-up log line with any of these fails the test.
@@ -358,9 +358,11 @@ def test_an_object_written_to_gcs_ends_in_a_prediction_served_by_the_containers(
     with started(engine, "preprocess", tmp_path, gcs) as preprocess, \
             started(engine, "train", tmp_path, {**gcs, "BUCKETML_BROKER_URL": broker_url}) as train, \
             started(engine, "deadletter", tmp_path, gcs) as deadletter, \
+            started(engine, "batch", tmp_path, gcs) as batch, \
             started(engine, "predict", tmp_path, {**gcs, "K_SERVICE": "predict", "BUCKETML_POLL_SECONDS": "5"},
                     ready=("/v2/health/live", (200,))) as predict:
-        subscribers = {"preprocess": preprocess.url, "train": train.url, "predict": predict.url, "deadletter": deadletter.url}
+        subscribers = {"preprocess": preprocess.url, "train": train.url, "predict": predict.url, "deadletter": deadletter.url,
+                       "batch": batch.url}
         with broker_on_host(subscribers, broker_port, tmp_path), \
                 started(engine, "gcs-source", tmp_path,
                         {"PUBSUB_EMULATOR_HOST": pubsub_emulator, "GOOGLE_CLOUD_PROJECT": PUBSUB_PROJECT,

@@ -266,11 +266,13 @@ def test_apply_sends_every_object_by_server_side_apply_and_waits_for_ready(tmp_p
         "/apis/eventing.knative.dev/v1/namespaces/ml-prod/triggers/preprocess-on-upload",
         "/apis/eventing.knative.dev/v1/namespaces/ml-prod/triggers/train-on-prepared",
         "/apis/eventing.knative.dev/v1/namespaces/ml-prod/triggers/predict-on-published",
+        "/apis/eventing.knative.dev/v1/namespaces/ml-prod/triggers/batch-on-upload",
         "/apis/serving.knative.dev/v1/namespaces/ml-prod/services/preprocess",
         "/apis/serving.knative.dev/v1/namespaces/ml-prod/services/train",
         "/apis/serving.knative.dev/v1/namespaces/ml-prod/services/predict",
         "/apis/serving.knative.dev/v1/namespaces/ml-prod/services/deadletter",
         "/apis/serving.knative.dev/v1/namespaces/ml-prod/services/monitor",
+        "/apis/serving.knative.dev/v1/namespaces/ml-prod/services/batch",
         "/apis/sources.knative.dev/v1/namespaces/ml-prod/containersources/gcs-uploads",
         "/apis/sources.knative.dev/v1/namespaces/ml-prod/pingsources/monitor-every-minute",
     ])

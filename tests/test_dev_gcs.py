@@ -34,7 +34,8 @@ def _dev_argv(ports: dict[str, int], *args: str) -> list[str]:
     return [BUCKETML, "dev", "--state-dir", "state", *args,
             "--predict-port", str(ports["predict"]), "--broker-port", str(ports["broker"]),
             "--preprocess-port", str(ports["preprocess"]), "--train-port", str(ports["train"]),
-            "--deadletter-port", str(ports["deadletter"]), "--monitor-port", str(ports["monitor"])]
+            "--deadletter-port", str(ports["deadletter"]), "--monitor-port", str(ports["monitor"]),
+            "--batch-port", str(ports["batch"])]
 
 
 def _interrupt(process: subprocess.Popen) -> int | str:
@@ -198,7 +199,7 @@ def test_the_notification_check_wants_finalized_objects_as_json_on_the_subscript
     from google.cloud import storage
     from google.cloud.storage.notification import BucketNotification
 
-    from bucketml.cloud.gcs_source import SetupError, notifies, subscription_path
+    from bucketml.cloud.gcs_source import SetupError, batch_note, notifies, subscription_path
 
     bucket = storage.Client(project="p", credentials=AnonymousCredentials()).bucket("b")
 
@@ -225,6 +226,18 @@ def test_the_notification_check_wants_finalized_objects_as_json_on_the_subscript
                       notification("projects/proj-b/topics/uploads")], topic)
     assert found == ["projects/proj-a/topics/uploads (all events, NONE)", "projects/proj-a/topics/uploads (OBJECT_DELETE, JSON_API_V1)",
                      "projects/proj-b/topics/uploads (all events, JSON_API_V1)"]
+
+    # Files to score are under batch/: a second notification, whose absence is a warning only.
+    assert notifies([notification(topic, prefix="datasets/")], topic, "batch/") == [
+        "projects/proj-a/topics/uploads (all events, JSON_API_V1, objects under datasets/)"]
+    both = [notification(topic, prefix="datasets/"), notification(topic, prefix="batch/")]
+    assert notifies(both, topic) is True and notifies(both, topic, "batch/") is True
+    assert batch_note("b", "projects/p/subscriptions/s", topic, both) is None
+    note = batch_note("b", "projects/p/subscriptions/s", topic, both[:1])
+    assert "no OBJECT_FINALIZE notification for the objects under batch/" in note
+    assert f"gcloud storage buckets notifications create gs://b --topic {topic} --event-types OBJECT_FINALIZE " \
+           "--object-prefix batch/ --payload-format json" in note
+    assert notifies([notification(topic)], topic, "batch/") is True  # no prefix: every object
 
     assert subscription_path("p", "s") == "projects/p/subscriptions/s"
     assert subscription_path(None, "projects/q/subscriptions/s") == "projects/q/subscriptions/s"

@@ -305,8 +305,10 @@ def test_an_upload_on_the_production_event_path_ends_in_a_served_model(pubsub_em
     with function_server("preprocess", bucket, tmp_path, env) as preprocess, \
             function_server("train", bucket, tmp_path, {**env, "BUCKETML_BROKER_URL": broker_url}) as train, \
             predict_server(bucket, tmp_path, env=env) as predict, \
-            function_server("deadletter", bucket, tmp_path, env) as deadletter:
-        subscribers = {"preprocess": preprocess.url, "train": train.url, "predict": predict.url, "deadletter": deadletter.url}
+            function_server("deadletter", bucket, tmp_path, env) as deadletter, \
+            function_server("batch", bucket, tmp_path, env) as batch:
+        subscribers = {"preprocess": preprocess.url, "train": train.url, "predict": predict.url, "deadletter": deadletter.url,
+                       "batch": batch.url}
         manifests = ROOT / "infra" / "knative"
         with running_broker(manifests, subscribers, tmp_path, broker_port), \
                 adapter_to(pubsub_emulator, subscription, broker_url, tmp_path):

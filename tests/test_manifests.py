@@ -34,7 +34,7 @@ EXPECTED = {
     "dev": {"namespace": "bucketml-dev", "tag": "dev", "predict_min_scale": 0},
     "prod": {"namespace": "bucketml", "tag": "0.1.0", "predict_min_scale": 1},
 }
-FUNCTIONS = ("preprocess", "train", "predict", "deadletter", "monitor")
+FUNCTIONS = ("preprocess", "train", "predict", "deadletter", "monitor", "batch")
 SUBSCRIBERS = {name: f"http://{name}.test" for name in FUNCTIONS}  # Service name -> base URL, for load_topology
 BROKER_INGRESS = "http://broker-ingress.knative-eventing.svc.cluster.local"  # Knative's MT-channel-based broker
 SERVING, EVENTING = "serving.knative.dev/v1", "eventing.knative.dev/v1"
@@ -118,7 +118,7 @@ def test_overlay_has_the_platform(name):
     assert set(services(docs)) == set(FUNCTIONS)
     assert set(of_kind(docs, EVENTING, "Broker")) == set(local.brokers) == {"default"}
     assert set(of_kind(docs, EVENTING, "Trigger")) == {t.name for t in local.triggers}
-    assert len(local.triggers) == 3
+    assert len(local.triggers) == 4
     assert set(of_kind(docs, "v1", "ServiceAccount")) == {"bucketml"}
     for service in services(docs).values():
         assert service["spec"]["template"]["spec"]["serviceAccountName"] == "bucketml"

@@ -156,6 +156,37 @@ def test_open_streams_a_large_object_at_its_generation(store):
         store.open("big/missing.bin")
 
 
+def test_write_file_streams_a_file_create_only_with_metadata(store, tmp_path):
+    data = os.urandom(3 << 20)  # several of the local backend's copy blocks
+    path = tmp_path / "out.csv"
+    path.write_bytes(data)
+    info = store.write_file("predictions/m/a.csv", path, if_generation_match=0, content_type="text/csv",
+                            metadata={"input": "batch/m/a.csv"})
+    assert store.read("predictions/m/a.csv") == data
+    stat = store.stat("predictions/m/a.csv")
+    assert stat == info
+    assert (stat.size, stat.content_type, stat.metadata) == (len(data), "text/csv", {"input": "batch/m/a.csv"})
+    assert stat.md5_hash == b64md5(data)
+    # Create-only: a second write is refused and changes nothing.
+    with pytest.raises(PreconditionFailed, match="already exists"):
+        store.write_file("predictions/m/a.csv", path, if_generation_match=0)
+    assert store.stat("predictions/m/a.csv").generation == info.generation
+
+
+def test_write_file_takes_an_open_file_and_replaces_by_generation(store, tmp_path):
+    first = store.write("predictions/m/b.csv", b"old")
+    with open(tmp_path / "new.csv", "wb+") as f:
+        f.write(b"new bytes")
+        f.seek(0)
+        with pytest.raises(PreconditionFailed):
+            store.write_file("predictions/m/b.csv", f, if_generation_match=first.generation + 1)
+        assert store.read("predictions/m/b.csv") == b"old"
+        f.seek(0)
+        second = store.write_file("predictions/m/b.csv", f, if_generation_match=first.generation)
+    assert second.generation > first.generation
+    assert store.read("predictions/m/b.csv") == b"new bytes"
+
+
 def test_md5_hash_is_base64_of_the_md5_digest(store):
     data = os.urandom(1000)
     assert store.write("blob.bin", data).md5_hash == b64md5(data)

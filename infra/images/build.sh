@@ -1,7 +1,7 @@
 #!/bin/sh
 # Builds the images with podman, from the repository root (what `make images` runs):
 #
-#   sh infra/images/build.sh [FUNCTION...]     # default: all five (predict deadletter monitor preprocess train)
+#   sh infra/images/build.sh [FUNCTION...]     # default: all of them (predict deadletter monitor batch preprocess train)
 #
 # Tags: localhost/bucketml-<function>:latest, the names infra/overlays/*/kustomization.yaml
 # retag (`make push` tags and pushes them to a registry). The base image python:3.11-slim is
@@ -41,9 +41,9 @@ build_one() {  # FUNCTION
     function=$1
     case $function in
         predict) set -- --build-arg IMAGE=predict --build-arg ASGI=true ;;
-        deadletter | monitor) set -- --build-arg IMAGE=predict ;;
+        deadletter | monitor | batch) set -- --build-arg IMAGE=predict ;;
         preprocess | train) set -- --build-arg IMAGE=pipeline ;;
-        *) echo "unknown function $function (predict, deadletter, monitor, preprocess, train)" >&2; return 2 ;;
+        *) echo "unknown function $function (predict, deadletter, monitor, batch, preprocess, train)" >&2; return 2 ;;
     esac
     image=localhost/bucketml-$function:latest
     digest=$(inputs "${2#IMAGE=}" "$function" "$@") || return 1
@@ -78,7 +78,7 @@ if [ $# -gt 0 ]; then
 else
     # The two package sets build side by side (their time goes mostly to downloading and
     # unpacking packages); within a set, the second image reuses the first one's layers.
-    build_in_turn predict deadletter monitor &
+    build_in_turn predict deadletter monitor batch &
     first=$!
     build_in_turn preprocess train &
     second=$!

@@ -37,6 +37,7 @@ DEFAULT_MONITOR_PORT = 8087
 DEFAULT_MONITOR_SECONDS = 10.0
 DEFAULT_MONITOR_FLUSH_SECONDS = 10.0
 DEFAULT_MONITOR_WINDOW_SECONDS = 600.0
+DEFAULT_BATCH_PORT = 8086
 DEFAULT_POLL_SECONDS = 1.0
 # Where the Knative manifests (infra/) and the function sources (functions/) are when
 # BUCKETML_MANIFESTS / BUCKETML_FUNCTIONS do not say: the repository root when bucketml runs

@@ -17,7 +17,7 @@ from bucketml.contracts.card import ModelCard, Profile, RowCounts, SummaryStyle,
 from bucketml.registry.model_registry import Registry, RegistryError, check_model_name
 from bucketml.contracts.rejections import OUTCOME_FOLDERS, Rejection
 from bucketml.contracts.spec import FIELDS, spec_from_metadata
-from bucketml.cli import rollout
+from bucketml.cli import batch, rollout
 from bucketml.monitoring.decisions import MIN_DRIFT_ROWS
 from bucketml.steps.rollout import rollout_event
 from bucketml.local.client import (
@@ -71,11 +71,12 @@ def cli() -> None:
 @click.option("--train-port", envvar="BUCKETML_TRAIN_PORT", default=config.DEFAULT_TRAIN_PORT, show_default=True)
 @click.option("--deadletter-port", envvar="BUCKETML_DEADLETTER_PORT", default=config.DEFAULT_DEADLETTER_PORT, show_default=True)
 @click.option("--monitor-port", envvar="BUCKETML_MONITOR_PORT", default=config.DEFAULT_MONITOR_PORT, show_default=True)
+@click.option("--batch-port", envvar="BUCKETML_BATCH_PORT", default=config.DEFAULT_BATCH_PORT, show_default=True)
 @click.option("--demo", is_flag=True, help="Once ready, upload a demo dataset and print a prediction.")
 def dev(bucket, subscription, project, state_dir, host, predict_port, broker_port, preprocess_port, train_port,
-        deadletter_port, monitor_port, demo) -> None:
+        deadletter_port, monitor_port, batch_port, demo) -> None:
     """Run the whole platform locally: broker, bucket watcher, the functions (preprocess, train,
-    predict, monitor) and the dead-letter sink.
+    predict, monitor, batch) and the dead-letter sink.
 
     With --bucket gs://BUCKET the functions work on that Google Cloud Storage bucket, and the
     GCS source (pulling the bucket's Pub/Sub notifications from --subscription) replaces the
@@ -83,7 +84,7 @@ def dev(bucket, subscription, project, state_dir, host, predict_port, broker_por
     from bucketml.local import supervisor as dev_runtime
 
     ports = dev_runtime.Ports(predict=predict_port, broker=broker_port, preprocess=preprocess_port, train=train_port,
-                              deadletter=deadletter_port, monitor=monitor_port)
+                              deadletter=deadletter_port, monitor=monitor_port, batch=batch_port)
     gcs_bucket = _gcs_bucket_name(bucket)
     if gcs_bucket is None:
         if subscription and click.get_current_context().get_parameter_source("subscription").name == "COMMANDLINE":
@@ -808,6 +809,9 @@ def status(namespace: str, context: str | None) -> None:
     except HTTPError as exc:
         raise Failure(f"the Kubernetes API at {api.configuration.host} is unreachable: {exc}") from None
     click.echo("\n".join(lines))
+
+
+cli.add_command(batch.predict_batch)
 
 
 def main() -> None:

@@ -218,6 +218,9 @@ def _ok(future) -> bool:
 # Uploads are the objects under datasets/; a notification limited to them spares the broker an
 # event for every object the platform writes itself (prepared data, models, reports).
 UPLOADS_PREFIX = "datasets/"
+# Files to score (the batch function) are uploaded under batch/: a second notification with
+# that prefix. Optional: without it, datasets still train and only batch scoring is not told.
+BATCH_PREFIX = "batch/"
 
 class SetupError(Exception):
     """The bucket, its notifications or their subscription are not what the source needs; the
@@ -238,8 +241,9 @@ def subscription_path(project: str | None, subscription: str) -> str:
     return f"projects/{project}/subscriptions/{subscription}"
 
 
-def setup_commands(bucket: str, path: str | None = None, topic: str | None = None) -> str:
-    """The gcloud commands that make `bucket` notify a subscription (docs/deploy.md)."""
+def setup_commands(bucket: str, path: str | None = None, topic: str | None = None, prefix: str = UPLOADS_PREFIX) -> str:
+    """The gcloud commands that make `bucket` notify a subscription of the objects under
+    `prefix` (docs/deploy.md)."""
     sub = path.rsplit("/", 1)[-1] if path else "bucketml-uploads"
     project = path.split("/")[1] if path else "PROJECT"
     topic_id = topic.rsplit("/", 1)[-1] if topic else "bucketml-uploads"
@@ -249,26 +253,37 @@ def setup_commands(bucket: str, path: str | None = None, topic: str | None = Non
     if path is None or topic is None:
         lines.append(f"gcloud pubsub subscriptions create {sub} --topic {topic_id} --ack-deadline 10 --project {project}")
     lines.append(f"gcloud storage buckets notifications create gs://{bucket} --topic {topic or topic_id} "
-                 f"--event-types OBJECT_FINALIZE --object-prefix {UPLOADS_PREFIX} --payload-format json")
+                 f"--event-types OBJECT_FINALIZE --object-prefix {prefix} --payload-format json")
     return "\n".join("    " + line for line in lines)
 
 
-def notifies(notifications, topic: str) -> bool | list[str]:
+def notifies(notifications, topic: str, prefix: str = UPLOADS_PREFIX) -> bool | list[str]:
     """True when one of a bucket's notification configurations (google-cloud-storage
     BucketNotification objects) publishes OBJECT_FINALIZE in the JSON payload format to `topic`
-    (projects/P/topics/T) for the objects under datasets/; else what each of them does, for the
-    error message."""
+    (projects/P/topics/T) for the objects under `prefix` (datasets/); else what each of them
+    does, for the error message."""
     found = []
     for notification in notifications:
         to = f"projects/{notification.topic_project}/topics/{notification.topic_name}"
-        prefix = notification.blob_name_prefix or ""
         if (to == topic and notification.payload_format == "JSON_API_V1"
                 and (not notification.event_types or FINALIZE in notification.event_types)
-                and UPLOADS_PREFIX.startswith(prefix)):
+                and prefix.startswith(notification.blob_name_prefix or "")):
             return True
+        under = notification.blob_name_prefix or ""
         found.append(f"{to} ({','.join(notification.event_types or ['all events'])}, {notification.payload_format}"
-                     f"{f', objects under {prefix}' if prefix else ''})")
+                     f"{f', objects under {under}' if under else ''})")
     return found
+
+
+def batch_note(bucket: str, path: str, topic: str, notifications) -> str | None:
+    """A warning when no notification tells `topic` of the files uploaded under batch/ (those
+    to score), with the command that adds one; None when one does. Not an error: datasets
+    train without it."""
+    if notifies(notifications, topic, BATCH_PREFIX) is True:
+        return None
+    return (f"gs://{bucket} sends no OBJECT_FINALIZE notification for the objects under {BATCH_PREFIX} to {topic}, so "
+            f"files uploaded there to be scored (batch/<model>/<name>.csv) will not be; datasets train as usual. "
+            f"To score files, add the notification:\n{setup_commands(bucket, path, topic, BATCH_PREFIX)}")
 
 
 def check_setup(bucket: str, path: str) -> list[str]:
@@ -276,7 +291,7 @@ def check_setup(bucket: str, path: str) -> list[str]:
     (projects/P/subscriptions/S) exists, and that the bucket notifies its topic of finalized
     objects in the JSON payload format. Raises SetupError for what is missing; returns notes
     about what could not be checked (a permission the caller lacks, an emulator without
-    notification configurations)."""
+    notification configurations) and a warning when no notification covers batch/."""
     from google.api_core import exceptions as gexc
     from google.auth import exceptions as auth_exceptions
 
@@ -335,7 +350,7 @@ def check_setup(bucket: str, path: str) -> list[str]:
         return notes
     found = notifies(notifications, topic)
     if found is True:
-        return notes
+        return notes + ([note] if (note := batch_note(bucket, path, topic, notifications)) else [])
     raise SetupError(
         f"gs://{bucket} sends no OBJECT_FINALIZE notification with the JSON payload to {topic}, the topic of "
         f"{path}; it notifies: {'; '.join(found) or 'nothing'}. Create the notification with:\n"

@@ -268,6 +268,26 @@ class ModelDrift(EventData):
     psi: dict[str, Number | None]  # every watched column's index (None: no served value)
     prediction_psi: Number | None  # the predictions against the training target's spread
     started: StrictStr  # when the monitor saw it
+class BatchCompleted(EventData):
+    """bucketml.batch.completed.v1: a file under batch/ was scored; its predictions object is complete."""
+
+    model: StrictStr
+    version: StrictInt  # the current version that scored every row
+    input: StrictStr  # batch/<model>/<name>.csv
+    generation: StrictInt  # the input's generation that was scored
+    output: StrictStr  # predictions/<model>/<name>.csv
+    rows: StrictInt
+    seconds: float
+
+
+class BatchFailed(EventData):
+    """bucketml.batch.failed.v1: a file under batch/ was not scored, and no predictions object was written."""
+
+    model: StrictStr
+    input: StrictStr
+    generation: StrictInt
+    reason: StrictStr  # a code of serving/batch.py REASONS
+    message: StrictStr  # what is wrong and what to do
 
 
 def _first_problem(exc: ValidationError) -> str:

@@ -30,11 +30,15 @@ ROLLOUT_PROMOTED = "bucketml.rollout.promoted.v1"
 ROLLOUT_ROLLED_BACK = "bucketml.rollout.rolled_back.v1"
 MODEL_DRIFT = "bucketml.model.drift.v1"
 PING = "dev.knative.sources.ping"  # Knative's PingSource: what runs the monitor
+BATCH_COMPLETED = "bucketml.batch.completed.v1"
+BATCH_FAILED = "bucketml.batch.failed.v1"
 
 PLATFORM_TYPES = (DATASET_PREPARED, DATASET_REJECTED, MODEL_TRAINED, MODEL_PUBLISHED, TRAINING_FAILED,
-                  ROLLOUT_STARTED, ROLLOUT_PROMOTED, ROLLOUT_ROLLED_BACK, MODEL_DRIFT)
+                  ROLLOUT_STARTED, ROLLOUT_PROMOTED, ROLLOUT_ROLLED_BACK, MODEL_DRIFT, BATCH_COMPLETED, BATCH_FAILED)
 # The outcomes that end the story of one upload.
 UPLOAD_OUTCOMES = (MODEL_PUBLISHED, MODEL_TRAINED, DATASET_REJECTED, TRAINING_FAILED)
+# The outcomes of one file scored under batch/.
+BATCH_OUTCOMES = (BATCH_COMPLETED, BATCH_FAILED)
 
 MODEL_ATTRIBUTE = "bucketmlmodel"
 

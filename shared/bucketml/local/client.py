@@ -185,6 +185,11 @@ def describe(type_: str, data: dict) -> str:
     if type_ == events.MODEL_DRIFT:
         columns = ", ".join(f"{d.get('column')} (PSI {d.get('psi'):.2f})" for d in data.get("drifted") or [])
         return f"  drift      {data.get('model')} version {data.get('version')}: {columns} over {data.get('threshold')}"
+    if type_ == events.BATCH_COMPLETED:
+        return (f"  scored     {data.get('input')}: {data.get('rows')} rows with version {data.get('version')} in "
+                f"{data.get('seconds')} s -> {data.get('output')}")
+    if type_ == events.BATCH_FAILED:
+        return f"  not scored {data.get('input')}: {data.get('reason')}: {data.get('message')}"
     return f"  {type_}"
 
 

@@ -2,7 +2,7 @@
 
 Processes: the broker (routes by infra/knative), the bucket watcher (local GCS notifications;
 with a gs:// bucket, the GCS source pulling the bucket's Pub/Sub notifications instead), the
-functions (preprocess, train, predict, monitor and the dead-letter sink) under
+functions (preprocess, train, predict, monitor, batch and the dead-letter sink) under
 functions-framework, and the pinger that runs the monitor every BUCKETML_MONITOR_SECONDS as the
 manifests' PingSource does in a cluster. Their output is merged into one log, a part that dies
 is restarted, and Ctrl-C stops everything; undelivered events stay in the
@@ -36,7 +36,7 @@ STOP_TIMEOUT = 10.0
 PIDS_FILE = "dev.pids.json"  # in the state folder: which processes this `bucketml dev` started
 NOTIFIERS = ("watcher", "gcs-source")  # the part that turns uploads into events: one or the other
 COLOURS = {"broker": 35, "watcher": 36, "gcs-source": 36, "preprocess": 33, "train": 32, "predict": 34, "deadletter": 31,
-           "monitor": 35, "ping": 36, "dev": 1}
+           "monitor": 35, "ping": 36, "batch": 95, "dev": 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,11 +49,12 @@ class Ports:
     train: int = config.DEFAULT_TRAIN_PORT
     deadletter: int = config.DEFAULT_DEADLETTER_PORT
     monitor: int = config.DEFAULT_MONITOR_PORT
+    batch: int = config.DEFAULT_BATCH_PORT
 
     def of_functions(self) -> dict[str, int]:
         """Function name (its Knative Service name in infra/knative) -> port."""
         return {"preprocess": self.preprocess, "train": self.train, "predict": self.predict, "deadletter": self.deadletter,
-                "monitor": self.monitor}
+                "monitor": self.monitor, "batch": self.batch}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +146,7 @@ class Supervisor:
             function("predict", ports.predict, None),
             function("deadletter", ports.deadletter, 2),
             function("monitor", ports.monitor, 1),
+            function("batch", ports.batch, 2),
             notifier,
             Part("ping", ping, env, None),
         ]
@@ -239,7 +241,8 @@ class Supervisor:
         """Until the broker answers and every function accepts connections."""
         s = self.settings
         urls = [s.broker_url + "/healthz", s.predict_url + "/v2/health/live",
-                s.url(s.ports.preprocess), s.url(s.ports.train), s.url(s.ports.deadletter), s.url(s.ports.monitor)]
+                s.url(s.ports.preprocess), s.url(s.ports.train), s.url(s.ports.deadletter), s.url(s.ports.monitor),
+                s.url(s.ports.batch)]
         deadline = time.monotonic() + timeout
         for url in urls:
             while True:
@@ -301,10 +304,12 @@ class Supervisor:
     def banner(self) -> None:
         s = self.settings
         if s.on_gcs:
-            where = [f"bucket           {s.bucket}   (upload CSVs to {s.bucket}/datasets/<model>/)",
+            where = [f"bucket           {s.bucket}   (upload CSVs to {s.bucket}/datasets/<model>/, files to score to "
+                     f"{s.bucket}/batch/<model>/)",
                      f"notifications    {s.subscription}   (the GCS source posts them to the broker)"]
         else:
-            where = [f"bucket folder    {s.bucket}   (drop CSVs into {s.bucket / 'datasets'}/<model>/)"]
+            where = [f"bucket folder    {s.bucket}   (drop CSVs into {s.bucket / 'datasets'}/<model>/, files to score "
+                     f"into {s.bucket / 'batch'}/<model>/)"]
         for line in (
             *where,
             f"state            {s.state_dir}",
@@ -314,6 +319,7 @@ class Supervisor:
             f"train            {s.url(s.ports.train)}",
             f"deadletter       {s.url(s.ports.deadletter)}",
             f"monitor          {s.url(s.ports.monitor)}   (every {config.monitor_seconds():g}s: canary decisions, drift)",
+            f"batch            {s.url(s.ports.batch)}",
             f"triggers         {config.manifests_dir()}",
         ):
             self.say("dev", line)

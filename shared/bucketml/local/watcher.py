@@ -1,5 +1,7 @@
-"""Local stand-in for GCS notifications: a file that lands in `<bucket>/datasets/` fires the
-`google.cloud.storage.object.v1.finalized` event GCS would send, posted to the broker.
+"""Local stand-in for GCS notifications: a file that lands in `<bucket>/datasets/` (a dataset)
+or `<bucket>/batch/` (a file to score) fires the `google.cloud.storage.object.v1.finalized`
+event GCS would send, posted to the broker. The platform's own writes (prepared/, models/,
+predictions/, ...) are not announced, as the documented GCS notifications do not cover them.
 
 No upload is lost: file-system events only speed things up; a periodic rescan of the bucket
 finds anything they missed (including files that arrived while the watcher was down), and an
@@ -27,6 +29,7 @@ from bucketml.storage.local import LocalStorage
 
 log = logging.getLogger("bucketml.watcher")
 
+UPLOAD_PREFIXES = ("datasets/", "batch/")  # the folders users upload into
 SETTLE_SECONDS = 0.5  # a file must be unchanged this long before it counts as finalized
 RESCAN_SECONDS = 2.0
 
@@ -74,9 +77,9 @@ class BucketWatcher(FileSystemEventHandler):
             self._scan_soon(SETTLE_SECONDS + 0.05)
 
     def scan(self) -> None:
-        """Announce every settled dataset object not announced yet."""
+        """Announce every settled upload not announced yet."""
         try:
-            objects = list(self.storage.list("datasets/"))
+            objects = [info for prefix in UPLOAD_PREFIXES for info in self.storage.list(prefix)]
         except StorageError as exc:
             log.error("cannot list the bucket: %s", exc)
             return
@@ -105,11 +108,12 @@ class BucketWatcher(FileSystemEventHandler):
 
     def run(self) -> None:
         root = Path(self.storage.url)
-        (root / "datasets").mkdir(parents=True, exist_ok=True)
         observer = Observer()
-        observer.schedule(self, str(root / "datasets"), recursive=True)
+        for prefix in UPLOAD_PREFIXES:
+            (root / prefix).mkdir(parents=True, exist_ok=True)
+            observer.schedule(self, str(root / prefix), recursive=True)
         observer.start()
-        log.info("watching %s", root / "datasets")
+        log.info("watching %s", " and ".join(str(root / prefix.rstrip("/")) for prefix in UPLOAD_PREFIXES))
         try:
             while not self._stop.is_set():
                 self._next_scan = time.monotonic() + RESCAN_SECONDS
@@ -131,7 +135,7 @@ class BucketWatcher(FileSystemEventHandler):
 @click.option("--broker", required=True, help="broker ingress URL")
 @click.option("--db", required=True, help="SQLite file recording announced uploads")
 def main(bucket: str, broker: str, db: str) -> None:
-    """Announce each upload to the local bucket's datasets/ to the broker, as GCS would
+    """Announce each upload to the local bucket's datasets/ and batch/ to the broker, as GCS would
     (`python -m bucketml.local.watcher`)."""
     logs.configure()
     watcher = BucketWatcher(LocalStorage(bucket), broker, Announced(Path(db)))

@@ -43,13 +43,23 @@ class OnnxModel:
 
     def predict(self, values: dict[str, list], rows: int) -> dict[str, Any]:
         """Score `rows` rows given as {column name: one value per row}."""
-        return self._answer(self._session.run(self._output_names, feeds_from_columns(self.columns, values, rows)))
+        return self._answer(self.outputs(values, rows))
 
     def predict_matrix(self, matrix: np.ndarray) -> dict[str, Any]:
         """Score a (rows, columns) float32 matrix of a numbers-only model (see encoding.number_matrix)."""
+        return self._answer(self.outputs_of_matrix(matrix))
+
+    def outputs(self, values: dict[str, list], rows: int) -> list[np.ndarray]:
+        """The session's outputs for `predict`'s input, as arrays: the labels (or values), then for
+        a classifier the probabilities in class order. Batch scoring formats them without the
+        Python lists of an HTTP answer."""
+        return self._session.run(self._output_names, feeds_from_columns(self.columns, values, rows))
+
+    def outputs_of_matrix(self, matrix: np.ndarray) -> list[np.ndarray]:
+        """The session's outputs for `predict_matrix`'s input, as arrays (see `outputs`)."""
         rows, width = matrix.shape
         tensors = np.ascontiguousarray(matrix.T).reshape(width, rows, 1)  # one contiguous feed per column
-        return self._answer(self._session.run(self._output_names, dict(zip(self._inputs, tensors))))
+        return self._session.run(self._output_names, dict(zip(self._inputs, tensors)))
 
     def _answer(self, outputs: list) -> dict[str, Any]:
         answer: dict[str, Any] = {"model": self.model, "version": self.version}

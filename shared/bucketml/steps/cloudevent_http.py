@@ -97,7 +97,7 @@ def _serve(request, what: str, run: Callable[[CloudEvent], CloudEvent | list[Clo
         if not quiet:
             log.info("acknowledged %s without a reply event", _which(event))
         return events.empty_response()
-    if reply["type"] in (events.DATASET_REJECTED, events.TRAINING_FAILED):
+    if reply["type"] in (events.DATASET_REJECTED, events.TRAINING_FAILED, events.BATCH_FAILED):
         # A business outcome, not an error: one line that ties the outcome to the event that caused it.
         data = reply.get_data() if isinstance(reply.get_data(), dict) else {}
         log.warning("%s ended in %s (%s): %s", _which(event), reply["type"], data.get("reason"), data.get("message"))

@@ -14,7 +14,8 @@ from typing import Any
 from cloudevents.http import CloudEvent
 
 from bucketml.contracts import events
-from bucketml.contracts.event_data import DatasetPrepared, DatasetRejected, StorageObjectData
+from bucketml.contracts.event_data import DatasetPrepared, DatasetRejected
+from bucketml.steps.finalized import WrongBucket, live_object, upload_from_event  # noqa: F401 (their old home)
 from bucketml.training.reading import Limits, read_csv
 from bucketml.training.preparation import (
     Upload,
@@ -34,12 +35,6 @@ log = logging.getLogger("bucketml.preprocess")
 FUNCTION = "preprocess"
 
 
-def upload_from_event(data: Mapping[str, Any]) -> tuple[str, str, int]:
-    """(bucket, name, generation) of a finalized event's data; MalformedEvent naming the field."""
-    finalized = StorageObjectData.parse(data)
-    return finalized.bucket, finalized.name, finalized.generation
-
-
 def effective_spec(storage: Storage, model: str, metadata: Mapping[str, str | None] | None) -> dataset_spec.EffectiveSpec:
     """The dataset spec in effect for an upload of `model`: its object metadata over
     `datasets/<model>/bucketml.yaml` (if there is one) over the defaults.
@@ -51,10 +46,6 @@ def effective_spec(storage: Storage, model: str, metadata: Mapping[str, str | No
     except NotFound:
         raw = None
     return dataset_spec.from_sources(raw, name, metadata)
-
-
-class WrongBucket(events.MalformedEvent):
-    """The event is about another bucket than the one this function serves (answered with 400)."""
 
 
 def handle_finalized(storage: Storage, data: Mapping[str, Any]) -> CloudEvent | None:
@@ -74,26 +65,12 @@ def handle_finalized(storage: Storage, data: Mapping[str, Any]) -> CloudEvent | 
       bucket reports them, never the event's `size`, `md5Hash` or `metadata`, and the bytes
       are read at that generation only.
     """
-    bucket, name, generation = upload_from_event(data)
-    if bucket != storage.bucket_name:
-        raise WrongBucket(f"the event is about bucket '{bucket}', but this function serves bucket "
-                          f"'{storage.bucket_name}' (BUCKETML_BUCKET): check the Trigger or notification that sent it")
-    if not dataset_object(name):
-        log.info("ignored %s: not a dataset upload (datasets/<model>/<file>.csv)", name)
-        return None
     # Trust the bucket, not the event: the object must still be this generation.
-    try:
-        info = storage.stat(name)
-    except NotFound:
-        log.info("ignored %s#%s: the object no longer exists", name, generation)
+    info = live_object(storage, data, dataset_object, "a dataset upload (datasets/<model>/<file>.csv)")
+    if info is None:
         return None
-    if info.generation < generation:
-        log.warning("ignored %s#%s: no such generation (the live one is %s, older)", name, generation, info.generation)
-        return None
-    if info.generation != generation:
-        log.info("ignored %s#%s: replaced by generation %s, which has its own event", name, generation, info.generation)
-        return None
-    upload = Upload(bucket, name, generation, info.md5_hash, info.metadata)
+    name, generation = info.name, info.generation
+    upload = Upload(info.bucket, name, generation, info.md5_hash, info.metadata)
 
     done = previous_outcome(storage, upload)
     if done is not None:

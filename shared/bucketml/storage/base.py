@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import io
+import os
 from typing import BinaryIO, Iterator
 
 from bucketml import timestamps
@@ -135,6 +136,21 @@ class Storage(abc.ABC):
         metadata: dict[str, str] | None = None,
     ) -> ObjectInfo:
         """Create or replace the object atomically; readers see the old or the new bytes."""
+
+    @abc.abstractmethod
+    def write_file(
+        self,
+        name: str,
+        source: str | os.PathLike | BinaryIO,
+        *,
+        if_generation_match: int | None = None,
+        content_type: str = "application/octet-stream",
+        metadata: dict[str, str] | None = None,
+    ) -> ObjectInfo:
+        """`write` for an object too large to hold in memory: the bytes of the file at path
+        `source` (or of the binary file object, read from its current position to its end),
+        streamed. The same guarantees: atomic, and with `if_generation_match` nothing is stored
+        unless the condition holds."""
 
     @abc.abstractmethod
     def delete(self, name: str, *, if_generation_match: int | None = None) -> None:

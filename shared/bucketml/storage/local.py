@@ -43,6 +43,7 @@ INTERNAL_DIR = ".bucketml"
 # Each '/'-separated part of a name is one file name: 255 bytes on common file systems, less
 # the '.json' its metadata file adds.
 MAX_SEGMENT_BYTES = 250
+COPY_BLOCK_BYTES = 1 << 20  # write_file streams in blocks of this size
 
 
 class LocalStorage(Storage):
@@ -125,6 +126,40 @@ class LocalStorage(Storage):
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
+        return self._info(name, st, meta)
+
+    def write_file(
+        self,
+        name: str,
+        source: str | os.PathLike | BinaryIO,
+        *,
+        if_generation_match: int | None = None,
+        content_type: str = "application/octet-stream",
+        metadata: dict[str, str] | None = None,
+    ) -> ObjectInfo:
+        path = self._path(name)
+        # Copied outside the lock (a large file takes seconds; other writers must not wait for
+        # it), then stamped with its generation and published under the lock like `write`.
+        tmp, digest = self._copy_temp(source)
+        try:
+            with self._locked():
+                current = self._live_generation(path)
+                if if_generation_match is not None and (current or 0) != if_generation_match:
+                    raise precondition_failed(name, current, if_generation_match)
+                self._stamp(tmp, after=current)
+                st = os.stat(tmp)
+                meta = {
+                    "generation": _generation(st),
+                    "size": st.st_size,
+                    "md5": digest,
+                    "content_type": content_type,
+                    "metadata": dict(metadata or {}),
+                }
+                self._write_sidecar(name, meta)
+                self._publish(name, tmp, path, create_only=if_generation_match == 0)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         return self._info(name, st, meta)
 
     def delete(self, name: str, *, if_generation_match: int | None = None) -> None:
@@ -261,7 +296,10 @@ class LocalStorage(Storage):
         """Metadata for a file put there without this API, cached in its sidecar. Needs the lock."""
         with self._open_file(name, path) as f:
             st = os.fstat(f.fileno())  # of the very bytes we hash
-            digest = _md5(f.read())
+            md5 = hashlib.md5()
+            while block := f.read(COPY_BLOCK_BYTES):  # in blocks: a copied-in file may be larger than memory
+                md5.update(block)
+            digest = base64.b64encode(md5.digest()).decode("ascii")
         meta = {
             "generation": _generation(st),
             "size": st.st_size,
@@ -329,6 +367,32 @@ class LocalStorage(Storage):
             raise
         return Path(tmp)
 
+    def _copy_temp(self, source: str | os.PathLike | BinaryIO) -> tuple[Path, str]:
+        """A copy of `source` in the temp folder, and the base64 MD5 of its bytes."""
+        fd, tmp = tempfile.mkstemp(dir=self._tmp_dir)
+        digest = hashlib.md5()
+        try:
+            os.fchmod(fd, 0o644)
+            with os.fdopen(fd, "wb") as out, _opened(source) as f:
+                while block := f.read(COPY_BLOCK_BYTES):
+                    digest.update(block)
+                    out.write(block)
+                out.flush()
+                os.fsync(out.fileno())  # here, not under the lock: syncing a large file takes a while
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        return Path(tmp), base64.b64encode(digest.digest()).decode("ascii")
+
+    def _stamp(self, tmp: Path, *, after: int | None) -> None:
+        """Give a complete temp file an mtime that makes a generation newer than `after`, synced."""
+        with open(tmp, "rb+") as f:
+            generation = max(time.time_ns() // 1000, (after or 0) + 1)
+            os.utime(f.fileno(), ns=(generation * 1000, generation * 1000))
+            os.fsync(f.fileno())
+            if after is not None and _generation(os.fstat(f.fileno())) <= after:
+                raise StorageError(f"the filesystem of {self.root} keeps file times too coarsely to order generations")
+
     def _write_sidecar(self, name: str, meta: dict) -> None:
         path = self._sidecar_path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -362,6 +426,16 @@ class LocalStorage(Storage):
             f"{name} cannot be stored in the folder bucket {self.root}: one name cannot be both a file "
             "and a folder (like objects 'a' and 'a/b' together)"
         )
+
+
+@contextlib.contextmanager
+def _opened(source: str | os.PathLike | BinaryIO) -> Iterator[BinaryIO]:
+    """A path opened for reading (and closed after), or a file object as given (left open)."""
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as f:
+            yield f
+    else:
+        yield source
 
 
 def _generation(st: os.stat_result) -> int:

@@ -123,9 +123,12 @@ def test_an_honest_retrain_is_promoted_and_a_shuffled_one_rolled_back_by_the_mon
         rolled_back = wait_for_event(platform["broker"], lambda e: e["type"] == "bucketml.rollout.rolled_back.v1"
                                      and e["data"]["version"] == 3, timeout=90)
     assert not traffic.failures, traffic.failures[:3]
+    honest_agreement = figures["agreement"]
     figures = rolled_back["data"]["figures"]
-    assert figures["decided_by"] == "monitor" and figures["agreement"] < 0.8, figures
-    assert any("stable version's label" in reason for reason in figures["reasons"]), figures["reasons"]
+    assert figures["decided_by"] == "monitor" and figures["agreement"] < honest_agreement, figures
+    # A label-shuffled model predicts mostly the majority class: its labels disagree with the
+    # stable version's, or are spread differently, or both (which crosses its line first varies).
+    assert figures["reasons"] and all("stable version" in reason for reason in figures["reasons"]), figures["reasons"]
     now = pointer(platform, "churn")
     assert now["version"] == 2 and "canary" not in now, now
     wait_until(lambda: requests.post(platform["predict"] + "/predict", json={"model": "churn", "records": records(first, 1)},

@@ -72,7 +72,7 @@ def manifest_services(folder: Path) -> set[str]:
 
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory):
-    """preprocess, train, deadletter and predict as functions-framework processes over a folder
+    """preprocess, train, deadletter, batch and predict as functions-framework processes over a folder
     bucket, the broker as its own process routing by the real manifests to them (a Service the
     manifests name that is none of these would be a recording sink)."""
     root = tmp_path_factory.mktemp("bad-input")
@@ -82,10 +82,12 @@ def platform(tmp_path_factory):
         function_server("preprocess", storage.root, root) as preprocess,
         function_server("train", storage.root, root) as train,
         function_server("deadletter", storage.root, root) as deadletter,
+        function_server("batch", storage.root, root) as batch,
         predict_server(storage.root, root) as predict,
     ):
         subscribers = {name: sink.url for name in manifest_services(MANIFESTS)}
-        subscribers |= {"preprocess": preprocess.url, "train": train.url, "deadletter": deadletter.url, "predict": predict.url}
+        subscribers |= {"preprocess": preprocess.url, "train": train.url, "deadletter": deadletter.url, "predict": predict.url,
+                        "batch": batch.url}
         port = free_port()
         log_path = root / "broker.log"
         with open(log_path, "wb") as log:
@@ -116,6 +118,7 @@ def platform(tmp_path_factory):
                     "storage": storage,
                     "preprocess": preprocess.url,
                     "train": train.url,
+                    "batch": batch.url,
                     "broker": url,
                     "session": session,
                 }
@@ -229,7 +232,7 @@ ENVELOPES = {
 }
 
 
-@pytest.mark.parametrize("target", ["broker", "preprocess", "train"])
+@pytest.mark.parametrize("target", ["broker", "preprocess", "train", "batch"])
 def test_malformed_envelopes_are_4xx_naming_the_problem(platform, target):
     for name, (headers, body, status, mentions) in ENVELOPES.items():
         response = send(platform, target, headers, body, figures=f"handwritten -> {target}")
@@ -355,7 +358,7 @@ DATA_FOR = {
         ),
     },
 }
-ACCEPTS = {"preprocess": FINALIZED, "train": PREPARED}
+ACCEPTS = {"preprocess": FINALIZED, "train": PREPARED, "batch": FINALIZED}
 
 
 @pytest.mark.parametrize("target", ["preprocess", "train"])
@@ -398,7 +401,9 @@ def test_any_attribute_value_travels_through_the_broker(platform):
     accepted = send(platform, "broker", STRUCTURED, body, figures="handwritten -> broker")
     assert accepted.status_code == 202, accepted.text
     deliveries = wait_until(lambda: delivered(platform, accepted.json()["seq"]), "the event to be delivered", timeout=15)
-    assert [(d["trigger"], d["status"], d["last_error"]) for d in deliveries] == [("preprocess-on-upload", "delivered", None)]
+    # Every upload event goes to preprocess and to batch (which leaves objects outside batch/ alone).
+    assert sorted((d["trigger"], d["status"], d["last_error"]) for d in deliveries) == [
+        ("batch-on-upload", "delivered", None), ("preprocess-on-upload", "delivered", None)]
     assert (
         requests.get(f"{platform['broker']}/events/{accepted.json()['seq']}", timeout=10).json()["subject"] == f"objects/{name}"
     )
@@ -613,7 +618,7 @@ def test_generated_requests_to_the_broker_ingress(platform):
     assert not server_errors, server_errors[:3]
 
 
-@pytest.mark.parametrize("target", ["preprocess", "train"])
+@pytest.mark.parametrize("target", ["preprocess", "train", "batch"])
 def test_generated_requests_to_the_functions(platform, target):
     types = [ACCEPTS[target], ACCEPTS[target], *TYPES]  # mostly the function's own type, to get past the first check
 

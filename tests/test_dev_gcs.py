@@ -34,7 +34,8 @@ def _dev_argv(ports: dict[str, int], *args: str) -> list[str]:
     return [BUCKETML, "dev", "--state-dir", "state", *args,
             "--predict-port", str(ports["predict"]), "--broker-port", str(ports["broker"]),
             "--preprocess-port", str(ports["preprocess"]), "--train-port", str(ports["train"]),
-            "--deadletter-port", str(ports["deadletter"]), "--monitor-port", str(ports["monitor"])]
+            "--deadletter-port", str(ports["deadletter"]), "--monitor-port", str(ports["monitor"]),
+            "--console-port", str(ports["console"])]
 
 
 def _interrupt(process: subprocess.Popen) -> int | str:

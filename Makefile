@@ -61,7 +61,7 @@ image-deps:
 # gives REGISTRY/bucketml-<function>:TAG, what `bucketml deploy --registry REGISTRY --tag TAG`
 # and the prod overlay name (the images are built or brought up to date first). `make tag` only tags (e.g. REGISTRY=dev.local TAG=dev for kind).
 # PUSH_FLAGS: more `podman push` options, e.g. --tls-verify=false for a plain-HTTP registry.
-IMAGE_FUNCTIONS := predict deadletter monitor batch preprocess train
+IMAGE_FUNCTIONS := predict deadletter monitor batch preprocess train console
 TAG ?= latest
 PUSH_FLAGS ?=
 

@@ -80,7 +80,7 @@ def running_platform(root: Path, ports: dict[str, int], env: dict[str, str] | No
          "--predict-port", str(ports["predict"]), "--broker-port", str(ports["broker"]),
          "--preprocess-port", str(ports["preprocess"]), "--train-port", str(ports["train"]),
          "--deadletter-port", str(ports["deadletter"]), "--monitor-port", str(ports.get("monitor") or free_port()),
-         "--batch-port", str(ports.get("batch") or free_port())],
+         "--batch-port", str(ports.get("batch") or free_port()), "--console-port", str(ports.get("console") or free_port())],
         cwd=root, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, BUCKETML_POLL_SECONDS="0.5", **(env or {})),
     )
     info = {
@@ -88,6 +88,7 @@ def running_platform(root: Path, ports: dict[str, int], env: dict[str, str] | No
         "bucket": root / "bucket",
         "broker": f"http://127.0.0.1:{ports['broker']}",
         "predict": f"http://127.0.0.1:{ports['predict']}",
+        "console": f"http://127.0.0.1:{ports['console']}",
         "process": process,
         "log": log_path,
     }
@@ -122,7 +123,8 @@ def stop(process: subprocess.Popen, timeout: float = 15.0) -> int | None:
 
 
 def free_ports() -> dict[str, int]:
-    return {name: free_port() for name in ("predict", "broker", "preprocess", "train", "deadletter", "monitor", "batch")}
+    return {name: free_port() for name in ("predict", "broker", "preprocess", "train", "deadletter", "monitor", "batch",
+                                           "console")}
 
 
 ROOT = Path(__file__).resolve().parents[1]

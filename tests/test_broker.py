@@ -422,6 +422,11 @@ def test_events_filtering(tmp_path, broker):
     assert seqs(type="test.a.v1", model="iris") == [1]
     assert seqs(after=2) == [3, 4]
     assert seqs(after=1, limit=2) == [2, 3]
+    assert seqs(order="desc") == [4, 3, 2, 1]  # newest first: the console's events page
+    assert seqs(order="desc", limit=2, type="test.a.v1") == [4, 3]
+    assert seqs(order="desc", before=3) == [2, 1]
+    assert seqs(after=1, before=4) == [2, 3]
+    assert requests.get(target.url + "/events", params={"order": "up"}, timeout=5).status_code == 400
     listed = get(target, "/events", limit=1)["events"][0]
     assert set(listed) == {"seq", "id", "type", "source", "subject", "time", "model", "data", "received_at"}
     assert (listed["model"], listed["data"]) == ("iris", {"n": 1})

@@ -39,7 +39,7 @@ from bucketml.storage import LocalStorage
 from helpers import (PUBSUB_PROJECT, ROOT, Sink, churn_frame, free_port, publish, pubsub_subscription, stop_process,
                      wait_for_http)
 
-FUNCTIONS = ("predict", "deadletter", "monitor", "batch", "preprocess", "train")
+FUNCTIONS = ("predict", "deadletter", "monitor", "batch", "preprocess", "train", "console")
 WRAPPER = ROOT / "infra" / "images" / "runc-without-rlimits"
 MANIFESTS = ROOT / "infra" / "knative"
 # A start-up log line with any of these fails the test.

@@ -47,6 +47,7 @@ def overlay(folder: Path, s: deploy.Settings) -> Path:
             json_patch(service, "/spec/template/spec/containers/0/env/0/value", s.bucket),
             json_patch({**service, "name": "train"}, "/spec/template/spec/containers/0/env/1/value", s.broker_url),
             json_patch({**service, "name": "monitor"}, "/spec/template/spec/containers/0/env/1/value", s.broker_url),
+            json_patch({**service, "name": "console"}, "/spec/template/spec/containers/0/env/1/value", s.broker_url),
             json_patch(source, "/spec/template/spec/containers/0/env/0/value", s.project),
             json_patch({"version": "v1", "kind": "ServiceAccount", "name": "bucketml"},
                        "/metadata/annotations/iam.gke.io~1gcp-service-account", s.google_service_account),
@@ -273,6 +274,7 @@ def test_apply_sends_every_object_by_server_side_apply_and_waits_for_ready(tmp_p
         "/apis/serving.knative.dev/v1/namespaces/ml-prod/services/deadletter",
         "/apis/serving.knative.dev/v1/namespaces/ml-prod/services/monitor",
         "/apis/serving.knative.dev/v1/namespaces/ml-prod/services/batch",
+        "/apis/serving.knative.dev/v1/namespaces/ml-prod/services/console",
         "/apis/sources.knative.dev/v1/namespaces/ml-prod/containersources/gcs-uploads",
         "/apis/sources.knative.dev/v1/namespaces/ml-prod/pingsources/monitor-every-minute",
     ])

@@ -35,7 +35,7 @@ def _dev_argv(ports: dict[str, int], *args: str) -> list[str]:
             "--predict-port", str(ports["predict"]), "--broker-port", str(ports["broker"]),
             "--preprocess-port", str(ports["preprocess"]), "--train-port", str(ports["train"]),
             "--deadletter-port", str(ports["deadletter"]), "--monitor-port", str(ports["monitor"]),
-            "--batch-port", str(ports["batch"])]
+            "--batch-port", str(ports["batch"]), "--console-port", str(ports["console"])]
 
 
 def _interrupt(process: subprocess.Popen) -> int | str:

@@ -34,7 +34,7 @@ EXPECTED = {
     "dev": {"namespace": "bucketml-dev", "tag": "dev", "predict_min_scale": 0},
     "prod": {"namespace": "bucketml", "tag": "0.1.0", "predict_min_scale": 1},
 }
-FUNCTIONS = ("preprocess", "train", "predict", "deadletter", "monitor", "batch")
+FUNCTIONS = ("preprocess", "train", "predict", "deadletter", "monitor", "batch", "console")
 SUBSCRIBERS = {name: f"http://{name}.test" for name in FUNCTIONS}  # Service name -> base URL, for load_topology
 BROKER_INGRESS = "http://broker-ingress.knative-eventing.svc.cluster.local"  # Knative's MT-channel-based broker
 SERVING, EVENTING = "serving.knative.dev/v1", "eventing.knative.dev/v1"

@@ -1,7 +1,7 @@
 #!/bin/sh
 # Builds the images with podman, from the repository root (what `make images` runs):
 #
-#   sh infra/images/build.sh [FUNCTION...]     # default: all of them (predict deadletter monitor batch preprocess train)
+#   sh infra/images/build.sh [FUNCTION...]     # default: all of them (predict deadletter monitor batch preprocess train console)
 #
 # Tags: localhost/bucketml-<function>:latest, the names infra/overlays/*/kustomization.yaml
 # retag (`make push` tags and pushes them to a registry). The base image python:3.11-slim is
@@ -43,7 +43,9 @@ build_one() {  # FUNCTION
         predict) set -- --build-arg IMAGE=predict --build-arg ASGI=true ;;
         deadletter | monitor | batch) set -- --build-arg IMAGE=predict ;;
         preprocess | train) set -- --build-arg IMAGE=pipeline ;;
-        *) echo "unknown function $function (predict, deadletter, monitor, batch, preprocess, train)" >&2; return 2 ;;
+        # The console: Jinja2 and python-multipart, in the pipeline set (never in predict's).
+        console) set -- --build-arg IMAGE=pipeline --build-arg ASGI=true ;;
+        *) echo "unknown function $function (predict, deadletter, monitor, batch, preprocess, train, console)" >&2; return 2 ;;
     esac
     image=localhost/bucketml-$function:latest
     digest=$(inputs "${2#IMAGE=}" "$function" "$@") || return 1
@@ -80,7 +82,7 @@ else
     # unpacking packages); within a set, the second image reuses the first one's layers.
     build_in_turn predict deadletter monitor batch &
     first=$!
-    build_in_turn preprocess train &
+    build_in_turn preprocess train console &
     second=$!
     status=0
     wait "$first" || status=1

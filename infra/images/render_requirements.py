@@ -28,7 +28,8 @@ IMAGES = {
     # exporting and checking the ONNX model (with onnxruntime), and the version report.
     "pipeline": COMMON + ["scikit-learn", "skl2onnx", "onnx", "protobuf", "pandas", "scipy", "threadpoolctl",
                           "matplotlib", "Jinja2", "onnxruntime", "orjson", "prometheus-client",
-                          "google-cloud-pubsub"],  # the GCS event source (bucketml.gcs_source) runs in this image
+                          "google-cloud-pubsub",  # the GCS event source (bucketml.gcs_source) runs in this image
+                          "python-multipart", "httptools", "uvloop"],  # the console's upload form, and its ASGI server
 }
 
 

@@ -17,7 +17,7 @@ import requests
 
 from helpers import running_platform, versions_by_upload
 
-KINDS = ("broker", "watcher", "preprocess", "train", "predict", "monitor", "ping", "batch")
+KINDS = ("broker", "watcher", "preprocess", "train", "predict", "monitor", "ping", "batch", "console")
 TYPES = {
     "prepared": "bucketml.dataset.prepared.v1",
     "rejected": "bucketml.dataset.rejected.v1",

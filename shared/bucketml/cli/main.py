@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import json
 import sys
 import time
@@ -15,9 +14,10 @@ from bucketml import settings as config
 from bucketml.contracts import events
 from bucketml.contracts.card import ModelCard, Profile, RowCounts, SummaryStyle, TargetProfile
 from bucketml.registry.model_registry import Registry, RegistryError, check_model_name
-from bucketml.contracts.rejections import OUTCOME_FOLDERS, Rejection
-from bucketml.contracts.spec import FIELDS, spec_from_metadata
-from bucketml.cli import batch, rollout
+from bucketml.contracts.upload import UploadSpecError, upload_metadata as spec_metadata
+from bucketml.registry.outcomes import outcome_records
+from bucketml.steps import steering
+from bucketml.cli import batch
 from bucketml.monitoring.decisions import MIN_DRIFT_ROWS
 from bucketml.steps.rollout import rollout_event
 from bucketml.local.client import (
@@ -72,11 +72,13 @@ def cli() -> None:
 @click.option("--deadletter-port", envvar="BUCKETML_DEADLETTER_PORT", default=config.DEFAULT_DEADLETTER_PORT, show_default=True)
 @click.option("--monitor-port", envvar="BUCKETML_MONITOR_PORT", default=config.DEFAULT_MONITOR_PORT, show_default=True)
 @click.option("--batch-port", envvar="BUCKETML_BATCH_PORT", default=config.DEFAULT_BATCH_PORT, show_default=True)
+@click.option("--console-port", envvar="BUCKETML_CONSOLE_PORT", default=config.DEFAULT_CONSOLE_PORT, show_default=True,
+              help="The web console (open http://HOST:PORT/ in a browser).")
 @click.option("--demo", is_flag=True, help="Once ready, upload a demo dataset and print a prediction.")
 def dev(bucket, subscription, project, state_dir, host, predict_port, broker_port, preprocess_port, train_port,
-        deadletter_port, monitor_port, batch_port, demo) -> None:
+        deadletter_port, monitor_port, batch_port, console_port, demo) -> None:
     """Run the whole platform locally: broker, bucket watcher, the functions (preprocess, train,
-    predict, monitor, batch) and the dead-letter sink.
+    predict, monitor, batch, the web console) and the dead-letter sink.
 
     With --bucket gs://BUCKET the functions work on that Google Cloud Storage bucket, and the
     GCS source (pulling the bucket's Pub/Sub notifications from --subscription) replaces the
@@ -84,7 +86,8 @@ def dev(bucket, subscription, project, state_dir, host, predict_port, broker_por
     from bucketml.local import supervisor as dev_runtime
 
     ports = dev_runtime.Ports(predict=predict_port, broker=broker_port, preprocess=preprocess_port, train=train_port,
-                              deadletter=deadletter_port, monitor=monitor_port, batch=batch_port)
+                              deadletter=deadletter_port, monitor=monitor_port, batch=batch_port,
+                              console=console_port)
     gcs_bucket = _gcs_bucket_name(bucket)
     if gcs_bucket is None:
         if subscription and click.get_current_context().get_parameter_source("subscription").name == "COMMANDLINE":
@@ -203,34 +206,11 @@ def check_upload_size(file: Path) -> None:
 
 def upload_metadata(target: str | None, task: str | None, settings: tuple[str, ...]) -> dict[str, str]:
     """Object metadata from --target, --task and --set KEY=VALUE, validated with the dataset
-    spec's schema so a mistake fails here, before anything is uploaded."""
-    metadata: dict[str, str] = {}
-
-    def put(key: str, value: str, option: str) -> None:
-        if key in metadata and metadata[key] != value:
-            raise Failure(f"{option} contradicts an earlier value for '{key}' ({metadata[key]!r})")
-        metadata[key] = value
-
-    if target:
-        put("target", target, "--target")
-    if task:
-        put("task", task, "--task")
-    for item in settings:
-        key, sep, value = item.partition("=")
-        field = key.strip().lower().replace("-", "_")
-        if not sep or not field:
-            raise Failure(f"--set expects KEY=VALUE, got {item!r}")
-        if field not in FIELDS:
-            close = difflib.get_close_matches(field, FIELDS, n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            raise Failure(f"--set {key.strip()}: not a dataset spec field; {hint}the fields are {', '.join(FIELDS)}")
-        if value.strip():  # an empty value means "not set"
-            put(field, value.strip(), f"--set {item}")
+    spec's schema so a mistake fails here, before anything is uploaded (contracts/upload.py)."""
     try:
-        spec_from_metadata(metadata)
-    except Rejection as exc:
-        raise Failure(exc.message) from None
-    return metadata
+        return spec_metadata(target, task, settings)
+    except UploadSpecError as exc:
+        raise Failure(str(exc)) from None
 
 
 def _plural(count: int, noun: str) -> str:
@@ -284,20 +264,6 @@ def models(name: str | None, bucket: str) -> None:
             upload = record.get("upload", {})
             click.echo(f"  {record.get('time') or '':<28}{upload.get('name')}#{upload.get('generation')}  {record.get('reason')}")
             click.echo(f"      {record.get('message')}")
-
-
-def outcome_records(storage, model: str) -> dict[str, list[dict]]:
-    """The model's rejected uploads and failed trainings, oldest first (their records in the bucket)."""
-    found: dict[str, list[dict]] = {}
-    for title, folder in OUTCOME_FOLDERS.items():
-        records = []
-        for info in storage.list(f"{folder}/{check_model_name(model)}/"):
-            try:
-                records.append(json.loads(storage.read(info.name)))
-            except (StorageError, ValueError):
-                continue  # removed meanwhile, or not a record
-        found[title] = sorted(records, key=lambda r: str(r.get("time", "")))
-    return found
 
 
 # --- profile -------------------------------------------------------------------------------
@@ -498,21 +464,8 @@ def announce(broker: str, event, fallback: str) -> None:
         click.echo(f"the broker at {broker} did not take the {event['type']} event; {fallback}")
 
 
-NEXT_POLL = "predict replicas still switch on their next poll of the pointer"
-
-
-def move_current(bucket: str, broker: str, name: str, version: int, reason: str) -> bool:
-    """Move the pointer (compare-and-swap) and announce model.published like train does;
-    whether it moved."""
-    auth_headers()  # a token setting that cannot be read fails before anything moves
-    registry = Registry(_storage(bucket))
-    moved, previous = registry.move_pointer(name, version, reason=reason)
-    if not moved:
-        click.echo(f"{name}: version {version} is already current")
-        return False
-    click.echo(f"{name}: current version {previous} -> {version}")
-    announce(broker, registry.published_event(name, "registry"), NEXT_POLL)
-    return True
+def _announcer(broker: str):
+    return lambda event, fallback: announce(broker, event, fallback)
 
 
 @cli.command()
@@ -523,16 +476,9 @@ def move_current(bucket: str, broker: str, name: str, version: int, reason: str)
 @predict_url_option
 def promote(name: str, version: int, bucket: str, broker: str, predict_url: str) -> None:
     """Make VERSION the current version of model NAME (when VERSION is its canary, this ends the canary)."""
-    before = Registry(_storage(bucket)).current(name)
-    canary = Registry.canary_of(before)
-    decided = rollout.figures(name, before, predict_url) if canary and canary[0] == version else None
-    if not move_current(bucket, broker, name, version, f"promoted to version {version} by bucketml promote"):
-        return
-    if decided is not None:  # the pointer no longer names a canary once it is the current version
-        after = Registry(_storage(bucket)).current(name)
-        click.echo(f"{name}: canary version {version} promoted; every unpinned request goes to it")
-        announce(broker, rollout_event(events.ROLLOUT_PROMOTED, name, version, version, after.generation,
-                                               decided, previous=before.version), "the promotion stands")
+    auth_headers()  # a token setting that cannot be read fails before anything moves
+    steering.promote(Registry(_storage(bucket)), name, version, predict_url, "bucketml promote", click.echo,
+                     _announcer(broker))
 
 
 @cli.command()
@@ -545,28 +491,12 @@ def rollback(name: str, to_version: int | None, bucket: str, broker: str, predic
     """Make an earlier version of model NAME current again; with a canary, remove the canary instead
     (the current version stays)."""
     registry = Registry(_storage(bucket))
-    pointer = registry.current(name)
-    current = pointer.version
-    if current is None:
-        raise Failure(f"model '{name}' has no current version to roll back from")
-    canary = Registry.canary_of(pointer)
-    if canary is not None:
-        if to_version is not None:
-            raise Failure(f"model '{name}' has a canary (version {canary[0]} at {canary[1]}%): "
-                          f"`bucketml rollback {name}` removes it first, then roll back with --to")
+    if registry.current(name).version is not None:
         auth_headers()  # a token setting that cannot be read fails before anything moves
-        decided = rollout.figures(name, pointer, predict_url)
-        ended, current = registry.end_canary(name)
-        click.echo(f"{name}: canary version {ended} rolled back; version {current} answers every unpinned request")
-        announce(broker, rollout_event(events.ROLLOUT_ROLLED_BACK, name, ended, current,
-                                               registry.pointer_generation(name), decided), NEXT_POLL)
-        return
-    if to_version is None:
-        earlier = [v for v in registry.versions(name) if v < current]
-        if not earlier:
-            raise Failure(f"model '{name}' has no version before {current}")
-        to_version = earlier[-1]
-    move_current(bucket, broker, name, to_version, f"rolled back from version {current} by bucketml rollback")
+    try:
+        steering.rollback(registry, name, to_version, predict_url, "bucketml rollback", click.echo, _announcer(broker))
+    except steering.SteeringRefused as exc:
+        raise Failure(str(exc)) from None
 
 
 @cli.command()
@@ -580,13 +510,7 @@ def canary(name: str, version: int, percent: int, bucket: str, broker: str) -> N
     """Send PERCENT % of model NAME's unpinned requests to VERSION, on every predict replica, until
     `bucketml promote NAME VERSION` or `bucketml rollback NAME` ends it."""
     auth_headers()  # a token setting that cannot be read fails before anything moves
-    registry = Registry(_storage(bucket))
-    pointer = registry.start_canary(name, version, percent)
-    click.echo(f"{name}: canary version {version} answers {percent}% of unpinned requests; "
-               f"version {pointer.version} the rest")
-    decided = rollout.figures(name, pointer, None)  # nothing answered by the canary yet: its share is the figure
-    announce(broker, rollout_event(events.ROLLOUT_STARTED, name, version, pointer.version, pointer.generation,
-                                           decided), NEXT_POLL)
+    steering.start_canary(Registry(_storage(bucket)), name, version, percent, click.echo, _announcer(broker))
 
 
 @cli.command()
@@ -605,17 +529,17 @@ def shadow(name: str, version: int | None, stop: bool, bucket: str, broker: str,
     registry = Registry(_storage(bucket))
     if stop:
         ended, before = registry.end_shadow(name)
-        decided = rollout.figures(name, before, predict_url, kind="shadow")
+        decided = steering.figures(name, before, predict_url, kind="shadow")
         agreement = (f": agreed on {decided.agreeing_rows} of {decided.compared_rows} rows at {predict_url}"
                      if decided.compared_rows is not None else "")
         click.echo(f"{name}: shadow version {ended} stopped{agreement}")
         announce(broker, rollout_event(events.ROLLOUT_ROLLED_BACK, name, ended, before.version,
-                                               registry.pointer_generation(name), decided, kind="shadow"), NEXT_POLL)
+                                               registry.pointer_generation(name), decided, kind="shadow"), steering.NEXT_POLL)
         return
     pointer = registry.start_shadow(name, version)
     click.echo(f"{name}: shadow version {version} scores a copy of unpinned requests; version {pointer.version} answers them")
     announce(broker, rollout_event(events.ROLLOUT_STARTED, name, version, pointer.version, pointer.generation,
-                                           rollout.figures(name, pointer, None, kind="shadow"), kind="shadow"), NEXT_POLL)
+                                           steering.figures(name, pointer, None, kind="shadow"), kind="shadow"), steering.NEXT_POLL)
 
 
 # --- predict -------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import yaml
 from bucketml import settings as config
 
 SERVING = "serving.knative.dev/v1"
-FUNCTIONS = ("preprocess", "train", "predict", "deadletter", "monitor", "batch")
+FUNCTIONS = ("preprocess", "train", "predict", "deadletter", "monitor", "batch", "console")
 BUCKET = re.compile(r"^gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 NAMESPACE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 # How training runs -> the folder of infra/variants/ applied over the base (None: the base alone).

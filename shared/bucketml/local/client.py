@@ -134,6 +134,12 @@ def wait_until_served(predict: str, model: str, version: int, timeout: float,
                   f"({reason}); set --predict-url or BUCKETML_PREDICT_URL if predict runs elsewhere")
 
 
+def serving_state(predict: str, model: str, version: int) -> str | None:
+    """None when predict at `predict` serves `version` of `model` to unpinned requests, else why
+    not (a token it refuses is a Failure)."""
+    return _serving(predict, model, version)
+
+
 def _serving(predict: str, model: str, version: int) -> str | None:
     """None when predict serves `version` of `model` to unpinned requests, else why not."""
     try:

@@ -36,7 +36,7 @@ STOP_TIMEOUT = 10.0
 PIDS_FILE = "dev.pids.json"  # in the state folder: which processes this `bucketml dev` started
 NOTIFIERS = ("watcher", "gcs-source")  # the part that turns uploads into events: one or the other
 COLOURS = {"broker": 35, "watcher": 36, "gcs-source": 36, "preprocess": 33, "train": 32, "predict": 34, "deadletter": 31,
-           "monitor": 35, "ping": 36, "batch": 95, "dev": 1}
+           "monitor": 35, "ping": 36, "batch": 95, "console": 32, "dev": 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,9 +50,11 @@ class Ports:
     deadletter: int = config.DEFAULT_DEADLETTER_PORT
     monitor: int = config.DEFAULT_MONITOR_PORT
     batch: int = config.DEFAULT_BATCH_PORT
+    console: int = config.DEFAULT_CONSOLE_PORT
 
     def of_functions(self) -> dict[str, int]:
-        """Function name (its Knative Service name in infra/knative) -> port."""
+        """Function name (its Knative Service name in infra/knative) -> port, for the functions the
+        broker delivers events to (the console takes none: it is visited, not subscribed)."""
         return {"preprocess": self.preprocess, "train": self.train, "predict": self.predict, "deadletter": self.deadletter,
                 "monitor": self.monitor, "batch": self.batch}
 
@@ -120,8 +122,9 @@ class Supervisor:
         def function(name: str, port: int, threads: int | None) -> Part:
             argv = [sys.executable, "-m", "functions_framework", "--source", str(functions / name / "main.py"),
                     "--target", name, "--host", s.host, "--port", str(port)]
-            if threads is None:  # predict: ASGI, one event loop per worker
-                return Part(name, argv + ["--asgi"], dict(env, WORKERS="1"), port, is_function=True)
+            if threads is None:  # predict and the console: ASGI, one event loop per worker
+                return Part(name, argv + ["--asgi"], dict(env, WORKERS="1", BUCKETML_PREDICT_URL=s.predict_url),
+                            port, is_function=True)
             # gunicorn defaults to cpu*4 threads; say what each function needs.
             return Part(name, argv, dict(env, WORKERS="1", THREADS=str(threads)), port, is_function=True)
 
@@ -147,6 +150,7 @@ class Supervisor:
             function("deadletter", ports.deadletter, 2),
             function("monitor", ports.monitor, 1),
             function("batch", ports.batch, 2),
+            function("console", ports.console, None),
             notifier,
             Part("ping", ping, env, None),
         ]
@@ -242,7 +246,7 @@ class Supervisor:
         s = self.settings
         urls = [s.broker_url + "/healthz", s.predict_url + "/v2/health/live",
                 s.url(s.ports.preprocess), s.url(s.ports.train), s.url(s.ports.deadletter), s.url(s.ports.monitor),
-                s.url(s.ports.batch)]
+                s.url(s.ports.batch), s.url(s.ports.console) + "/healthz"]
         deadline = time.monotonic() + timeout
         for url in urls:
             while True:
@@ -320,6 +324,7 @@ class Supervisor:
             f"deadletter       {s.url(s.ports.deadletter)}",
             f"monitor          {s.url(s.ports.monitor)}   (every {config.monitor_seconds():g}s: canary decisions, drift)",
             f"batch            {s.url(s.ports.batch)}",
+            f"console          {s.url(s.ports.console)}/   (open it in a browser: models, events, upload)",
             f"triggers         {config.manifests_dir()}",
         ):
             self.say("dev", line)

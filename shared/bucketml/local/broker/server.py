@@ -353,11 +353,16 @@ class Broker:
         return _json({"seq": seq}, 202)
 
     def _on_events(self, request: Request) -> Response:
+        order = request.args.get("order", "asc")
+        if order not in ("asc", "desc"):
+            raise BadRequest(f"order must be asc (oldest first, the default) or desc (newest first), got {order!r}")
         events = self.store.list_events(
             after=_int_arg(request, "after"),
+            before=_int_arg(request, "before"),
             type_=request.args.get("type"),
             model=request.args.get("model"),
             limit=min(_int_arg(request, "limit", 100), MAX_LIMIT),
+            newest_first=order == "desc",
         )
         return _json({"events": [_event_json(e) for e in events]})
 

@@ -185,11 +185,15 @@ class Store:
                     (dead_letter_sink, now, DEAD_LETTER_SINK, delivery_id),
                 )
 
-    def list_events(self, *, after: int | None = None, type_: str | None = None, model: str | None = None, limit: int = 100) -> list[StoredEvent]:
+    def list_events(self, *, after: int | None = None, type_: str | None = None, model: str | None = None, limit: int = 100,
+                    newest_first: bool = False, before: int | None = None) -> list[StoredEvent]:
         clauses, params = [], []
         if after is not None:
             clauses.append("seq > ?")
             params.append(after)
+        if before is not None:
+            clauses.append("seq < ?")
+            params.append(before)
         if type_:
             clauses.append("type = ?")
             params.append(type_)
@@ -197,7 +201,8 @@ class Store:
             clauses.append(f"json_extract(attributes, '$.{MODEL_ATTRIBUTE}') = ?")
             params.append(model)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        rows = self._query(f"SELECT * FROM events {where} ORDER BY seq LIMIT ?", (*params, limit))
+        order = "DESC" if newest_first else "ASC"
+        rows = self._query(f"SELECT * FROM events {where} ORDER BY seq {order} LIMIT ?", (*params, limit))
         return [_event(row, row["seq"]) for row in rows]
 
     def get_event(self, seq: int) -> tuple[StoredEvent, list[DeliveryRecord]] | None:

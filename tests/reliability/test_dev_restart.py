@@ -37,7 +37,7 @@ def test_the_next_start_stops_what_a_killed_dev_left_running(tmp_path):
     groups = {name: pids[0] for name, pids in parts(first.pid).items()}
     try:
         assert set(groups) == {"broker", "watcher", "preprocess", "train", "predict", "deadletter", "monitor", "ping",
-                               "batch"}
+                               "batch", "console"}
         first.send_signal(signal.SIGKILL)
         first.wait(10)
         # The parts outlive it and keep answering: this is what the next start must clean up.

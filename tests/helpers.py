@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
+import pytest
 import requests
 from cloudevents.http import from_http
 from werkzeug.serving import make_server
@@ -128,6 +129,13 @@ def free_ports() -> dict[str, int]:
 
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The packaging end-to-end runs (the images built and run as the manifests run them, and an
+# install into a fresh venv) take minutes once the code changed: behind a switch, run before
+# a change to images, manifests or packaging lands (README, "The two commands").
+PACKAGING_TESTS = os.environ.get("BUCKETML_PACKAGING_TESTS") == "1"
+packaging_test = pytest.mark.skipif(not PACKAGING_TESTS, reason="packaging end-to-end run (images, install): set "
+                                    "BUCKETML_PACKAGING_TESTS=1")
 
 
 def wait_until(condition: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:

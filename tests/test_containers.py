@@ -36,8 +36,10 @@ import yaml
 
 from bucketml.contracts import events
 from bucketml.storage import LocalStorage
-from helpers import (PUBSUB_PROJECT, ROOT, Sink, churn_frame, free_port, publish, pubsub_subscription, stop_process,
-                     wait_for_http)
+from helpers import (PUBSUB_PROJECT, ROOT, Sink, churn_frame, free_port, packaging_test, publish, pubsub_subscription,
+                     stop_process, wait_for_http)
+
+pytestmark = packaging_test
 
 FUNCTIONS = ("predict", "deadletter", "monitor", "batch", "preprocess", "train", "console")
 WRAPPER = ROOT / "infra" / "images" / "runc-without-rlimits"

@@ -25,7 +25,9 @@ import requests
 import yaml
 
 from bucketml.cloud import deploy
-from helpers import ROOT, churn_frame, free_ports, stop
+from helpers import ROOT, churn_frame, free_ports, packaging_test, stop
+
+pytestmark = packaging_test
 
 RECORDS = [
     {"tenure": 3, "monthly": 99.5, "plan": "basic", "region": "north"},

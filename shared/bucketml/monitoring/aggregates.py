@@ -38,6 +38,22 @@ LATENCY_EDGES_MS = (1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 150, 200, 300,
 # Rows of scored requests waiting to be binned (at most a few tens of MB of inputs). Beyond it a
 # request's inputs go uncounted until the next flush; `unbinned_requests` says how many.
 QUEUE_ROWS_LIMIT = 200_000
+BIN_SECONDS = 0.5
+
+
+# (prediction counts in the target's bins, {column: counts in its bins}, rows): what a batch of
+# scored requests adds to a version's figures.
+Counted = tuple[np.ndarray | None, dict[str, np.ndarray], int]
+
+
+def count_in_bins(reference: Reference | None, columns: dict[str, Any], predictions: Sequence[Any], rows: int) -> Counted:
+    """Count served inputs and predictions into the reference's bins."""
+    if reference is None:
+        return None, {}, rows
+    target = reference.target
+    predicted = target.counts([category_of(p) for p in predictions] if target.kind == "category" else predictions)
+    features = {bins.name: bins.counts(columns[bins.name]) for bins in reference.features if columns.get(bins.name) is not None}
+    return predicted, features, rows
 
 
 def replica_name(model: str, version: int, replica: str) -> str:
@@ -88,18 +104,16 @@ class VersionFigures:
         self.latency[bisect.bisect_left(LATENCY_EDGES_MS, seconds * 1000.0)] += 1
         self.changed = True
 
-    def scored(self, columns: dict[str, Sequence[Any] | np.ndarray], predictions: Sequence[Any], rows: int) -> None:
-        if self.reference is None:
+    def add(self, counted: Counted) -> None:
+        """Add counts made by `count_in_bins` (outside any lock)."""
+        predictions, features, rows = counted
+        if self.reference is None or predictions is None:
             return
-        target = self.reference.target
-        counted = target.counts([category_of(p) for p in predictions] if target.kind == "category" else predictions)
-        self.predictions += counted
-        self.window["predictions"] += counted
+        self.predictions += predictions
+        self.window["predictions"] += predictions
         self.window["rows"] += rows
-        for name, bins in ((b.name, b) for b in self.reference.features):
-            values = columns.get(name)
-            if values is not None:
-                self.window["features"][name] += bins.counts(values)
+        for name, counts in features.items():
+            self.window["features"][name] += counts
         self.changed = True
 
     def compared_with(self, mine: Sequence[Any], stable: Sequence[Any]) -> None:
@@ -193,10 +207,17 @@ class ReplicaFigures:
         threading.Thread(target=self._run, name="bucketml-monitoring", daemon=True).start()
 
     def _run(self) -> None:
+        # Binned every BIN_SECONDS (small amounts of work, never a burst that holds the GIL for
+        # long), written every flush_seconds.
+        written = time.monotonic()
         while True:
-            time.sleep(self.flush_seconds)
+            time.sleep(min(BIN_SECONDS, self.flush_seconds))
             try:
-                self.flush()
+                if time.monotonic() - written >= self.flush_seconds:
+                    written = time.monotonic()
+                    self.flush()
+                else:
+                    self.bin_queued()
             except Exception:  # the bucket or a bad value: figures are best effort, serving goes on
                 log.exception("writing the monitoring figures failed")
 
@@ -216,10 +237,12 @@ class ReplicaFigures:
                     parts.setdefault(name, []).append(values)
                 predictions.extend(predicted)
                 rows += count
+            # Counted before the lock is taken: the request path takes it for every answer.
+            counted = count_in_bins(reference, {name: _joined(values) for name, values in parts.items()}, predictions, rows)
             with self._lock:
                 figures = self._for(model, version, epoch, task, reference)
                 figures.roll_window()
-                figures.scored({name: _joined(values) for name, values in parts.items()}, predictions, rows)
+                figures.add(counted)
 
     def flush(self) -> None:
         """Bin what is queued and write the figures that changed since the last write."""

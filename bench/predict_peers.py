@@ -261,6 +261,17 @@ def flask_server(setup: Setup, one: np.ndarray, batch: np.ndarray, workers: int,
                   lambda answer: answer["predictions"])
 
 
+def split_cpus(server_cpus: str) -> tuple[set[int] | None, set[int] | None]:
+    """(the server's CPUs, wrk's) for --server-cpus: a comma-separated list, or 'all' (no pinning)."""
+    if server_cpus == "all":
+        return None, None
+    cpus = {int(c) for c in server_cpus.split(",")}
+    wrk_cpus = set(os.sched_getaffinity(0)) - cpus
+    if not wrk_cpus:
+        raise ValueError("--server-cpus leaves no CPU for wrk; use 'all' for no pinning")
+    return cpus, wrk_cpus
+
+
 def pinned(argv: list[str], cpus: set[int] | None) -> list[str]:
     """`argv` run on `cpus` only (taskset execs it: same pid; its children inherit the mask)."""
     return ["taskset", "-c", ",".join(map(str, sorted(cpus))), *argv] if cpus else argv
@@ -616,12 +627,10 @@ def main() -> None:
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
 
-    cpus = wrk_cpus = None
-    if args.server_cpus != "all":
-        cpus = {int(c) for c in args.server_cpus.split(",")}
-        wrk_cpus = set(os.sched_getaffinity(0)) - cpus
-        if not wrk_cpus:
-            parser.error("--server-cpus leaves no CPU for wrk; use 'all' for no pinning")
+    try:
+        cpus, wrk_cpus = split_cpus(args.server_cpus)
+    except ValueError as exc:
+        parser.error(str(exc))
 
     wrk = ensure_wrk()
     peers = None if args.no_peers else peers_python()

@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/: common.py an
 
 from common import machine, versions  # noqa: E402
 from predict_peers import (MODEL, ServerFailed, bucketml_server, cpu_seconds, ensure_wrk, first_prediction,  # noqa: E402
-                           fmt_load, other_benchmarks, prepare, process_tree, run_wrk, start, stop, wait_idle)
+                           fmt_load, other_benchmarks, prepare, process_tree, run_wrk, split_cpus, start, stop, wait_idle)
 
 STATES = ["baseline", "shadow", "canary"]
 
@@ -293,12 +293,10 @@ def main() -> None:
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
 
-    cpus = wrk_cpus = None
-    if args.server_cpus != "all":
-        cpus = {int(c) for c in args.server_cpus.split(",")}
-        wrk_cpus = set(os.sched_getaffinity(0)) - cpus
-        if not wrk_cpus:
-            parser.error("--server-cpus leaves no CPU for wrk; use 'all' for no pinning")
+    try:
+        cpus, wrk_cpus = split_cpus(args.server_cpus)
+    except ValueError as exc:
+        parser.error(str(exc))
 
     wrk = ensure_wrk()
     print(f"$ {shlex.join(['.venv/bin/python', 'bench/rollout_cost.py', *sys.argv[1:]])}")

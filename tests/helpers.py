@@ -134,6 +134,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # install into a fresh venv) take minutes once the code changed: behind a switch, run before
 # a change to images, manifests or packaging lands (README, "The two commands").
 PACKAGING_TESTS = os.environ.get("BUCKETML_PACKAGING_TESTS") == "1"
+# kill -9 and soak runs: behind BUCKETML_RELIABILITY_LONG=1 with the long reliability runs.
+RELIABILITY_LONG = os.environ.get("BUCKETML_RELIABILITY_LONG") == "1"
+long_reliability_test = pytest.mark.skipif(not RELIABILITY_LONG, reason="kill -9 or soak run: set BUCKETML_RELIABILITY_LONG=1")
 packaging_test = pytest.mark.skipif(not PACKAGING_TESTS, reason="packaging end-to-end run (images, install): set "
                                     "BUCKETML_PACKAGING_TESTS=1")
 

@@ -22,20 +22,9 @@ import pytest
 
 from bucketml.contracts import events
 from bucketml.cloud.gcs_source import to_cloud_event
-from helpers import (
-    PUBSUB_PROJECT,
-    PUBSUB_TOPIC,
-    ROOT,
-    Sink,
-    churn_frame,
-    free_port,
-    function_server,
-    predict_server,
-    pubsub_subscription,
-    stop_process,
-    wait_for_http,
-    wait_until,
-)
+from helpers import (PUBSUB_PROJECT, PUBSUB_TOPIC, ROOT, Sink, churn_frame, free_port, function_server,
+                     long_reliability_test, predict_server, pubsub_subscription, stop_process, wait_for_http,
+                     wait_until)
 
 PROJECT = PUBSUB_PROJECT
 TOPIC = PUBSUB_TOPIC
@@ -216,6 +205,7 @@ def test_a_missing_setting_is_a_usage_error_naming_its_flag_and_variable(env, mi
     assert done.returncode == 2 and missing in done.stderr, done.stderr
 
 
+@long_reliability_test
 def test_every_upload_reaches_the_broker_even_when_the_adapter_is_killed(
         pubsub_emulator, notifying_gcs, broker, recorder, tmp_path):
     storage = _storage(notifying_gcs)
@@ -275,6 +265,7 @@ def test_an_event_the_sink_refuses_is_redelivered(pubsub_emulator, notifying_gcs
         _assert_matches_object(sink.received[0], storage)
 
 
+@long_reliability_test
 def test_an_event_in_flight_when_the_adapter_is_killed_is_redelivered(pubsub_emulator, notifying_gcs, tmp_path):
     """SIGKILL while the sink has not answered: the message was never acknowledged, so once its
     lease (LEASE_SECONDS) runs out Pub/Sub hands it to the restarted adapter."""

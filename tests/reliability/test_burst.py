@@ -15,7 +15,7 @@ from cloudevents.http import CloudEvent
 from bucketml.contracts import events
 from platform_support import Ledger, broker_events, cheap_spec, dead_letters, junk, numbers_frame, platform
 
-from helpers import check_bucket, churn_frame, free_ports, versions_by_upload, wait_until
+from helpers import check_bucket, churn_frame, free_ports, long_reliability_test, versions_by_upload, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +26,7 @@ def dev(tmp_path_factory):
         yield info
 
 
+@long_reliability_test
 def test_burst_of_50_uploads_to_10_models_each_ends_once(dev):
     ledger = dev["ledger"]
     models = [f"burst{m}" for m in range(10)]

@@ -29,7 +29,8 @@ from pathlib import Path
 import pytest
 from platform_support import KINDS, Ledger, alive_in_group, cheap_spec, dead_letters, junk, platform, to_json
 
-from helpers import check_bucket, churn_frame, free_ports, wait_until
+from helpers import check_bucket, churn_frame, free_ports, long_reliability_test, wait_until
+
 
 MODELS = [f"chaos{n}" for n in range(4)]
 UPLOAD_PATH_TRIGGERS = ("preprocess-on-upload", "train-on-prepared")
@@ -98,6 +99,7 @@ def seed() -> int:
     return int(os.environ.get("BUCKETML_RELIABILITY_SEED", str(int(time.time()))))
 
 
+@long_reliability_test
 def test_kill_9_of_train_then_broker_loses_no_upload(tmp_path):
     # The main train process (its gunicorn worker is then left behind), then the broker.
     figures = kill_iterations(tmp_path, 2, lambda i, rng: [("train", "main"), ("broker", "main")][i], seed())

@@ -27,7 +27,9 @@ from bucketml.monitoring.reference import REFERENCE_FILE, Reference
 from bucketml.registry.model_registry import Registry
 from bucketml.steps.monitor import CLAIM_SECONDS, state_name
 from bucketml.storage import LocalStorage
-from helpers import ROOT, Sink, churn_frame, free_port, function_server, publish, wait_for_http, wait_until
+from helpers import (ROOT, Sink, churn_frame, free_port, function_server, long_reliability_test, publish,
+                     wait_for_http, wait_until)
+
 
 QUICK = {"algorithms": "logistic_regression"}
 PROMOTED = events.ROLLOUT_PROMOTED
@@ -83,6 +85,7 @@ def test_pings_delivered_four_times_at_once_promote_the_canary_once(tmp_path):
     assert promoted[0].data["figures"]["agreement"] == 1.0
 
 
+@long_reliability_test
 def test_a_monitor_killed_while_announcing_loses_no_announcement(tmp_path):
     storage, registry = canary_ready_to_promote(tmp_path)
     held = Sink(hold=True)  # takes the announcement's request and keeps it open

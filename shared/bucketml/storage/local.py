@@ -112,17 +112,8 @@ class LocalStorage(Storage):
                 raise precondition_failed(name, current, if_generation_match)
             tmp = self._write_temp(data, after=current)
             try:
-                st = os.stat(tmp)
-                meta = {
-                    "generation": _generation(st),
-                    "size": st.st_size,
-                    "md5": _md5(data),
-                    "content_type": content_type,
-                    "metadata": dict(metadata or {}),
-                }
-                # Metadata first: whoever sees the new object must find its metadata too.
-                self._write_sidecar(name, meta)
-                self._publish(name, tmp, path, create_only=if_generation_match == 0)
+                st, meta = self._publish_temp(name, path, tmp, _md5(data), content_type, metadata,
+                                              create_only=if_generation_match == 0)
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
@@ -147,20 +138,28 @@ class LocalStorage(Storage):
                 if if_generation_match is not None and (current or 0) != if_generation_match:
                     raise precondition_failed(name, current, if_generation_match)
                 self._stamp(tmp, after=current)
-                st = os.stat(tmp)
-                meta = {
-                    "generation": _generation(st),
-                    "size": st.st_size,
-                    "md5": digest,
-                    "content_type": content_type,
-                    "metadata": dict(metadata or {}),
-                }
-                self._write_sidecar(name, meta)
-                self._publish(name, tmp, path, create_only=if_generation_match == 0)
+                st, meta = self._publish_temp(name, path, tmp, digest, content_type, metadata,
+                                              create_only=if_generation_match == 0)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
         return self._info(name, st, meta)
+
+    def _publish_temp(self, name: str, path: Path, tmp: Path, digest: str, content_type: str,
+                      metadata: dict[str, str] | None, *, create_only: bool) -> tuple[os.stat_result, dict]:
+        """Make the stamped temporary file `tmp` the live object (under the lock); (its stat, its metadata)."""
+        st = os.stat(tmp)
+        meta = {
+            "generation": _generation(st),
+            "size": st.st_size,
+            "md5": digest,
+            "content_type": content_type,
+            "metadata": dict(metadata or {}),
+        }
+        # Metadata first: whoever sees the new object must find its metadata too.
+        self._write_sidecar(name, meta)
+        self._publish(name, tmp, path, create_only=create_only)
+        return st, meta
 
     def delete(self, name: str, *, if_generation_match: int | None = None) -> None:
         path = self._path(name)
